@@ -1,0 +1,74 @@
+// The logical content of a snap-pipe image, shared by the writer (save) and the reader (info, load).
+// Physical layout (QCOW2 v3, 1 MiB clusters) lives in qcow2.ts; the metadata encoding in metadata.ts.
+
+/** Size of a QCOW2 cluster and of a coalesced chunk: one chunk of a RAM block fills one cluster. */
+export const CLUSTER_BYTES = 1 << 20;
+export const CLUSTER_BITS = 20;
+/** Guest page size: x86 TARGET_PAGE_SIZE. Streams with other target page sizes are refused. */
+export const PAGE_BYTES = 4096;
+export const PAGE_BITS = 12;
+export const PAGES_PER_CHUNK = CLUSTER_BYTES / PAGE_BYTES; // 256
+
+/** Version of snap-pipe's own metadata; a reader refuses versions it does not know. */
+export const FORMAT_VERSION = 1;
+
+export interface RamBlockInfo {
+  /** QEMU's RAMBlock idstr, e.g. "pc.ram". */
+  id: string;
+  /** used_length from the RAM setup, in bytes (a multiple of PAGE_BYTES). */
+  lengthBytes: number;
+  /** Where the block starts in the image's virtual disk; a multiple of CLUSTER_BYTES. */
+  virtOffsetBytes: number;
+  /** mr->addr, present only when the source had x-ignore-shared. */
+  addr?: number;
+}
+
+/** Per-block page state at the end of a save. Bit i of a bitmap is page i (LSB-first within each byte). */
+export interface BlockPages {
+  /** The page was sent at least once (as data or zero). */
+  sent: Uint8Array;
+  /** The page's last version was data; its bytes are in the image. sent && !data: a zero page. */
+  data: Uint8Array;
+}
+
+export interface SaveCounters {
+  dataPages: number;
+  zeroPages: number;
+  /** Page records that repeated an earlier page (plain precopy re-sends dirty pages). */
+  resentPages: number;
+  streamBytes: number;
+  dataClusters: number;
+  /** Clusters written more than once (partial chunks completed later); their checksums were re-read at finish. */
+  rewrittenClusters: number;
+}
+
+/** Everything snap-pipe keeps besides the RAM pages themselves. */
+export interface SnapshotMeta {
+  formatVersion: number;
+  /** Machine type from the configuration section, e.g. "pc-i440fx-7.2". */
+  machineType: string;
+  /** Capabilities named in the configuration section (QEMU 7.2 names only validatable ones). */
+  capabilities: string[];
+  /** RAM section id and version as the source sent them. */
+  ramSectionId: number;
+  ramVersionId: number;
+  /** Stream bytes before the RAM setup section: file header and configuration section, verbatim. */
+  head: Uint8Array;
+  /** The whole ram START section (header, setup payload, EOS, footer), verbatim. */
+  ramSetup: Uint8Array;
+  /** Everything after the last RAM section: device state sections, EOF, VM description; verbatim. */
+  deviceState: Uint8Array;
+  /** True if the stream had a ram END section (plain migration); background snapshots have none. */
+  sawRamEnd: boolean;
+  blocks: RamBlockInfo[];
+  pages: BlockPages[];
+  /**
+   * CRC-32 (zlib) of each 1 MiB cluster's final content, per block, per chunk. Chunks with no data cluster hold 0
+   * and are not checked (the whole chunk reads as zeros).
+   */
+  chunkCrc32: Uint32Array[];
+  counters: SaveCounters;
+  /** When the save finished (ISO 8601) and which snap-pipe version wrote it. */
+  savedAt: string;
+  writer: string;
+}
