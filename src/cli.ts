@@ -1,0 +1,149 @@
+// snap-pipe's command line: the only place that prints results and exits.
+//   save IMG   QEMU's migration stream on stdin -> QCOW2 image (never writes to stdout)
+//   info IMG   what an image holds
+import { writeFileSync } from 'node:fs';
+import { isatty } from 'node:tty';
+import { formatHelp, parseArgs, parseInteger, parseSize, type FlagSpec } from './args.js';
+import { SnapPipeError } from './errors.js';
+import { formatBytes, formatInfo, readInfo } from './image/info.js';
+import { DEFAULT_QUEUE_DEPTH, DEFAULT_RING_BYTES, SavePipeline, type SaveReport } from './pipeline/save.js';
+import { VERSION } from './version.js';
+
+const EXIT_USAGE = 2;
+
+const SAVE_FLAGS: Record<string, FlagSpec> = {
+  'ring-size': { kind: 'value', valueName: 'SIZE', help: `memory for 1 MiB chunk slots, caps memory use (default ${DEFAULT_RING_BYTES >> 20}M)` },
+  'queue-depth': { kind: 'value', valueName: 'N', help: `writes kept in flight with io_uring (default ${DEFAULT_QUEUE_DEPTH})` },
+  'no-direct': { kind: 'bool', help: 'buffered writes, for file systems without O_DIRECT (tmpfs)' },
+  force: { kind: 'bool', help: 'overwrite IMG even if it holds a complete image or another file' },
+  stats: { kind: 'optional-value', valueName: 'FILE', help: 'at the end, a summary on stderr; with =FILE, JSON to FILE' },
+  help: { kind: 'bool', help: 'show this help' },
+};
+
+const INFO_FLAGS: Record<string, FlagSpec> = {
+  json: { kind: 'bool', help: 'print JSON' },
+  help: { kind: 'bool', help: 'show this help' },
+};
+
+const SAVE_ABOUT = `Reads a QEMU migration stream (format 3) from stdin and stores it in IMG, a QCOW2 image with 1 MiB clusters:
+each RAM block at a 1 MiB-aligned offset, zero pages unallocated, device state kept verbatim. Works with plain
+migration (re-sent pages: the last version wins) and with the background-snapshot capability. From QEMU:
+  (qemu) migrate_set_parameter max-bandwidth 100G
+  (qemu) migrate "exec:snap-pipe save /path/vm.qcow2"
+IMG is marked complete only after everything is on disk; a failed save exits non-zero and QEMU reports the
+migration as failed.`;
+
+const MAIN_HELP = `snap-pipe ${VERSION}: save and restore QEMU VM memory through the migration stream
+
+usage: snap-pipe COMMAND [options]
+
+commands:
+  save IMG      store the migration stream read from stdin in IMG (QCOW2, 1 MiB clusters)
+  info IMG      show what IMG holds (--json for JSON)
+  help COMMAND  show a command's options
+
+'snap-pipe COMMAND --help' shows each command's options.
+`;
+
+function usage(msg: string): never {
+  throw new SnapPipeError('USAGE', msg);
+}
+
+function onePath(command: string, positionals: string[]): string {
+  if (positionals.length === 0) usage(`${command}: missing IMG (see snap-pipe ${command} --help)`);
+  if (positionals.length > 1) usage(`${command}: unexpected argument '${positionals[1]}'`);
+  return positionals[0];
+}
+
+function formatReport(r: SaveReport): string {
+  const s = r.stages;
+  const ms = (x: number) => `${(x / 1000).toFixed(2)}s`;
+  return [
+    `snap-pipe save: ${r.path}: ${formatBytes(r.streamBytes)} of stream in ${r.seconds.toFixed(2)}s (${r.streamMBps.toFixed(0)} MB/s)`,
+    `  pages: ${r.dataPages} data, ${r.zeroPages} zero, ${r.resentPages} re-sent; ${r.blocks} RAM blocks; device state ${formatBytes(r.deviceStateBytes)}`,
+    `  written: ${formatBytes(r.bytesWritten)} in ${r.writeCalls} writes, ${r.dataClusters} data clusters (${r.rewrittenClusters} rewritten, ${r.partialChunks} partial chunks), file ${formatBytes(r.fileBytes)}${r.direct ? '' : ' (buffered)'}`,
+    `  ring: ${r.ring.slots} x 1 MiB slots, ${formatBytes(r.ring.inputBytes)} input, up to ${r.ring.maxOpenChunks} open chunks`,
+    `  reader:    busy ${ms(s.reader.busyMs)}, waiting on QEMU ${ms(s.reader.upstreamWaitMs)}, on coalescer ${ms(s.reader.downstreamWaitMs)}`,
+    `  coalescer: busy ${ms(s.coalescer.busyMs)}, waiting on reader ${ms(s.coalescer.upstreamWaitMs)}, on writer ${ms(s.coalescer.downstreamWaitMs)}`,
+    `  writer:    busy ${ms(s.writer.busyMs)}, waiting on coalescer ${ms(s.writer.upstreamWaitMs)}, in disk writes ${ms(s.writer.downstreamWaitMs)}`,
+  ].join('\n');
+}
+
+async function cmdSave(argv: string[]): Promise<number> {
+  const { flags, positionals } = parseArgs('save', argv, SAVE_FLAGS);
+  if (flags.has('help')) {
+    process.stdout.write(formatHelp('snap-pipe save IMG [options] < STREAM', SAVE_ABOUT, SAVE_FLAGS));
+    return 0;
+  }
+  const path = onePath('save', positionals);
+  const ringBytes = flags.has('ring-size') ? parseSize('save', 'ring-size', flags.get('ring-size') as string) : DEFAULT_RING_BYTES;
+  const queueDepth = flags.has('queue-depth')
+    ? parseInteger('save', 'queue-depth', flags.get('queue-depth') as string, 1, 4096)
+    : DEFAULT_QUEUE_DEPTH;
+  const stats = flags.get('stats');
+  // isatty, not process.stdin: touching process.stdin would put fd 0 in non-blocking mode under the reader.
+  if (isatty(0)) usage('save: stdin is a terminal; pipe a QEMU migration stream into it (see snap-pipe save --help)');
+
+  const pipeline = new SavePipeline({ path, ringBytes, queueDepth, direct: !flags.has('no-direct'), force: flags.has('force') });
+  const onSignal = (sig: NodeJS.Signals) => {
+    pipeline.abort();
+    process.stderr.write(`snap-pipe save: ${sig}: stopped; ${path} is left marked incomplete\n`);
+    process.exit(sig === 'SIGINT' ? 130 : 143);
+  };
+  process.once('SIGINT', onSignal);
+  process.once('SIGTERM', onSignal);
+  const report = await pipeline.run();
+  if (stats === true) process.stderr.write(formatReport(report) + '\n');
+  else if (typeof stats === 'string') writeFileSync(stats, JSON.stringify(report, null, 2) + '\n');
+  return 0;
+}
+
+function cmdInfo(argv: string[]): number {
+  const { flags, positionals } = parseArgs('info', argv, INFO_FLAGS);
+  if (flags.has('help')) {
+    process.stdout.write(formatHelp('snap-pipe info IMG [--json]', 'Shows what a snap-pipe image holds: RAM blocks, pages stored as data and as zero, clusters, device state, whether the save completed.', INFO_FLAGS));
+    return 0;
+  }
+  const info = readInfo(onePath('info', positionals));
+  process.stdout.write(flags.has('json') ? JSON.stringify(info, null, 2) + '\n' : formatInfo(info) + '\n');
+  return 0;
+}
+
+async function main(argv: string[]): Promise<number> {
+  const [command, ...rest] = argv;
+  switch (command) {
+    case 'save':
+      return cmdSave(rest);
+    case 'info':
+      return cmdInfo(rest);
+    case 'help':
+      if (rest[0] === 'save') return cmdSave(['--help']);
+      if (rest[0] === 'info') return cmdInfo(['--help']);
+      process.stdout.write(MAIN_HELP);
+      return 0;
+    case '--help':
+    case '-h':
+      process.stdout.write(MAIN_HELP);
+      return 0;
+    case '--version':
+      process.stdout.write(`snap-pipe ${VERSION}\n`);
+      return 0;
+    case undefined:
+      process.stderr.write(MAIN_HELP);
+      return EXIT_USAGE;
+    default:
+      return usage(`unknown command '${command}' (see snap-pipe --help)`);
+  }
+}
+
+main(process.argv.slice(2)).then(
+  (code) => process.exit(code),
+  (err: unknown) => {
+    if (err instanceof SnapPipeError) {
+      process.stderr.write(`snap-pipe: ${err.message}\n`);
+      process.exit(err.code === 'USAGE' ? EXIT_USAGE : 1);
+    }
+    process.stderr.write(`snap-pipe: internal error: ${(err as Error)?.stack ?? String(err)}\n`);
+    process.exit(1);
+  },
+);

@@ -1,0 +1,238 @@
+// Wiring for `snap-pipe save`: allocate the rings once, start reader -> coalescer -> writer, supervise them (the
+// first failure wins and stops the others), then have the writer store the metadata and mark the image complete.
+import { statSync } from 'node:fs';
+import { deserializeError, SnapPipeError } from '../errors.js';
+import { FORMAT_VERSION, type SnapshotMeta } from '../image/types.js';
+import { CTRL, FAIL_ABORT, FAIL_ERROR, SLOT_BYTES, type SaveRingSizes, type SaveShared } from '../ring/layout.js';
+import { signalFailure } from '../ring/wait.js';
+import { VERSION } from '../version.js';
+import { popcount8 } from './coalesce.js';
+import type { CoalescerApi, CoalescerResult } from '../workers/coalescer.js';
+import type { ReaderApi, ReaderResult } from '../workers/reader.js';
+import { startStage, type Outcome, type StageHandle } from '../workers/rpc.js';
+import { allocateSave } from '../workers/stage-memory.js';
+import type { WriterApi, WriterResult } from '../workers/writer.js';
+
+export const DEFAULT_RING_BYTES = 64 << 20;
+export const MIN_RING_BYTES = 4 << 20;
+export const DEFAULT_QUEUE_DEPTH = 16;
+const DESC_COUNT = 1 << 16;
+
+export interface SaveOptions {
+  path: string;
+  ringBytes: number;
+  queueDepth: number;
+  direct: boolean;
+  force: boolean;
+}
+
+export interface StageStats {
+  busyMs: number;
+  /** Waiting on the stage before it (QEMU for the reader). */
+  upstreamWaitMs: number;
+  /** Waiting on the stage after it (the disk for the writer). */
+  downstreamWaitMs: number;
+}
+
+export interface SaveReport {
+  path: string;
+  seconds: number;
+  streamBytes: number;
+  streamMBps: number;
+  dataPages: number;
+  zeroPages: number;
+  resentPages: number;
+  pageRecords: number;
+  bytesWritten: number;
+  writeCalls: number;
+  dataClusters: number;
+  rewrittenClusters: number;
+  partialChunks: number;
+  fileBytes: number;
+  deviceStateBytes: number;
+  blocks: number;
+  direct: boolean;
+  ring: { ringBytes: number; slots: number; inputBytes: number; maxOpenChunks: number };
+  stages: { reader: StageStats; coalescer: StageStats; writer: StageStats };
+}
+
+export function ringSizes(ringBytes: number): SaveRingSizes {
+  if (!Number.isInteger(ringBytes) || ringBytes < MIN_RING_BYTES || ringBytes % SLOT_BYTES !== 0) {
+    throw new SnapPipeError('USAGE', `--ring-size must be a whole number of MiB, at least ${MIN_RING_BYTES >> 20} MiB`);
+  }
+  let inputBytes = 1 << 20;
+  while (inputBytes * 2 <= Math.min(16 << 20, ringBytes / 4)) inputBytes *= 2;
+  return { slotCount: ringBytes / SLOT_BYTES, inputBytes, descCount: DESC_COUNT };
+}
+
+function stageUrl(name: string): URL {
+  return new URL(`../workers/${name}.js`, import.meta.url);
+}
+
+/** Resolves a stage call, or rejects when its thread dies; a failed outcome becomes a thrown error. */
+async function settle<T>(stage: StageHandle<unknown>, call: Promise<Outcome<T>>): Promise<Outcome<T>> {
+  return Promise.race([call, stage.died]);
+}
+
+export class SavePipeline {
+  readonly shared: SaveShared;
+  private readonly ctrl: Int32Array;
+  private stages: StageHandle<unknown>[] = [];
+
+  constructor(private readonly opts: SaveOptions) {
+    this.shared = allocateSave(ringSizes(opts.ringBytes));
+    this.ctrl = new Int32Array(this.shared.ctrl);
+    // Every slot starts free: the free queue holds 0..slotCount-1.
+    const free = new Int32Array(this.shared.freeQueue);
+    for (let s = 0; s < this.shared.sizes.slotCount; s++) free[s] = s;
+    Atomics.store(this.ctrl, CTRL.FREE_HEAD, this.shared.sizes.slotCount);
+  }
+
+  /** Stops every stage at its next wait (SIGINT/SIGTERM); the image stays marked incomplete. */
+  abort(): void {
+    signalFailure(this.ctrl, FAIL_ABORT);
+  }
+
+  async run(): Promise<SaveReport> {
+    const t0 = performance.now();
+    const { sizes } = this.shared;
+    const maxOpen = Math.max(1, Math.floor(sizes.slotCount / 2));
+    const writer = startStage<WriterApi>(stageUrl('writer'), 'snap-pipe writer');
+    this.stages.push(writer);
+    try {
+      const opened = await settle(writer, writer.api.open({ path: this.opts.path, direct: this.opts.direct, force: this.opts.force }));
+      if (!opened.ok) throw deserializeError(opened.error);
+      const reader = startStage<ReaderApi>(stageUrl('reader'), 'snap-pipe reader');
+      const coalescer = startStage<CoalescerApi>(stageUrl('coalescer'), 'snap-pipe coalescer');
+      this.stages.push(reader, coalescer);
+
+      const [r, c, w] = await this.supervise([
+        settle(reader, reader.api.run(this.shared)),
+        settle(coalescer, coalescer.api.run(this.shared, maxOpen)),
+        settle(writer, writer.api.run(this.shared)),
+      ]);
+      const rr = r as ReaderResult;
+      const cr = c as CoalescerResult;
+      const wr = w as WriterResult;
+
+      const meta = this.buildMeta(rr, cr, wr);
+      const finished = await settle(writer, writer.api.finish(meta));
+      if (!finished.ok) throw deserializeError(finished.error);
+
+      const seconds = (performance.now() - t0) / 1000;
+      await this.stop();
+      return {
+        path: this.opts.path,
+        seconds,
+        streamBytes: rr.parsed.streamBytes,
+        streamMBps: rr.parsed.streamBytes / 1e6 / seconds,
+        dataPages: meta.counters.dataPages,
+        zeroPages: meta.counters.zeroPages,
+        resentPages: meta.counters.resentPages,
+        pageRecords: cr.counters.dataRecords + cr.counters.zeroRecords,
+        bytesWritten: wr.bytesWritten,
+        writeCalls: wr.writeCalls,
+        dataClusters: wr.clustersWritten,
+        rewrittenClusters: wr.rewrittenClusters,
+        partialChunks: cr.counters.partialChunks,
+        fileBytes: statSync(this.opts.path).size,
+        deviceStateBytes: rr.parsed.deviceState.length,
+        blocks: rr.parsed.blocks.length,
+        direct: opened.value.direct,
+        ring: { ringBytes: this.opts.ringBytes, slots: sizes.slotCount, inputBytes: sizes.inputBytes, maxOpenChunks: maxOpen },
+        stages: {
+          reader: { busyMs: rr.busyMs, upstreamWaitMs: rr.sourceWaitMs, downstreamWaitMs: rr.downstreamWaitMs },
+          coalescer: { busyMs: cr.busyMs, upstreamWaitMs: cr.upstreamWaitMs, downstreamWaitMs: cr.downstreamWaitMs },
+          writer: { busyMs: wr.busyMs, upstreamWaitMs: wr.upstreamWaitMs, downstreamWaitMs: wr.ioMs },
+        },
+      };
+    } catch (err) {
+      // Do not wait for the threads: the reader may be blocked reading stdin, and the caller exits anyway.
+      void this.stop();
+      throw err;
+    }
+  }
+
+  /**
+   * Waits for all stages. The first real error wins: it marks the pipeline failed (the other stages stop at their
+   * next wait) and is thrown at once, without waiting for a reader that may be blocked reading stdin.
+   */
+  private supervise(calls: Promise<Outcome<unknown>>[]): Promise<unknown[]> {
+    return new Promise((resolve, reject) => {
+      const values: unknown[] = new Array(calls.length);
+      let pending = calls.length;
+      let abortedOnly = false;
+      calls.forEach((p, i) => {
+        p.then(
+          (o) => {
+            if (o.ok) {
+              values[i] = o.value;
+              if (--pending === 0) (abortedOnly ? reject(interrupted()) : resolve(values));
+              return;
+            }
+            if (o.aborted) {
+              abortedOnly = true;
+              if (--pending === 0) reject(interrupted());
+              return;
+            }
+            signalFailure(this.ctrl, FAIL_ERROR);
+            reject(deserializeError(o.error));
+          },
+          (err: Error) => {
+            signalFailure(this.ctrl, FAIL_ERROR);
+            reject(new SnapPipeError('WORKER', err.message));
+          },
+        );
+      });
+    });
+  }
+
+  private buildMeta(rr: ReaderResult, cr: CoalescerResult, wr: WriterResult): Omit<SnapshotMeta, 'chunkCrc32'> {
+    const p = rr.parsed;
+    let dataPages = 0;
+    let sentPages = 0;
+    for (let b = 0; b < p.blocks.length; b++) {
+      dataPages += popcount8(cr.data[b]);
+      sentPages += popcount8(cr.sent[b]);
+    }
+    return {
+      formatVersion: FORMAT_VERSION,
+      machineType: p.machineType,
+      capabilities: p.capabilities,
+      ramSectionId: p.ramSectionId,
+      ramVersionId: p.ramVersionId,
+      head: p.head,
+      ramSetup: p.ramSetup,
+      deviceState: p.deviceState,
+      sawRamEnd: p.sawRamEnd,
+      blocks: p.blocks.map((b, i) => ({
+        id: b.id,
+        lengthBytes: b.lengthBytes,
+        virtOffsetBytes: rr.virtOffsetsBytes[i],
+        ...(b.addr !== undefined ? { addr: b.addr } : {}),
+      })),
+      pages: p.blocks.map((_, i) => ({ sent: cr.sent[i], data: cr.data[i] })),
+      counters: {
+        dataPages,
+        zeroPages: sentPages - dataPages,
+        resentPages: cr.counters.resentPages,
+        streamBytes: p.streamBytes,
+        dataClusters: wr.clustersWritten,
+        rewrittenClusters: wr.rewrittenClusters,
+      },
+      savedAt: new Date().toISOString(),
+      writer: `snap-pipe ${VERSION}`,
+    };
+  }
+
+  private async stop(): Promise<void> {
+    const stages = this.stages;
+    this.stages = [];
+    await Promise.all(stages.map((s) => s.worker.terminate().catch(() => undefined)));
+  }
+}
+
+function interrupted(): SnapPipeError {
+  return new SnapPipeError('INTERRUPTED', 'save interrupted; the image is left marked incomplete');
+}
+

@@ -1,0 +1,93 @@
+// The save pipeline's shared memory, declared once. Every field names its single writer; the other side waits on it.
+// Counters are free-running u32 (stored in Int32 slots; compare with `(a - b) >>> 0`), masked by power-of-two sizes.
+// Hot fields sit 64 bytes (16 Int32 slots) apart so two threads never share a cache line.
+
+const LINE = 16; // Int32 slots per 64-byte cache line
+
+export const CTRL = {
+  /** Set to a non-zero reason by whichever thread fails first (any writer; first wins via compareExchange). */
+  FAILED: 0 * LINE,
+  /** Input ring: bytes read from stdin into the ring. Writer: reader. */
+  IN_WRITTEN: 1 * LINE,
+  /** Input ring: bytes the reader may overwrite again. Writer: coalescer. */
+  IN_RELEASED: 2 * LINE,
+  /** Descriptor ring: descriptors published. Writer: reader. */
+  DESC_HEAD: 3 * LINE,
+  /** Descriptor ring: descriptors consumed. Writer: coalescer. */
+  DESC_TAIL: 4 * LINE,
+  /** Filled-chunk queue: slot numbers published for writing. Writer: coalescer. */
+  FILL_HEAD: 5 * LINE,
+  /** Filled-chunk queue: consumed. Writer: writer. */
+  FILL_TAIL: 6 * LINE,
+  /** Free-slot queue: slot numbers handed back (starts at the slot count). Writer: writer. */
+  FREE_HEAD: 7 * LINE,
+  /** Free-slot queue: consumed. Writer: coalescer. */
+  FREE_TAIL: 8 * LINE,
+  /** RAM block table: number of blocks, valid once a SETUP descriptor is published. Writer: reader. */
+  BLOCK_COUNT: 9 * LINE,
+} as const;
+export const CTRL_INTS = 10 * LINE;
+
+/** FAILED reasons. */
+export const FAIL_NONE = 0;
+export const FAIL_ERROR = 1;
+export const FAIL_ABORT = 2;
+
+/** Descriptor ring records: 4 Int32 each. Writer: reader. */
+export const DESC_INTS = 4;
+export const DESC_KIND = 0;
+export const DESC_BLOCK = 1;
+export const DESC_PAGE = 2;
+export const DESC_POS = 3; // input ring position (u32, unmasked) of the page data, or the release position
+
+export const KIND_PAGE = 1; // data page at DESC_POS in the input ring
+export const KIND_ZERO = 2; // zero page
+export const KIND_RELEASE = 3; // the reader no longer needs input bytes before DESC_POS
+export const KIND_SETUP = 4; // the block table is filled in
+export const KIND_END = 5; // the stream ended cleanly; no more descriptors
+
+/** Block table (Float64 entries): page count and first virtual cluster of each block. Writer: reader. */
+export const BLOCK_F64S = 2;
+export const BLOCK_PAGES = 0;
+export const BLOCK_VIRT_CLUSTER = 1;
+export const MAX_BLOCKS = 1024;
+
+/** Per-slot chunk header (Int32 entries): what the coalescer put in the slot. Writer: coalescer, before publishing. */
+export const SLOT_INTS = 16;
+export const SLOT_BLOCK = 0;
+export const SLOT_CHUNK = 1;
+export const SLOT_VIRT_CLUSTER = 2;
+export const SLOT_PAGES_IN_CHUNK = 3;
+export const SLOT_SEEN_COUNT = 4;
+export const SLOT_SEEN_BITS = 8; // 8 Int32 = 256 bits: pages of this chunk carried by this publication (data or zero)
+
+/** Value pushed on the filled queue after the last chunk. */
+export const END_OF_CHUNKS = -1;
+
+export interface SaveRingSizes {
+  /** 1 MiB chunk slots (at least 4). */
+  slotCount: number;
+  /** Input ring bytes (a power of two, at least 64 KiB). */
+  inputBytes: number;
+  /** Descriptor ring records (a power of two). */
+  descCount: number;
+}
+
+/** Everything the save stages share, allocated once by the main thread before any stage starts. */
+export interface SaveShared {
+  sizes: SaveRingSizes;
+  ctrl: SharedArrayBuffer; // Int32[CTRL_INTS]
+  desc: SharedArrayBuffer; // Int32[descCount * DESC_INTS]
+  fillQueue: SharedArrayBuffer; // Int32[slotCount]
+  freeQueue: SharedArrayBuffer; // Int32[slotCount]
+  slotHeaders: SharedArrayBuffer; // Int32[slotCount * SLOT_INTS]
+  blocks: SharedArrayBuffer; // Float64[MAX_BLOCKS * BLOCK_F64S]
+  /** Page-aligned: chunk slots (slotCount MiB) followed by the input ring. */
+  data: SharedArrayBuffer;
+}
+
+export const SLOT_BYTES = 1 << 20;
+
+export function isPowerOfTwo(n: number): boolean {
+  return Number.isInteger(n) && n > 0 && (n & (n - 1)) === 0;
+}

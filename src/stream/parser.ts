@@ -1,0 +1,346 @@
+// Pull parser for QEMU's migration stream (format version 3, as QEMU 7.2 and later write it without xbzrle,
+// compression, multifd or postcopy). It walks the input ring, hands every RAM page to the sink by position (page
+// data is never copied here), and keeps the non-RAM parts verbatim: the header and configuration, the RAM setup
+// section, and everything from the first device-state section to the end of the stream.
+import { SnapPipeError } from '../errors.js';
+import { PAGE_BITS, PAGE_BYTES } from '../image/types.js';
+import { InputRing } from '../ring/input.js';
+import {
+  CAP_IGNORE_SHARED,
+  QEVM_MAGIC,
+  QEVM_VERSION,
+  RAM_COMPRESS_PAGE,
+  RAM_CONTINUE,
+  RAM_EOS,
+  RAM_FLAGS_MASK,
+  RAM_HOOK,
+  RAM_IDSTR,
+  RAM_MEM_SIZE,
+  RAM_MULTIFD_FLUSH,
+  RAM_PAGE,
+  RAM_VERSION,
+  RAM_XBZRLE,
+  RAM_ZERO,
+  SEC_COMMAND,
+  SEC_CONFIGURATION,
+  SEC_END,
+  SEC_EOF,
+  SEC_FOOTER,
+  SEC_FULL,
+  SEC_PART,
+  SEC_START,
+  SEC_SUBSECTION,
+  SEC_VMDESCRIPTION,
+  sectionTypeName,
+  SUB_CAPABILITIES,
+  SUB_TARGET_PAGE_BITS,
+  SUB_UUID,
+} from './constants.js';
+
+export interface ParsedBlock {
+  id: string;
+  lengthBytes: number;
+  addr?: number;
+}
+
+/** Receives the RAM content in stream order. */
+export interface StreamSink {
+  setup(blocks: ParsedBlock[]): void;
+  /** A data page: PAGE_BYTES at input ring position ringPos (u32, unmasked; may wrap the ring's end). */
+  page(block: number, page: number, ringPos: number): void;
+  zero(block: number, page: number): void;
+}
+
+export interface ParsedStream {
+  machineType: string;
+  capabilities: string[];
+  uuid?: Uint8Array;
+  ramSectionId: number;
+  ramVersionId: number;
+  head: Uint8Array;
+  ramSetup: Uint8Array;
+  deviceState: Uint8Array;
+  /** The device state ends with EOF + VMDESCRIPTION (false: the source suppressed the VM description). */
+  vmdescPresent: boolean;
+  sawRamEnd: boolean;
+  blocks: ParsedBlock[];
+  streamBytes: number;
+  ramSections: number;
+}
+
+const decoder = new TextDecoder('latin1');
+const TWO_32 = 0x1_0000_0000;
+const UNSUPPORTED_RAM_FLAGS: [number, string][] = [
+  [RAM_XBZRLE, 'xbzrle'],
+  [RAM_COMPRESS_PAGE, 'compress'],
+  [RAM_HOOK, 'rdma'],
+  [RAM_MULTIFD_FLUSH, 'multifd'],
+];
+
+export class StreamParser {
+  private readonly parts = new Uint32Array(2);
+  private blocks: ParsedBlock[] = [];
+  private blockPages: number[] = [];
+  private blockIndex = new Map<string, number>();
+  private lastBlock = -1;
+  private ramSectionId = -1;
+  private ignoreShared = false;
+
+  constructor(
+    private readonly ring: InputRing,
+    private readonly sink: StreamSink,
+  ) {}
+
+  private bad(what: string, at = this.ring.consumedBytes): SnapPipeError {
+    return new SnapPipeError('BAD_STREAM', `${what} at byte ${at}`);
+  }
+
+  private unsupported(what: string, at = this.ring.consumedBytes): SnapPipeError {
+    return new SnapPipeError('UNSUPPORTED', `${what} at byte ${at}`);
+  }
+
+  parse(): ParsedStream {
+    const r = this.ring;
+    if (!r.ensure(1)) throw new SnapPipeError('TRUNCATED', 'the stream is empty (the source sent nothing)');
+    r.startCapture();
+    const magic = r.be32('file magic');
+    if (magic !== QEVM_MAGIC) {
+      throw this.bad(`not a QEMU migration stream (magic 0x${magic.toString(16).padStart(8, '0')}, expected QEVM)`, 0);
+    }
+    const version = r.be32('file version');
+    if (version !== QEVM_VERSION) throw this.unsupported(`migration stream version ${version} (snap-pipe reads 3)`, 4);
+
+    let machineType = '';
+    let capabilities: string[] = [];
+    let uuid: Uint8Array | undefined;
+    if (r.peekU8('first section') === SEC_CONFIGURATION) {
+      ({ machineType, capabilities, uuid } = this.parseConfiguration());
+    }
+    this.ignoreShared = capabilities.includes(CAP_IGNORE_SHARED);
+    const head = r.endCapture();
+
+    let ramSetup: Uint8Array | undefined;
+    let ramVersionId = 0;
+    let sawRamEnd = false;
+    let ramSections = 0;
+    for (;;) {
+      const at = r.consumedBytes;
+      if (!r.ensure(1)) {
+        throw new SnapPipeError('TRUNCATED', `stream ended at byte ${at} before the device state (QEMU stopped sending)`);
+      }
+      const type = r.peekU8('section type');
+      if (type === SEC_FULL || type === SEC_EOF) break; // device state from here on
+      r.u8('section type');
+      if (type === SEC_START) {
+        r.startCapture();
+        const id = r.be32('section id');
+        const idstr = decoder.decode(r.take(r.u8('section name length'), 'section name'));
+        r.be32('instance id');
+        const versionId = r.be32('version id');
+        if (idstr !== RAM_IDSTR) {
+          throw this.unsupported(`iterable section '${idstr}' (snap-pipe stores RAM only; disable block migration and dirty-bitmaps)`, at);
+        }
+        if (ramSetup) throw this.bad('a second ram START section', at);
+        if (versionId !== RAM_VERSION) throw this.unsupported(`ram section version ${versionId} (expected ${RAM_VERSION})`, at);
+        this.ramSectionId = id;
+        ramVersionId = versionId;
+        this.parseRamRecords(true);
+        this.footer(id);
+        ramSetup = concatType(SEC_START, r.endCapture());
+        ramSections++;
+      } else if (type === SEC_PART || type === SEC_END) {
+        const id = r.be32('section id');
+        if (!ramSetup || id !== this.ramSectionId) {
+          throw this.unsupported(`${sectionTypeName(type)} of section ${id}, which is not the RAM section`, at);
+        }
+        this.parseRamRecords(false);
+        this.footer(id);
+        if (type === SEC_END) sawRamEnd = true;
+        ramSections++;
+      } else if (type === SEC_COMMAND) {
+        const cmd = r.be16('command');
+        throw this.unsupported(
+          `a migration command (${cmd}): the source uses postcopy or a return path; snap-pipe save needs plain precopy or background-snapshot`,
+          at,
+        );
+      } else if (type === SEC_CONFIGURATION) {
+        throw this.bad('a configuration section after the first section', at);
+      } else {
+        throw this.bad(`unknown section type ${sectionTypeName(type)}`, at);
+      }
+    }
+    if (!ramSetup) throw this.bad('device state before any RAM section (no ram START)');
+    const devAt = r.consumedBytes;
+    const deviceState = r.takeRest();
+    const vmdescPresent = checkDeviceStateEnd(deviceState, devAt);
+    return {
+      machineType,
+      capabilities,
+      uuid,
+      ramSectionId: this.ramSectionId,
+      ramVersionId,
+      head,
+      ramSetup,
+      deviceState,
+      vmdescPresent,
+      sawRamEnd,
+      blocks: this.blocks,
+      streamBytes: r.consumedBytes,
+      ramSections,
+    };
+  }
+
+  private parseConfiguration(): { machineType: string; capabilities: string[]; uuid?: Uint8Array } {
+    const r = this.ring;
+    r.u8('configuration');
+    const len = r.be32('machine type length');
+    if (len > 256) throw this.bad(`machine type name of ${len} bytes`);
+    const machineType = decoder.decode(r.take(len, 'machine type'));
+    const capabilities: string[] = [];
+    let uuid: Uint8Array | undefined;
+    while (r.ensure(1) && r.peekU8('subsection') === SEC_SUBSECTION) {
+      const at = r.consumedBytes;
+      r.u8('subsection');
+      const name = decoder.decode(r.take(r.u8('subsection name length'), 'subsection name'));
+      r.be32('subsection version');
+      if (name === SUB_TARGET_PAGE_BITS) {
+        const bits = r.be32('target page bits');
+        if (bits !== PAGE_BITS) throw this.unsupported(`target page size of ${2 ** bits} bytes (snap-pipe supports 4096)`, at);
+      } else if (name === SUB_CAPABILITIES) {
+        const count = r.be32('capability count');
+        if (count > 64) throw this.bad(`${count} capabilities in the configuration`, at);
+        for (let i = 0; i < count; i++) {
+          capabilities.push(decoder.decode(r.take(r.u8('capability name length'), 'capability name')));
+        }
+      } else if (name === SUB_UUID) {
+        uuid = r.take(16, 'uuid');
+      } else {
+        throw this.unsupported(`configuration subsection '${name}'`, at);
+      }
+    }
+    return { machineType, capabilities, uuid };
+  }
+
+  private footer(id: number): void {
+    const r = this.ring;
+    const at = r.consumedBytes;
+    const t = r.u8('section footer');
+    if (t !== SEC_FOOTER) throw this.bad(`expected a section footer, found ${sectionTypeName(t)}`, at);
+    const fid = r.be32('footer section id');
+    if (fid !== id) throw this.bad(`section footer for section ${fid} closes section ${id}`, at);
+  }
+
+  /** RAM records up to and including EOS. */
+  private parseRamRecords(isSetup: boolean): void {
+    const r = this.ring;
+    const parts = this.parts;
+    for (;;) {
+      const at = r.consumedBytes;
+      r.be64Parts('RAM record', parts);
+      const flags = parts[1] & RAM_FLAGS_MASK;
+      if (flags === RAM_EOS) return;
+      if (flags & RAM_MEM_SIZE) {
+        if (!isSetup || this.blocks.length > 0) throw this.bad('RAM block list outside the RAM setup', at);
+        this.parseBlockList(parts[0] * TWO_32 + (parts[1] - flags));
+        continue;
+      }
+      for (const [flag, name] of UNSUPPORTED_RAM_FLAGS) {
+        if (flags & flag) throw this.unsupported(`RAM record with the ${name} flag (0x${flags.toString(16)}): disable ${name}`, at);
+      }
+      const kind = flags & ~RAM_CONTINUE;
+      if (kind !== RAM_PAGE && kind !== RAM_ZERO) throw this.bad(`RAM record with unknown flags 0x${flags.toString(16)}`, at);
+      if (this.blocks.length === 0) throw this.bad('RAM page before the RAM block list', at);
+      if (isSetup) throw this.unsupported('RAM page inside the RAM setup section', at);
+      let block = this.lastBlock;
+      if (flags & RAM_CONTINUE) {
+        if (block < 0) throw this.bad('RAM record continues a block but none was named', at);
+      } else {
+        const name = decoder.decode(r.take(r.u8('block name length'), 'block name'));
+        const b = this.blockIndex.get(name);
+        if (b === undefined) throw this.bad(`page for RAM block '${name}', which the setup never named`, at);
+        block = this.lastBlock = b;
+      }
+      const offsetBytes = parts[0] * TWO_32 + (parts[1] - flags);
+      const page = offsetBytes / PAGE_BYTES;
+      if (page >= this.blockPages[block]) {
+        throw this.bad(`page at offset ${offsetBytes} beyond RAM block '${this.blocks[block].id}' (${this.blocks[block].lengthBytes} bytes)`, at);
+      }
+      if (kind === RAM_PAGE) {
+        const pos = r.skipInPlace(PAGE_BYTES, 'page data');
+        this.sink.page(block, page, pos);
+      } else {
+        const fill = r.u8('zero page fill byte');
+        if (fill !== 0) throw this.unsupported(`zero-page record with fill byte ${fill}`, at);
+        this.sink.zero(block, page);
+      }
+    }
+  }
+
+  private parseBlockList(totalBytes: number): void {
+    const r = this.ring;
+    let remaining = totalBytes;
+    while (remaining > 0) {
+      const at = r.consumedBytes;
+      const id = decoder.decode(r.take(r.u8('block name length'), 'block name'));
+      r.be64Parts('block length', this.parts);
+      const lengthBytes = this.parts[0] * TWO_32 + this.parts[1];
+      const block: ParsedBlock = { id, lengthBytes };
+      if (this.ignoreShared) {
+        r.be64Parts('block address', this.parts);
+        block.addr = this.parts[0] * TWO_32 + this.parts[1];
+      }
+      if (lengthBytes === 0 || lengthBytes % PAGE_BYTES !== 0) throw this.bad(`RAM block '${id}' of ${lengthBytes} bytes`, at);
+      if (lengthBytes > remaining) {
+        throw this.bad(`RAM block sizes add up to more than the announced total of ${totalBytes} bytes`, at);
+      }
+      if (this.blockIndex.has(id)) throw this.bad(`RAM block '${id}' named twice`, at);
+      this.blockIndex.set(id, this.blocks.length);
+      this.blocks.push(block);
+      this.blockPages.push(lengthBytes / PAGE_BYTES);
+      remaining -= lengthBytes;
+    }
+    this.sink.setup(this.blocks);
+  }
+}
+
+function concatType(type: number, rest: Uint8Array): Uint8Array {
+  const out = new Uint8Array(rest.length + 1);
+  out[0] = type;
+  out.set(rest, 1);
+  return out;
+}
+
+/**
+ * The device state ends with EOF, then (unless the machine suppresses it) VMDESCRIPTION + be32 length + JSON.
+ * A stream cut short inside the device state cannot end that way, so this is what tells a finished save from
+ * an interrupted one.
+ */
+export function checkDeviceStateEnd(dev: Uint8Array, at: number): boolean {
+  const n = dev.length;
+  for (let k = n - 6; k >= 0; k--) {
+    if (dev[k] !== SEC_EOF || dev[k + 1] !== SEC_VMDESCRIPTION) continue;
+    const len = ((dev[k + 2] << 24) | (dev[k + 3] << 16) | (dev[k + 4] << 8) | dev[k + 5]) >>> 0;
+    if (len !== n - k - 6) continue;
+    try {
+      JSON.parse(new TextDecoder().decode(dev.subarray(k + 6)));
+      return true;
+    } catch {
+      continue;
+    }
+  }
+  if (n > 0 && dev[n - 1] === SEC_EOF && !looksLikeVmdescStart(dev)) return false;
+  throw new SnapPipeError(
+    'TRUNCATED',
+    `the device state (from byte ${at}, ${n} bytes) does not end with EOF and a VM description: the stream was cut short`,
+  );
+}
+
+function looksLikeVmdescStart(dev: Uint8Array): boolean {
+  // A VM description JSON always starts '{"page_size"'; if one is present but did not parse, the stream is damaged.
+  const needle = new TextEncoder().encode('{"page_size"');
+  outer: for (let i = 0; i + needle.length <= dev.length; i++) {
+    for (let j = 0; j < needle.length; j++) if (dev[i + j] !== needle[j]) continue outer;
+    return true;
+  }
+  return false;
+}

@@ -1,0 +1,112 @@
+// Reader stage: reads the migration stream from fd 0 straight into the input ring, parses it, and publishes one
+// descriptor per RAM page record to the coalescer. Keeps the non-RAM parts and returns them at the end.
+import { readSync } from 'node:fs';
+import { SnapPipeError, ioError } from '../errors.js';
+import { layoutBlocks } from '../image/writer.js';
+import { CLUSTER_BYTES } from '../image/types.js';
+import { DescriptorProducer } from '../ring/descriptors.js';
+import { InputRing, type ByteInput } from '../ring/input.js';
+import {
+  BLOCK_F64S,
+  BLOCK_PAGES,
+  BLOCK_VIRT_CLUSTER,
+  CTRL,
+  KIND_END,
+  KIND_PAGE,
+  KIND_SETUP,
+  KIND_ZERO,
+  MAX_BLOCKS,
+  type SaveShared,
+} from '../ring/layout.js';
+import { StreamParser, type ParsedBlock, type ParsedStream } from '../stream/parser.js';
+import { exposeStage, outcome, type Outcome } from './rpc.js';
+import { saveViews } from './stage-memory.js';
+
+export interface ReaderResult {
+  parsed: ParsedStream;
+  virtOffsetsBytes: number[];
+  ramEndBytes: number;
+  readCalls: number;
+  /** Time blocked reading stdin (waiting on QEMU). */
+  sourceWaitMs: number;
+  /** Time blocked on a full input or descriptor ring (waiting on the coalescer). */
+  downstreamWaitMs: number;
+  busyMs: number;
+}
+
+/** Reads fd 0 in large pieces; an EAGAIN (stdin left non-blocking by a parent) waits briefly and retries. */
+export class StdinInput implements ByteInput {
+  waitMs = 0;
+  private readonly nap = new Int32Array(new SharedArrayBuffer(4));
+  read(dst: Uint8Array, off: number, len: number): number {
+    const t0 = performance.now();
+    try {
+      for (;;) {
+        try {
+          return readSync(0, dst, off, len, null);
+        } catch (err) {
+          const code = (err as NodeJS.ErrnoException).code;
+          if (code === 'EAGAIN') {
+            Atomics.wait(this.nap, 0, 0, 2);
+            continue;
+          }
+          if (code === 'EOF') return 0;
+          throw ioError('reading the migration stream from stdin', err);
+        }
+      }
+    } finally {
+      this.waitMs += performance.now() - t0;
+    }
+  }
+}
+
+function run(shared: SaveShared): ReaderResult {
+  const t0 = performance.now();
+  const v = saveViews(shared);
+  const producer = new DescriptorProducer(v.ctrl, v.desc);
+  const input = new StdinInput();
+  const ring = new InputRing(v.input, v.ctrl, input, producer);
+  let virtOffsetsBytes: number[] = [];
+  let ramEndBytes = 0;
+  const parser = new StreamParser(ring, {
+    setup(blocks: ParsedBlock[]) {
+      if (blocks.length > MAX_BLOCKS) {
+        throw new SnapPipeError('UNSUPPORTED', `${blocks.length} RAM blocks (snap-pipe handles up to ${MAX_BLOCKS})`);
+      }
+      ({ virtOffsetsBytes, ramEndBytes } = layoutBlocks(blocks.map((b) => b.lengthBytes)));
+      blocks.forEach((b, i) => {
+        v.blocks[i * BLOCK_F64S + BLOCK_PAGES] = b.lengthBytes / 4096;
+        v.blocks[i * BLOCK_F64S + BLOCK_VIRT_CLUSTER] = virtOffsetsBytes[i] / CLUSTER_BYTES;
+      });
+      Atomics.store(v.ctrl, CTRL.BLOCK_COUNT, blocks.length);
+      producer.push(KIND_SETUP, 0, 0, 0);
+    },
+    page(block, page, pos) {
+      producer.push(KIND_PAGE, block, page, pos);
+    },
+    zero(block, page) {
+      producer.push(KIND_ZERO, block, page, 0);
+    },
+  });
+  const parsed = parser.parse();
+  producer.push(KIND_END, 0, 0, 0);
+  producer.flush();
+  const totalMs = performance.now() - t0;
+  return {
+    parsed,
+    virtOffsetsBytes,
+    ramEndBytes,
+    readCalls: ring.readCalls,
+    sourceWaitMs: input.waitMs,
+    downstreamWaitMs: producer.waits.ms,
+    busyMs: totalMs - input.waitMs - producer.waits.ms,
+  };
+}
+
+const api = {
+  run(shared: SaveShared): Outcome<ReaderResult> {
+    return outcome(() => run(shared));
+  },
+};
+export type ReaderApi = typeof api;
+exposeStage(api);
