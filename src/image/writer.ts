@@ -1,0 +1,317 @@
+// Writes a snap-pipe QCOW2 image: header (marked incomplete) at create, data clusters in arrival order (written by the
+// caller through `fd` at allocate()'d offsets), then at finish metadata + L2 + L1 + refcounts, fdatasync, and only then
+// the header marked complete, fdatasync again. Holds only an fd, a scratch cluster and typed arrays: usable in a worker.
+
+import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import { crc32 } from 'node:zlib';
+import { SnapPipeError, ioError } from '../errors.js';
+import { alignedShared } from '../ring/memory.js';
+import { encodeMeta } from './metadata.js';
+import {
+  ENTRIES_PER_TABLE_CLUSTER,
+  HEADER_AREA_BYTES,
+  SNAP_FLAG_COMPLETE,
+  decodeHeader,
+  encodeHeader,
+  fillRefcountBlock,
+  layoutTail,
+  snapHeader,
+  tableEntry,
+  writeEntry,
+  type TailLayout,
+} from './qcow2.js';
+import { CLUSTER_BYTES, FORMAT_VERSION, type SnapshotMeta } from './types.js';
+
+/** Virtual cluster indices must fit an Int32Array (2^31 MiB = 2 PiB of virtual disk). */
+const VIRT_CLUSTER_MAX = 0x7fff_ffff;
+
+function roundUpToCluster(bytes: number): number {
+  return Math.ceil(bytes / CLUSTER_BYTES) * CLUSTER_BYTES;
+}
+
+/** Places RAM blocks (in setup order) at cluster-aligned virtual offsets, each rounded up to whole clusters. */
+export function layoutBlocks(lengthsBytes: number[]): { virtOffsetsBytes: number[]; ramEndBytes: number } {
+  const virtOffsetsBytes: number[] = [];
+  let ramEndBytes = 0;
+  for (const lengthBytes of lengthsBytes) {
+    assert(Number.isSafeInteger(lengthBytes) && lengthBytes >= 0, `layoutBlocks: bad length ${lengthBytes}`);
+    virtOffsetsBytes.push(ramEndBytes);
+    ramEndBytes += roundUpToCluster(lengthBytes);
+  }
+  return { virtOffsetsBytes, ramEndBytes };
+}
+
+function isEinval(err: unknown): boolean {
+  return (err as NodeJS.ErrnoException | undefined)?.code === 'EINVAL';
+}
+
+function noDirect(path: string): SnapPipeError {
+  return new SnapPipeError('NO_DIRECT', `${path}: the file system refuses O_DIRECT; use --no-direct`);
+}
+
+/** Refuses to replace anything but a missing file, an empty file or an unfinished snap-pipe image (unless forced). */
+function checkOverwrite(path: string, force: boolean): void {
+  let st: fs.Stats;
+  try {
+    st = fs.statSync(path);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return;
+    throw ioError(`stat ${path}`, err);
+  }
+  if (force) return;
+  if (!st.isFile()) throw new SnapPipeError('EXISTS', `${path} exists and is not a regular file; refusing to overwrite`);
+  if (st.size === 0) return;
+  const head = new Uint8Array(HEADER_AREA_BYTES);
+  let got = 0;
+  let fd = -1;
+  try {
+    fd = fs.openSync(path, 'r');
+    got = fs.readSync(fd, head, 0, head.byteLength, 0);
+  } catch (err) {
+    throw ioError(`read ${path}`, err);
+  } finally {
+    if (fd >= 0) fs.closeSync(fd);
+  }
+  const decoded = decodeHeader(head.subarray(0, got));
+  if (decoded.kind === 'ok' && decoded.snap !== undefined) {
+    if ((decoded.snap.flags & SNAP_FLAG_COMPLETE) === 0) return; // an interrupted save: fine to replace
+    throw new SnapPipeError('EXISTS', `${path} holds a complete snap-pipe image; use --force to overwrite`);
+  }
+  throw new SnapPipeError('EXISTS', `${path} exists and is not a snap-pipe image; use --force to overwrite`);
+}
+
+export class ImageWriter {
+  readonly path: string;
+  readonly fd: number;
+  readonly direct: boolean;
+  /** One aligned cluster for everything the writer itself writes. */
+  private readonly scratch: Uint8Array;
+  /** Host cluster index per virtual cluster; 0 = not allocated (host cluster 0 is the header). */
+  private hostClusterOfVirt: Int32Array;
+  /** Virtual cluster index per allocation, in allocation order. */
+  private allocOrder: Int32Array;
+  private allocCount = 0;
+  private finished = false;
+  private closed = false;
+
+  private constructor(path: string, fd: number, direct: boolean, scratch: Uint8Array) {
+    this.path = path;
+    this.fd = fd;
+    this.direct = direct;
+    this.scratch = scratch;
+    this.hostClusterOfVirt = new Int32Array(1024);
+    this.allocOrder = new Int32Array(1024);
+  }
+
+  static create(path: string, opts: { direct: boolean; force: boolean }): ImageWriter {
+    checkOverwrite(path, opts.force);
+    const c = fs.constants;
+    const flags = c.O_RDWR | c.O_CREAT | c.O_TRUNC | (opts.direct ? c.O_DIRECT : 0);
+    let fd: number;
+    try {
+      fd = fs.openSync(path, flags, 0o644);
+    } catch (err) {
+      if (opts.direct && isEinval(err)) throw noDirect(path);
+      throw ioError(`open ${path}`, err);
+    }
+    const scratch = new Uint8Array(alignedShared(CLUSTER_BYTES), 0, CLUSTER_BYTES);
+    const writer = new ImageWriter(path, fd, opts.direct, scratch);
+    try {
+      // The header cluster, marked incomplete: also the O_DIRECT probe (first aligned write).
+      scratch.fill(0);
+      writer.encodeHeaderInto(scratch, undefined, 0, 0);
+      try {
+        writer.writeFull(scratch, CLUSTER_BYTES, 0);
+      } catch (err) {
+        if (opts.direct && err instanceof SnapPipeError && (err.code === 'NO_DIRECT' || err.message.includes('EINVAL'))) {
+          throw noDirect(path);
+        }
+        throw err;
+      }
+      writer.sync();
+    } catch (err) {
+      writer.close();
+      throw err;
+    }
+    return writer;
+  }
+
+  /** Clusters allocated so far. */
+  get dataClusters(): number {
+    return this.allocCount;
+  }
+
+  /** Virtual cluster indices in allocation order (a copy). */
+  allocationOrder(): number[] {
+    return Array.from(this.allocOrder.subarray(0, this.allocCount));
+  }
+
+  allocate(virtCluster: number): { hostOffsetBytes: number; fresh: boolean } {
+    assert(!this.finished && !this.closed, 'allocate after finish/close');
+    assert(Number.isInteger(virtCluster) && virtCluster >= 0 && virtCluster < VIRT_CLUSTER_MAX, `allocate: bad cluster ${virtCluster}`);
+    if (virtCluster >= this.hostClusterOfVirt.length) {
+      let n = this.hostClusterOfVirt.length;
+      while (n <= virtCluster) n *= 2;
+      const grown = new Int32Array(Math.min(n, VIRT_CLUSTER_MAX));
+      grown.set(this.hostClusterOfVirt);
+      this.hostClusterOfVirt = grown;
+    }
+    const existing = this.hostClusterOfVirt[virtCluster];
+    if (existing !== 0) return { hostOffsetBytes: existing * CLUSTER_BYTES, fresh: false };
+    assert(this.allocCount + 1 < VIRT_CLUSTER_MAX, 'allocate: host file too large');
+    if (this.allocCount === this.allocOrder.length) {
+      const grown = new Int32Array(this.allocOrder.length * 2);
+      grown.set(this.allocOrder);
+      this.allocOrder = grown;
+    }
+    const hostCluster = 1 + this.allocCount;
+    this.allocOrder[this.allocCount] = virtCluster;
+    this.allocCount++;
+    this.hostClusterOfVirt[virtCluster] = hostCluster;
+    return { hostOffsetBytes: hostCluster * CLUSTER_BYTES, fresh: true };
+  }
+
+  hostOffsetOf(virtCluster: number): number | undefined {
+    if (!Number.isInteger(virtCluster) || virtCluster < 0 || virtCluster >= this.hostClusterOfVirt.length) {
+      return undefined;
+    }
+    const host = this.hostClusterOfVirt[virtCluster];
+    return host === 0 ? undefined : host * CLUSTER_BYTES;
+  }
+
+  /** Writes metadata and tables, makes them durable, then marks the header complete and makes that durable. */
+  finish(meta: SnapshotMeta): void {
+    assert(!this.finished && !this.closed, 'finish twice or after close');
+    assert.equal(meta.formatVersion, FORMAT_VERSION, 'finish: meta.formatVersion');
+    let ramEndBytes = 0;
+    for (const b of meta.blocks) {
+      assert(b.virtOffsetBytes % CLUSTER_BYTES === 0, `finish: block ${b.id} not cluster aligned`);
+      ramEndBytes = Math.max(ramEndBytes, b.virtOffsetBytes + roundUpToCluster(b.lengthBytes));
+    }
+    const metaVirtCluster = ramEndBytes / CLUSTER_BYTES;
+    const l1IndicesWithData = new Set<number>();
+    for (let i = 0; i < this.allocCount; i++) {
+      const v = this.allocOrder[i];
+      assert(v < metaVirtCluster, `finish: data cluster ${v} lies outside the RAM blocks`);
+      l1IndicesWithData.add(Math.floor(v / ENTRIES_PER_TABLE_CLUSTER));
+    }
+    const metaBytes = encodeMeta(meta);
+    const metaCrc32 = crc32(metaBytes) >>> 0;
+    const layout = layoutTail({
+      dataClusters: this.allocCount,
+      metaVirtOffsetBytes: ramEndBytes,
+      metaBytes: metaBytes.byteLength,
+      isL1IndexUsedByData: (i) => l1IndicesWithData.has(i),
+    });
+    const s = this.scratch;
+    const C = CLUSTER_BYTES;
+
+    for (let i = 0; i < layout.metaClusters; i++) {
+      s.fill(0);
+      s.set(metaBytes.subarray(i * C, Math.min((i + 1) * C, metaBytes.byteLength)));
+      this.writeFull(s, C, (layout.metaFirstCluster + i) * C);
+    }
+    const virtualClusters = layout.virtualBytes / C;
+    layout.l2ForL1Index.forEach((l1Index, k) => {
+      s.fill(0);
+      const first = l1Index * ENTRIES_PER_TABLE_CLUSTER;
+      const end = Math.min(first + ENTRIES_PER_TABLE_CLUSTER, virtualClusters);
+      for (let v = first; v < end; v++) {
+        const host = this.hostClusterFor(v, layout, metaVirtCluster);
+        if (host !== 0) writeEntry(s, v - first, tableEntry(host * C));
+      }
+      this.writeFull(s, C, (layout.l2FirstCluster + k) * C);
+    });
+    for (let i = 0; i < layout.l1Clusters; i++) {
+      s.fill(0);
+      layout.l2ForL1Index.forEach((l1Index, k) => {
+        const slot = l1Index - i * ENTRIES_PER_TABLE_CLUSTER;
+        if (slot >= 0 && slot < ENTRIES_PER_TABLE_CLUSTER) writeEntry(s, slot, tableEntry((layout.l2FirstCluster + k) * C));
+      });
+      this.writeFull(s, C, (layout.l1FirstCluster + i) * C);
+    }
+    for (let b = 0; b < layout.refcountBlocks; b++) {
+      fillRefcountBlock(s, b, layout.totalClusters);
+      this.writeFull(s, C, (layout.refcountBlockFirstCluster + b) * C);
+    }
+    for (let i = 0; i < layout.refcountTableClusters; i++) {
+      s.fill(0);
+      for (let slot = 0; slot < ENTRIES_PER_TABLE_CLUSTER; slot++) {
+        const b = i * ENTRIES_PER_TABLE_CLUSTER + slot;
+        if (b >= layout.refcountBlocks) break;
+        writeEntry(s, slot, BigInt((layout.refcountBlockFirstCluster + b) * C));
+      }
+      this.writeFull(s, C, (layout.refcountTableFirstCluster + i) * C);
+    }
+    // Data, metadata and tables durable before the header can say "complete".
+    this.sync();
+    s.fill(0, 0, HEADER_AREA_BYTES);
+    this.encodeHeaderInto(s, layout, metaBytes.byteLength, metaCrc32);
+    this.writeFull(s, HEADER_AREA_BYTES, 0);
+    this.sync();
+    this.finished = true;
+  }
+
+  /** Idempotent. An unfinished image stays marked incomplete. */
+  close(): void {
+    if (this.closed) return;
+    this.closed = true;
+    try {
+      fs.closeSync(this.fd);
+    } catch (err) {
+      throw ioError(`close ${this.path}`, err);
+    }
+  }
+
+  private hostClusterFor(v: number, layout: TailLayout, metaVirtCluster: number): number {
+    if (v >= metaVirtCluster) return layout.metaFirstCluster + (v - metaVirtCluster);
+    return v < this.hostClusterOfVirt.length ? this.hostClusterOfVirt[v] : 0;
+  }
+
+  private encodeHeaderInto(dst: Uint8Array, layout: TailLayout | undefined, metaBytes: number, metaCrc32: number): void {
+    const C = CLUSTER_BYTES;
+    encodeHeader(
+      dst,
+      snapHeader({
+        virtualBytes: layout ? layout.virtualBytes : 0,
+        l1Entries: layout ? layout.l1Entries : 0,
+        l1OffsetBytes: layout ? layout.l1FirstCluster * C : 0,
+        refcountTableOffsetBytes: layout ? layout.refcountTableFirstCluster * C : 0,
+        refcountTableClusters: layout ? layout.refcountTableClusters : 0,
+      }),
+      {
+        formatVersion: FORMAT_VERSION,
+        flags: layout ? SNAP_FLAG_COMPLETE : 0,
+        metaVirtOffsetBytes: layout ? layout.metaVirtOffsetBytes : 0,
+        metaBytes,
+        metaCrc32,
+      },
+    );
+  }
+
+  /** Writes `lengthBytes` from the start of `src` at `positionBytes`, resubmitting short writes. */
+  private writeFull(src: Uint8Array, lengthBytes: number, positionBytes: number): void {
+    assert(lengthBytes % 4096 === 0 && positionBytes % 4096 === 0, 'writeFull: unaligned');
+    let done = 0;
+    // Bounded: each round writes at least one byte or throws.
+    while (done < lengthBytes) {
+      let n: number;
+      try {
+        n = fs.writeSync(this.fd, src, done, lengthBytes - done, positionBytes + done);
+      } catch (err) {
+        throw ioError(`write ${this.path} at byte ${positionBytes + done} (${lengthBytes - done} bytes)`, err);
+      }
+      if (n <= 0) throw new SnapPipeError('IO', `write ${this.path} at byte ${positionBytes + done}: wrote nothing`);
+      done += n;
+    }
+  }
+
+  private sync(): void {
+    try {
+      fs.fdatasyncSync(this.fd);
+    } catch (err) {
+      throw ioError(`fdatasync ${this.path}`, err);
+    }
+  }
+}
