@@ -1,0 +1,99 @@
+// Runs the real bin/snap-pipe (built dist/, real worker threads) as QEMU would: the stream on a stdin pipe.
+import { spawn, spawnSync } from 'node:child_process';
+import { readFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { expect } from 'vitest';
+import { rng, type ModelStream } from './model.js';
+
+export const ROOT = join(import.meta.dirname, '..', '..');
+export const BIN = join(ROOT, 'bin', 'snap-pipe');
+
+export interface RunResult {
+  code: number | null;
+  stdout: string;
+  stderr: string;
+}
+
+/** Feeds `input` to `snap-pipe ARGS` in random-sized pieces (or not at all when undefined: stdin closed at once). */
+export function runCli(args: string[], input?: Uint8Array, seed = 1): Promise<RunResult> {
+  return new Promise((resolve, reject) => {
+    const child = spawn(process.execPath, [BIN, ...args], { stdio: ['pipe', 'pipe', 'pipe'] });
+    let stdout = '';
+    let stderr = '';
+    child.stdout.on('data', (d) => (stdout += d));
+    child.stderr.on('data', (d) => (stderr += d));
+    child.on('error', reject);
+    child.on('close', (code) => resolve({ code, stdout, stderr }));
+    child.stdin.on('error', () => undefined); // snap-pipe may exit before reading everything (error tests)
+    if (!input) {
+      child.stdin.end();
+      return;
+    }
+    const r = rng(seed);
+    let at = 0;
+    const pump = () => {
+      while (at < input.length) {
+        const n = Math.min(input.length - at, 1 + Math.floor(r() * 200000));
+        const ok = child.stdin.write(input.subarray(at, at + n));
+        at += n;
+        if (!ok) {
+          child.stdin.once('drain', pump);
+          return;
+        }
+      }
+      child.stdin.end();
+    };
+    pump();
+  });
+}
+
+export function qemuImg(args: string[]): { code: number | null; out: string } {
+  const r = spawnSync('qemu-img', args, { encoding: 'utf8' });
+  if (r.error) throw new Error(`qemu-img is missing (apt-get install qemu-utils): ${r.error.message}`);
+  return { code: r.status, out: r.stdout + r.stderr };
+}
+
+export interface InfoJson {
+  complete: boolean;
+  blocks?: { id: string; lengthBytes: number; virtOffsetBytes: number; pages: number; dataPages: number; zeroPages: number; unsentPages: number }[];
+  dataPages?: number;
+  zeroPages?: number;
+  resentPages?: number;
+  deviceStateBytes?: number;
+  machineType?: string;
+  sawRamEnd?: boolean;
+}
+
+export async function info(img: string): Promise<InfoJson> {
+  const r = await runCli(['info', img, '--json']);
+  expect(r.code, r.stderr).toBe(0);
+  return JSON.parse(r.stdout) as InfoJson;
+}
+
+/** The image, read by QEMU's own tools, holds exactly the RAM the stream meant, and qemu-img check is clean. */
+export async function expectImageMatches(img: string, m: ModelStream, rawPath: string): Promise<InfoJson> {
+  const check = qemuImg(['check', img]);
+  expect(check.code, check.out).toBe(0);
+  expect(check.out).toMatch(/No errors were found/);
+  const conv = qemuImg(['convert', '-O', 'raw', img, rawPath]);
+  expect(conv.code, conv.out).toBe(0);
+  const raw = readFileSync(rawPath);
+  const inf = await info(img);
+  expect(inf.complete).toBe(true);
+  expect(inf.blocks!.map((b) => [b.id, b.lengthBytes])).toEqual(m.blocks.map((b) => [b.id, b.lengthBytes]));
+  inf.blocks!.forEach((b, i) => {
+    const got = raw.subarray(b.virtOffsetBytes, b.virtOffsetBytes + b.lengthBytes);
+    if (Buffer.compare(got, m.ram[i]) !== 0) {
+      let at = 0;
+      while (got[at] === m.ram[i][at]) at++;
+      throw new Error(`block ${b.id}: first difference at offset ${at} (page ${Math.floor(at / 4096)})`);
+    }
+    const sent = m.sent[i].filter(Boolean).length;
+    const data = m.data[i].filter(Boolean).length;
+    expect(b.dataPages, `${b.id} data pages`).toBe(data);
+    expect(b.zeroPages, `${b.id} zero pages`).toBe(sent - data);
+    expect(b.unsentPages, `${b.id} unsent pages`).toBe(m.sent[i].length - sent);
+  });
+  expect(inf.deviceStateBytes).toBe(m.deviceState.length);
+  return inf;
+}

@@ -1,0 +1,197 @@
+import { describe, expect, it } from 'vitest';
+import { SnapPipeError } from '../../src/errors.js';
+import { InputRing, type ByteInput } from '../../src/ring/input.js';
+import { CTRL, CTRL_INTS } from '../../src/ring/layout.js';
+import { StreamBuilder } from '../../src/stream/builder.js';
+import { StreamParser, type ParsedStream } from '../../src/stream/parser.js';
+import { buildStream, pageContent, rng, sequentialOps, type BlockSpec } from '../helpers/model.js';
+
+/** Hands out the stream in pieces of random size, as a pipe would. */
+function piecewise(bytes: Uint8Array, seed: number, maxPiece = 70000): ByteInput {
+  const r = rng(seed);
+  let at = 0;
+  return {
+    read(dst, off, len) {
+      if (at >= bytes.length) return 0;
+      const n = Math.min(len, bytes.length - at, 1 + Math.floor(r() * maxPiece));
+      dst.set(bytes.subarray(at, at + n), off);
+      at += n;
+      return n;
+    },
+  };
+}
+
+interface Collected {
+  parsed: ParsedStream;
+  ram: Uint8Array[];
+  sent: boolean[][];
+  data: boolean[][];
+}
+
+/** Runs the parser in one thread; the sink copies pages at once, so the ring can be released up to the cursor. */
+function parseAll(bytes: Uint8Array, seed = 1, ringBytes = 65536, maxPiece?: number): Collected {
+  const ctrl = new Int32Array(new SharedArrayBuffer(CTRL_INTS * 4));
+  const ringMem = new Uint8Array(ringBytes);
+  const ring: InputRing = new InputRing(ringMem, ctrl, piecewise(bytes, seed, maxPiece), {
+    flush() {},
+    waitForSpace(cursor) {
+      Atomics.store(ctrl, CTRL.IN_RELEASED, cursor);
+    },
+  });
+  const out: Collected = { parsed: undefined as unknown as ParsedStream, ram: [], sent: [], data: [] };
+  const parser = new StreamParser(ring, {
+    setup(blocks) {
+      out.ram = blocks.map((b) => new Uint8Array(b.lengthBytes));
+      out.sent = blocks.map((b) => new Array<boolean>(b.lengthBytes / 4096).fill(false));
+      out.data = blocks.map((b) => new Array<boolean>(b.lengthBytes / 4096).fill(false));
+    },
+    page(block, page, pos) {
+      out.ram[block].set(ring.copyOut(pos, 4096), page * 4096);
+      out.sent[block][page] = out.data[block][page] = true;
+    },
+    zero(block, page) {
+      out.ram[block].fill(0, page * 4096, page * 4096 + 4096);
+      out.sent[block][page] = true;
+      out.data[block][page] = false;
+    },
+  });
+  out.parsed = parser.parse();
+  return out;
+}
+
+function expectError(fn: () => unknown, code: string, pattern: RegExp): void {
+  let caught: unknown;
+  try {
+    fn();
+  } catch (err) {
+    caught = err;
+  }
+  expect(caught, 'expected an error').toBeInstanceOf(SnapPipeError);
+  expect((caught as SnapPipeError).code).toBe(code);
+  expect((caught as SnapPipeError).message).toMatch(pattern);
+}
+
+const BLOCKS: BlockSpec[] = [
+  { id: 'pc.ram', lengthBytes: 2 << 20 },
+  { id: 'pc.bios', lengthBytes: 256 << 10 },
+  { id: '/rom@etc/acpi/rsdp', lengthBytes: 4096 },
+];
+
+describe('StreamParser', () => {
+  it('reconstructs RAM, block list and verbatim parts from a stream read in random pieces through a wrapping ring', () => {
+    const m = buildStream(BLOCKS, sequentialOps(BLOCKS), { ramEnd: true });
+    for (const seed of [1, 2, 3]) {
+      const c = parseAll(m.bytes, seed, 65536, 9000);
+      expect(c.parsed.blocks).toEqual(BLOCKS);
+      expect(c.parsed.machineType).toBe('pc-i440fx-7.2');
+      expect(c.parsed.sawRamEnd).toBe(true);
+      expect(c.parsed.vmdescPresent).toBe(true);
+      expect(c.parsed.streamBytes).toBe(m.bytes.length);
+      expect(Buffer.compare(c.parsed.deviceState, m.deviceState)).toBe(0);
+      c.ram.forEach((r, i) => expect(Buffer.compare(r, m.ram[i]), `block ${i}`).toBe(0));
+      expect(c.sent).toEqual(m.sent);
+      expect(c.data).toEqual(m.data);
+    }
+  });
+
+  it('keeps the header + configuration and the RAM setup section byte for byte', () => {
+    const m = buildStream(BLOCKS, sequentialOps(BLOCKS));
+    const c = parseAll(m.bytes);
+    const head = new StreamBuilder().header().configuration('pc-i440fx-7.2').build();
+    const setup = new StreamBuilder().ramSetup(2, BLOCKS).build();
+    expect(Buffer.compare(c.parsed.head, head)).toBe(0);
+    expect(Buffer.compare(c.parsed.ramSetup, setup)).toBe(0);
+    expect(Buffer.compare(m.bytes.subarray(0, head.length + setup.length), Buffer.concat([head, setup]))).toBe(0);
+    expect(c.parsed.sawRamEnd).toBe(false);
+  });
+
+  it('lets the last record of a page win, including data later re-sent as zero', () => {
+    const ops = [
+      ...sequentialOps(BLOCKS),
+      { kind: 'page' as const, block: 0, page: 3, seed: 99 },
+      { kind: 'zero' as const, block: 0, page: 5 },
+      { kind: 'page' as const, block: 0, page: 5, seed: 100 },
+      { kind: 'zero' as const, block: 0, page: 1 },
+    ];
+    const m = buildStream(BLOCKS, ops, { perSection: 50 });
+    const c = parseAll(m.bytes);
+    expect(Buffer.compare(c.ram[0].subarray(3 * 4096, 4 * 4096), pageContent(99))).toBe(0);
+    expect(Buffer.compare(c.ram[0].subarray(5 * 4096, 6 * 4096), pageContent(100))).toBe(0);
+    expect(c.ram[0].subarray(4096, 8192).every((b) => b === 0)).toBe(true);
+    expect(c.data[0][1]).toBe(false);
+  });
+
+  it('reads x-ignore-shared block addresses and capability names', () => {
+    const b = new StreamBuilder().header().configuration('pc-q35-7.2', ['x-ignore-shared']);
+    b.ramSetup(5, [{ id: 'pc.ram', lengthBytes: 8192, addr: 0x100000 }]);
+    b.ramPart(5).page('pc.ram', 4096, pageContent(1)).zero('pc.ram', 0).ramEos(5).eof();
+    const c = parseAll(b.build());
+    expect(c.parsed.capabilities).toEqual(['x-ignore-shared']);
+    expect(c.parsed.blocks).toEqual([{ id: 'pc.ram', lengthBytes: 8192, addr: 0x100000 }]);
+    expect(c.parsed.ramSectionId).toBe(5);
+  });
+
+  describe('refuses bad streams with one clear error naming the byte offset', () => {
+    const good = buildStream(BLOCKS, sequentialOps(BLOCKS).slice(0, 300), { ramEnd: true }).bytes;
+
+    it('wrong magic, wrong version, empty', () => {
+      const bad = good.slice();
+      bad[0] = 0x51 + 1;
+      expectError(() => parseAll(bad), 'BAD_STREAM', /not a QEMU migration stream .* at byte 0/);
+      const v2 = good.slice();
+      v2[7] = 2;
+      expectError(() => parseAll(v2), 'UNSUPPORTED', /version 2/);
+      expectError(() => parseAll(new Uint8Array(0)), 'TRUNCATED', /empty/);
+    });
+
+    it('truncated at any point', () => {
+      const r = rng(7);
+      const cuts = [1, 5, 8, 20, 40, 100, 5000, good.length - 1, good.length - 10, good.length - 200];
+      for (let i = 0; i < 40; i++) cuts.push(1 + Math.floor(r() * (good.length - 1)));
+      for (const cut of cuts) {
+        let caught: unknown;
+        try {
+          parseAll(good.subarray(0, cut));
+        } catch (err) {
+          caught = err;
+        }
+        expect(caught, `cut at ${cut}`).toBeInstanceOf(SnapPipeError);
+        expect((caught as SnapPipeError).code, `cut at ${cut}: ${(caught as Error).message}`).toMatch(/TRUNCATED|BAD_STREAM/);
+      }
+    });
+
+    it('unknown section type, non-RAM iterable section, migration command', () => {
+      expectError(() => parseAll(new StreamBuilder().header().configuration('pc').ramSetup(2, BLOCKS).u8(0x42).build()), 'BAD_STREAM', /unknown section type 0x42/);
+      const blk = new StreamBuilder().header().configuration('pc').sectionStart(1, 3, 'block', 0, 1).build();
+      expectError(() => parseAll(blk), 'UNSUPPORTED', /iterable section 'block'/);
+      const cmd = new StreamBuilder().header().configuration('pc').u8(0x08).be16(1).be16(0).build();
+      expectError(() => parseAll(cmd), 'UNSUPPORTED', /postcopy or a return path/);
+    });
+
+    it('unknown or undecodable RAM flags', () => {
+      const mk = (flags: number) =>
+        new StreamBuilder().header().configuration('pc').ramSetup(2, BLOCKS).ramPart(2).be64(4096 + flags).str8('pc.ram').build();
+      expectError(() => parseAll(mk(0x40)), 'UNSUPPORTED', /xbzrle/);
+      expectError(() => parseAll(mk(0x100)), 'UNSUPPORTED', /compress/);
+      expectError(() => parseAll(mk(0x400)), 'BAD_STREAM', /unknown flags 0x400/);
+    });
+
+    it('pages for unknown blocks, beyond a block, or before the setup', () => {
+      const base = () => new StreamBuilder().header().configuration('pc').ramSetup(2, BLOCKS).ramPart(2);
+      expectError(() => parseAll(base().page('nope', 0, pageContent(1)).build()), 'BAD_STREAM', /'nope', which the setup never named/);
+      expectError(() => parseAll(base().page('pc.bios', 256 << 10, pageContent(1)).build()), 'BAD_STREAM', /beyond RAM block 'pc.bios'/);
+      const cont = new StreamBuilder().header().configuration('pc').ramSetup(2, BLOCKS).ramPart(2).be64(0x28).build();
+      expectError(() => parseAll(cont), 'BAD_STREAM', /continues a block but none was named/);
+    });
+
+    it('a RAM setup whose block sizes do not add up', () => {
+      const s = new StreamBuilder().header().configuration('pc').sectionStart(1, 2, 'ram', 0, 4).be64(8192 + 4).str8('a').be64(16384).build();
+      expectError(() => parseAll(s), 'BAD_STREAM', /add up to more than the announced total/);
+    });
+
+    it('device state cut short (no EOF + VM description at the end)', () => {
+      const m = buildStream(BLOCKS, sequentialOps(BLOCKS).slice(0, 10));
+      expectError(() => parseAll(m.bytes.subarray(0, m.bytes.length - 3)), 'TRUNCATED', /cut short/);
+    });
+  });
+});
