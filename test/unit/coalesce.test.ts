@@ -1,0 +1,100 @@
+import { describe, expect, it } from 'vitest';
+import { Coalescer } from '../../src/pipeline/coalesce.js';
+import { BLOCK_F64S, SLOT_BLOCK, SLOT_BYTES, SLOT_CHUNK, SLOT_INTS, SLOT_SEEN_BITS, SLOT_SEEN_COUNT } from '../../src/ring/layout.js';
+import { pageContent } from '../helpers/model.js';
+
+/** A coalescer over real slot memory; published slots are recorded and returned to the free list at once. */
+function setup(slotCount: number, maxOpen: number, blockPages: number[]) {
+  const slots = new Uint8Array(slotCount * SLOT_BYTES);
+  const headers = new Int32Array(slotCount * SLOT_INTS);
+  const free = Array.from({ length: slotCount }, (_, i) => i);
+  const published: { block: number; chunk: number; seen: number[]; bytes: Uint8Array }[] = [];
+  const co = new Coalescer(slots, headers, {
+    acquire: () => {
+      const s = free.shift();
+      if (s === undefined) throw new Error('no free slot: the coalescer holds more than maxOpen');
+      return s;
+    },
+    publish: (s) => {
+      const h = s * SLOT_INTS;
+      const seen: number[] = [];
+      for (let p = 0; p < 256; p++) if (headers[h + SLOT_SEEN_BITS + (p >>> 5)] & (1 << (p & 31))) seen.push(p);
+      expect(seen.length).toBe(headers[h + SLOT_SEEN_COUNT]);
+      published.push({ block: headers[h + SLOT_BLOCK], chunk: headers[h + SLOT_CHUNK], seen, bytes: slots.slice(s * SLOT_BYTES, (s + 1) * SLOT_BYTES) });
+      free.push(s);
+    },
+  }, maxOpen);
+  const table = new Float64Array(blockPages.length * BLOCK_F64S);
+  let vc = 0;
+  blockPages.forEach((pages, b) => {
+    table[b * 2] = pages;
+    table[b * 2 + 1] = vc;
+    vc += Math.ceil(pages / 256);
+  });
+  co.setup(table, blockPages.length);
+  const ring = new Uint8Array(65536);
+  const page = (block: number, p: number, seed: number) => {
+    ring.set(pageContent(seed), 8192);
+    co.page(block, p, ring, 8192, ring.length - 1);
+  };
+  return { co, published, page };
+}
+
+describe('Coalescer', () => {
+  it('publishes a chunk when its last page first arrives, counting zero records sent before it opened', () => {
+    const { co, published, page } = setup(4, 2, [512]);
+    co.zero(0, 0);
+    co.zero(0, 1);
+    for (let p = 2; p < 256; p++) page(0, p, p);
+    expect(published).toHaveLength(1);
+    expect(published[0].chunk).toBe(0);
+    expect(published[0].bytes.subarray(0, 8192).every((b) => b === 0)).toBe(true);
+    expect(Buffer.compare(published[0].bytes.subarray(5 * 4096, 6 * 4096), pageContent(5))).toBe(0);
+    expect(co.counters.partialChunks).toBe(0);
+  });
+
+  it('an all-zero chunk never takes a slot', () => {
+    const { co, published } = setup(4, 2, [256]);
+    for (let p = 0; p < 256; p++) co.zero(0, p);
+    co.finish();
+    expect(published).toHaveLength(0);
+  });
+
+  it('evicts the least recently touched chunk when too many are open, zero-filling pages it does not carry', () => {
+    const { co, published, page } = setup(4, 2, [256 * 4]);
+    page(0, 0, 1); // chunk 0
+    page(0, 256, 2); // chunk 1
+    page(0, 1, 3); // touches chunk 0 again
+    page(0, 512, 4); // chunk 2: evicts chunk 1 (least recently touched)
+    expect(published.map((p) => p.chunk)).toEqual([1]);
+    expect(published[0].seen).toEqual([0]);
+    expect(published[0].bytes.subarray(4096).every((b) => b === 0)).toBe(true);
+    co.finish();
+    expect(published.map((p) => p.chunk).sort()).toEqual([0, 1, 2]);
+    expect(co.counters.partialChunks).toBe(3);
+  });
+
+  it('re-sent pages wait for eviction; a zero re-sent over data is carried so the writer clears it', () => {
+    const { co, published, page } = setup(4, 2, [256]);
+    for (let p = 0; p < 256; p++) page(0, p, p);
+    expect(published).toHaveLength(1);
+    page(0, 7, 1000);
+    co.zero(0, 9);
+    co.zero(0, 10); // was data: must be carried as zeros
+    expect(published).toHaveLength(1); // re-sent pages do not complete the chunk
+    co.finish();
+    expect(published[1].seen).toEqual([7, 9, 10]);
+    expect(Buffer.compare(published[1].bytes.subarray(7 * 4096, 8 * 4096), pageContent(1000))).toBe(0);
+    expect(published[1].bytes.subarray(9 * 4096, 11 * 4096).every((b) => b === 0)).toBe(true);
+    expect(co.counters.resentPages).toBe(3);
+    expect(Array.from(co.data[0].subarray(1, 2))).toEqual([0b11111001 & 0xff]);
+  });
+
+  it('the last chunk of a block completes at the block end', () => {
+    const { published, page } = setup(4, 2, [300]);
+    for (let p = 256; p < 300; p++) page(0, p, p);
+    expect(published).toHaveLength(1);
+    expect(published[0].chunk).toBe(1);
+    expect(published[0].bytes.subarray(44 * 4096).every((b) => b === 0)).toBe(true);
+  });
+});
