@@ -64,6 +64,10 @@ function build() {
   run(join(root, 'node_modules', '.bin', 'tsc'), ['-p', 'tsconfig.json']);
 }
 
+function buildNative() {
+  run(process.execPath, [join(root, 'scripts', 'build-native.mjs')]);
+}
+
 function ensureGuest() {
   const script = join(root, 'scripts', 'guest.sh');
   if (!existsSync(script)) return;
@@ -73,4 +77,5 @@ function ensureGuest() {
 ensureDebianPackages();
 ensureNodeModules();
 build();
+buildNative();
 if (forWhat === 'test' || forWhat === 'demo') ensureGuest();

@@ -1,0 +1,273 @@
+// `snap-pipe save` behind a real QEMU migration (`migrate exec:<repo>/bin/snap-pipe save IMG`), checked with
+// independent tools: qemu-img check / info, qemu-img convert of the pc.ram region compared byte for byte with a
+// pmemsave dump, and snap-pipe info's counters against what QEMU says it sent.
+// Fails (never skips) when QEMU, the guest files (scripts/guest.sh) or the build (dist/cli.js) are missing.
+import { spawnSync } from 'node:child_process';
+import { mkdtempSync, rmSync, statSync } from 'node:fs';
+import { open } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, afterEach, beforeAll, describe, expect, test } from 'vitest';
+import {
+  Guest,
+  guestFiles,
+  qemuImgBinary,
+  qemuSystemBinary,
+  shellQuote,
+  snapPipeBin,
+  type MigrationStatus,
+} from '../../src/qemu/guest.js';
+
+const MiB = 1024 * 1024;
+const pageBytes = 4096;
+const memMiB = 512;
+const fillMiB = 200;
+/** pmemsave reads VGA memory and ROM shadows here, not pc.ram. */
+const legacyWindow: [number, number] = [0xa0000, 0x100000];
+
+interface InfoBlock {
+  id: string;
+  lengthBytes: number;
+  virtOffsetBytes: number;
+  pages: number;
+  dataPages: number;
+  zeroPages: number;
+  unsentPages: number;
+}
+
+interface Info {
+  path: string;
+  complete: boolean;
+  formatVersion: number;
+  machineType: string;
+  fileBytes: number;
+  virtualBytes: number;
+  clusterBytes: number;
+  dataClusters: number;
+  deviceStateBytes: number;
+  blocks: InfoBlock[];
+  dataPages: number;
+  zeroPages: number;
+  resentPages: number;
+  savedAt: string;
+  sawRamEnd: boolean;
+  capabilities: unknown;
+}
+
+function run(cmd: string, args: string[], timeoutMs: number): { stdout: string; stderr: string } {
+  const r = spawnSync(cmd, args, { encoding: 'utf8', timeout: timeoutMs, maxBuffer: 64 * MiB });
+  if (r.error) throw new Error(`${cmd} ${args.join(' ')}: ${r.error.message}`);
+  if (r.status !== 0) {
+    throw new Error(`${cmd} ${args.join(' ')} exited ${r.status ?? r.signal}\n${r.stdout}\n${r.stderr}`.trim());
+  }
+  return { stdout: r.stdout, stderr: r.stderr };
+}
+
+function snapPipeInfo(img: string): Info {
+  const { stdout } = run(process.execPath, [snapPipeBin(), 'info', img, '--json'], 60_000);
+  try {
+    return JSON.parse(stdout) as Info;
+  } catch {
+    throw new Error(`snap-pipe info --json printed no JSON:\n${stdout.slice(0, 2000)}`);
+  }
+}
+
+/** qemu-img check must exit 0 (no corruptions, no leaks). */
+function qemuImgCheck(img: string): string {
+  return run(qemuImgBinary(), ['check', img], 120_000).stdout;
+}
+
+/** Copies [offsetBytes, offsetBytes + lengthBytes) of the image's virtual disk to a raw file, with qemu-img. */
+function extractRegion(img: string, offsetBytes: number, lengthBytes: number, rawPath: string): void {
+  const opts = `driver=raw,offset=${offsetBytes},size=${lengthBytes},file.driver=qcow2,file.file.filename=${img.replace(/,/g, ',,')}`;
+  run(qemuImgBinary(), ['convert', '--image-opts', opts, '-O', 'raw', rawPath], 300_000);
+}
+
+/**
+ * Compares the first lengthBytes of two files, ignoring the byte ranges in `skip`; returns the offset of the
+ * first differing byte, or -1.
+ */
+async function firstDifference(aPath: string, bPath: string, lengthBytes: number, skip: [number, number][]): Promise<number> {
+  const chunkBytes = 4 * MiB;
+  const a = Buffer.alloc(chunkBytes);
+  const b = Buffer.alloc(chunkBytes);
+  const fa = await open(aPath, 'r');
+  const fb = await open(bPath, 'r');
+  try {
+    for (let pos = 0; pos < lengthBytes; pos += chunkBytes) {
+      const n = Math.min(chunkBytes, lengthBytes - pos);
+      const [ra, rb] = await Promise.all([fa.read(a, 0, n, pos), fb.read(b, 0, n, pos)]);
+      if (ra.bytesRead !== n) throw new Error(`${aPath}: short read at ${pos} (${ra.bytesRead} of ${n})`);
+      if (rb.bytesRead !== n) throw new Error(`${bPath}: short read at ${pos} (${rb.bytesRead} of ${n})`);
+      // Zero the skipped ranges in both copies so they compare equal.
+      for (const [s, e] of skip) {
+        const from = Math.max(s, pos) - pos;
+        const to = Math.min(e, pos + n) - pos;
+        if (from < to) {
+          a.fill(0, from, to);
+          b.fill(0, from, to);
+        }
+      }
+      if (Buffer.compare(a.subarray(0, n), b.subarray(0, n)) !== 0) {
+        for (let i = 0; i < n; i++) if (a[i] !== b[i]) return pos + i;
+      }
+    }
+    return -1;
+  } finally {
+    await fa.close();
+    await fb.close();
+  }
+}
+
+/** Each test fails (never skips) on a machine without QEMU, the guest files or the build. */
+function requirePrerequisites(): void {
+  qemuSystemBinary();
+  qemuImgBinary();
+  guestFiles();
+  snapPipeBin();
+}
+
+function saveUri(img: string): string {
+  return `exec:${shellQuote(snapPipeBin())} save ${shellQuote(img)}`;
+}
+
+/** Checks that hold for every complete image of a `pc` guest. */
+function expectCompleteImage(info: Info, img: string, migration: MigrationStatus): void {
+  expect(info.complete).toBe(true);
+  expect(info.clusterBytes).toBe(MiB);
+  expect(info.machineType).toMatch(/^pc-i440fx-/);
+  expect(info.fileBytes).toBe(statSync(img).size);
+  expect(info.deviceStateBytes).toBeGreaterThan(0);
+
+  const ram = info.blocks.find((b) => b.id === 'pc.ram');
+  expect(ram, `blocks: ${info.blocks.map((b) => b.id).join(', ')}`).toBeDefined();
+  expect(ram!.lengthBytes).toBe(memMiB * MiB);
+  for (const id of ['pc.bios', 'pc.rom']) expect(info.blocks.map((b) => b.id)).toContain(id);
+
+  // The block list is what QEMU migrated: same total size.
+  const totalBytes = info.blocks.reduce((sum, b) => sum + b.lengthBytes, 0);
+  expect(totalBytes).toBe(migration.ram?.total);
+
+  for (const b of info.blocks) {
+    expect(b.virtOffsetBytes % MiB, `${b.id} virtOffsetBytes`).toBe(0);
+    expect(b.virtOffsetBytes + b.lengthBytes, `${b.id} end`).toBeLessThanOrEqual(info.virtualBytes);
+    expect(b.pages, `${b.id} pages`).toBe(Math.ceil(b.lengthBytes / pageBytes));
+  }
+  // Blocks do not overlap in the virtual disk.
+  const sorted = [...info.blocks].sort((x, y) => x.virtOffsetBytes - y.virtOffsetBytes);
+  for (let i = 1; i < sorted.length; i++) {
+    expect(sorted[i].virtOffsetBytes, `${sorted[i].id} after ${sorted[i - 1].id}`).toBeGreaterThanOrEqual(
+      sorted[i - 1].virtOffsetBytes + sorted[i - 1].lengthBytes,
+    );
+  }
+  // The guest's random fill is data, never zero pages.
+  expect(ram!.dataPages).toBeGreaterThanOrEqual((fillMiB * MiB) / pageBytes);
+}
+
+describe('snap-pipe save behind a real QEMU migration', () => {
+  let dir: string;
+  let guest: Guest | null = null;
+
+  beforeAll(() => {
+    dir = mkdtempSync(join(tmpdir(), 'snap-pipe-save-e2e-'));
+  });
+
+  afterEach(async () => {
+    await guest?.quit();
+    guest = null;
+  });
+
+  afterAll(async () => {
+    await guest?.quit();
+    if (dir) rmSync(dir, { recursive: true, force: true });
+  });
+
+  test('a stopped 512 MiB guest: the image holds pc.ram byte for byte', async () => {
+    requirePrerequisites();
+    const img = join(dir, 'stopped.qcow2');
+    const dump = join(dir, 'stopped.pmem');
+    const raw = join(dir, 'stopped.pc-ram.raw');
+
+    guest = await Guest.start({ name: 'save-stopped', memMiB, fillMiB });
+    await guest.waitReady(180_000);
+    await guest.stop();
+    await guest.pmemsave(0, memMiB * MiB, dump, 120_000);
+    expect(statSync(dump).size).toBe(memMiB * MiB);
+    await guest.unthrottle();
+
+    const t0 = Date.now();
+    await guest.migrate(saveUri(img));
+    const migration = await guest.waitMigration(180_000);
+    const ms = Date.now() - t0;
+    if (migration.status !== 'completed') {
+      throw guest.failure(`migration to snap-pipe save ${migration.status}: ${migration['error-desc'] ?? '?'}`);
+    }
+    console.log(`save (stopped, ${memMiB} MiB): ${ms} ms, ${((memMiB / ms) * 1000).toFixed(0)} MiB/s of guest RAM`);
+    // QEMU survived and is done with the stream.
+    expect(guest.alive).toBe(true);
+    expect((await guest.queryStatus()).status).toBe('postmigrate');
+    expect((await guest.queryMigrate()).status).toBe('completed');
+
+    qemuImgCheck(img);
+    const qinfo = JSON.parse(run(qemuImgBinary(), ['info', '--output=json', img], 60_000).stdout) as {
+      format: string;
+      'cluster-size': number;
+      'virtual-size': number;
+    };
+    expect(qinfo.format).toBe('qcow2');
+    expect(qinfo['cluster-size']).toBe(MiB);
+
+    const info = snapPipeInfo(img);
+    expectCompleteImage(info, img, migration);
+    expect(qinfo['virtual-size']).toBe(info.virtualBytes);
+    expect(info.sawRamEnd).toBe(true); // plain precopy ends RAM with a ram END section
+    for (const b of info.blocks) expect(b.unsentPages, `${b.id} unsentPages`).toBe(0);
+
+    const ram = info.blocks.find((b) => b.id === 'pc.ram')!;
+    extractRegion(img, ram.virtOffsetBytes, ram.lengthBytes, raw);
+    expect(statSync(raw).size).toBe(ram.lengthBytes);
+    const diff = await firstDifference(dump, raw, ram.lengthBytes, [legacyWindow]);
+    expect(
+      diff,
+      diff < 0 ? '' : `pc.ram differs from pmemsave at 0x${diff.toString(16)} (page 0x${(diff - (diff % pageBytes)).toString(16)})`,
+    ).toBe(-1);
+  }, 420_000);
+
+  test('a background snapshot of a running guest: every page of every block stored exactly once', async () => {
+    requirePrerequisites();
+    const img = join(dir, 'background.qcow2');
+
+    guest = await Guest.start({ name: 'save-background', memMiB, fillMiB });
+    await guest.waitReady(180_000);
+    await guest.unthrottle();
+    await guest.setCapabilities({ 'background-snapshot': true });
+    await guest.waitTick(30_000); // running and writing memory
+
+    const t0 = Date.now();
+    await guest.migrate(saveUri(img));
+    const migration = await guest.waitMigration(180_000);
+    const ms = Date.now() - t0;
+    if (migration.status !== 'completed') {
+      throw guest.failure(`background snapshot to snap-pipe save ${migration.status}: ${migration['error-desc'] ?? '?'}`);
+    }
+    console.log(`save (background, ${memMiB} MiB): ${ms} ms, ${((memMiB / ms) * 1000).toFixed(0)} MiB/s of guest RAM`);
+    // The guest went on running through the snapshot and after it.
+    expect(guest.alive).toBe(true);
+    expect(await guest.queryStatus()).toMatchObject({ status: 'running', running: true });
+    expect((await guest.queryMigrate()).status).toBe('completed');
+    await guest.waitTick(30_000);
+
+    qemuImgCheck(img);
+    const info = snapPipeInfo(img);
+    expectCompleteImage(info, img, migration);
+    for (const b of info.blocks) {
+      expect(b.unsentPages, `${b.id} unsentPages`).toBe(0);
+      expect(b.dataPages + b.zeroPages, `${b.id} dataPages + zeroPages`).toBe(b.pages);
+    }
+    const pages = info.blocks.reduce((sum, b) => sum + b.pages, 0);
+    expect(info.dataPages + info.zeroPages).toBe(pages);
+    expect(info.resentPages).toBe(0);
+    expect(info.sawRamEnd).toBe(false); // a background snapshot sends no ram END section
+    expect(pages).toBe(migration.ram!.normal + migration.ram!.duplicate);
+  }, 420_000);
+});
