@@ -1,0 +1,59 @@
+// Runs the stream parser in one thread over a stream held in memory, fed in random pieces as a pipe would.
+import { InputRing, type ByteInput } from '../../src/ring/input.js';
+import { CTRL, CTRL_INTS } from '../../src/ring/layout.js';
+import { StreamParser, type ParsedStream } from '../../src/stream/parser.js';
+import { rng } from './model.js';
+
+/** Hands out the stream in pieces of random size, as a pipe would. */
+export function piecewise(bytes: Uint8Array, seed: number, maxPiece = 70000): ByteInput {
+  const r = rng(seed);
+  let at = 0;
+  return {
+    read(dst, off, len) {
+      if (at >= bytes.length) return 0;
+      const n = Math.min(len, bytes.length - at, 1 + Math.floor(r() * maxPiece));
+      dst.set(bytes.subarray(at, at + n), off);
+      at += n;
+      return n;
+    },
+  };
+}
+
+export interface Collected {
+  parsed: ParsedStream;
+  ram: Uint8Array[];
+  sent: boolean[][];
+  data: boolean[][];
+}
+
+/** Runs the parser in one thread; the sink copies pages at once, so the ring can be released up to the cursor. */
+export function parseAll(bytes: Uint8Array, seed = 1, ringBytes = 65536, maxPiece?: number): Collected {
+  const ctrl = new Int32Array(new SharedArrayBuffer(CTRL_INTS * 4));
+  const ringMem = new Uint8Array(ringBytes);
+  const ring: InputRing = new InputRing(ringMem, ctrl, piecewise(bytes, seed, maxPiece), {
+    flush() {},
+    waitForSpace(cursor) {
+      Atomics.store(ctrl, CTRL.IN_RELEASED, cursor);
+    },
+  });
+  const out: Collected = { parsed: undefined as unknown as ParsedStream, ram: [], sent: [], data: [] };
+  const parser = new StreamParser(ring, {
+    setup(blocks) {
+      out.ram = blocks.map((b) => new Uint8Array(b.lengthBytes));
+      out.sent = blocks.map((b) => new Array<boolean>(b.lengthBytes / 4096).fill(false));
+      out.data = blocks.map((b) => new Array<boolean>(b.lengthBytes / 4096).fill(false));
+    },
+    page(block, page, pos) {
+      out.ram[block].set(ring.copyOut(pos, 4096), page * 4096);
+      out.sent[block][page] = out.data[block][page] = true;
+    },
+    zero(block, page) {
+      out.ram[block].fill(0, page * 4096, page * 4096 + 4096);
+      out.sent[block][page] = true;
+      out.data[block][page] = false;
+    },
+  });
+  out.parsed = parser.parse();
+  return out;
+}
+
