@@ -4,6 +4,7 @@
 import { writeFileSync } from 'node:fs';
 import { isatty } from 'node:tty';
 import { formatHelp, parseArgs, parseInteger, parseSize, type FlagSpec } from './args.js';
+import { cmdLoad } from './cli-load.js';
 import { SnapPipeError } from './errors.js';
 import { formatBytes, formatInfo, readInfo } from './image/info.js';
 import { DEFAULT_QUEUE_DEPTH, DEFAULT_RING_BYTES, SavePipeline, type SaveReport } from './pipeline/save.js';
@@ -13,7 +14,8 @@ const EXIT_USAGE = 2;
 
 const SAVE_FLAGS: Record<string, FlagSpec> = {
   'ring-size': { kind: 'value', valueName: 'SIZE', help: `memory for 1 MiB chunk slots, caps memory use (default ${DEFAULT_RING_BYTES >> 20}M)` },
-  'queue-depth': { kind: 'value', valueName: 'N', help: `writes kept in flight with io_uring (default ${DEFAULT_QUEUE_DEPTH})` },
+  'queue-depth': { kind: 'value', valueName: 'N', help: `writes kept in flight (default ${DEFAULT_QUEUE_DEPTH})` },
+  io: { kind: 'value', valueName: 'uring|sync', help: 'I/O backend (default: uring where io_uring works, else sync)' },
   'no-direct': { kind: 'bool', help: 'buffered writes, for file systems without O_DIRECT (tmpfs)' },
   force: { kind: 'bool', help: 'overwrite IMG even if it holds a complete image or another file' },
   stats: { kind: 'optional-value', valueName: 'FILE', help: 'at the end, a summary on stderr; with =FILE, JSON to FILE' },
@@ -39,6 +41,7 @@ usage: snap-pipe COMMAND [options]
 
 commands:
   save IMG      store the migration stream read from stdin in IMG (QCOW2, 1 MiB clusters)
+  load IMG      write the migration stream stored in IMG to stdout (for migrate_incoming exec:)
   info IMG      show what IMG holds (--json for JSON)
   help COMMAND  show a command's options
 
@@ -61,7 +64,7 @@ function formatReport(r: SaveReport): string {
   return [
     `snap-pipe save: ${r.path}: ${formatBytes(r.streamBytes)} of stream in ${r.seconds.toFixed(2)}s (${r.streamMBps.toFixed(0)} MB/s)`,
     `  pages: ${r.dataPages} data, ${r.zeroPages} zero, ${r.resentPages} re-sent; ${r.blocks} RAM blocks; device state ${formatBytes(r.deviceStateBytes)}`,
-    `  written: ${formatBytes(r.bytesWritten)} in ${r.writeCalls} writes, ${r.dataClusters} data clusters (${r.rewrittenClusters} rewritten, ${r.partialChunks} partial chunks), file ${formatBytes(r.fileBytes)}${r.direct ? '' : ' (buffered)'}`,
+    `  written: ${formatBytes(r.bytesWritten)} in ${r.writeCalls} writes, ${r.dataClusters} data clusters (${r.rewrittenClusters} rewritten, ${r.partialChunks} partial chunks), file ${formatBytes(r.fileBytes)}, ${r.io} I/O at queue depth ${r.queueDepth}${r.direct ? '' : ', buffered'}`,
     `  ring: ${r.ring.slots} x 1 MiB slots, ${formatBytes(r.ring.inputBytes)} input, up to ${r.ring.maxOpenChunks} open chunks`,
     `  reader:    busy ${ms(s.reader.busyMs)}, waiting on QEMU ${ms(s.reader.upstreamWaitMs)}, on coalescer ${ms(s.reader.downstreamWaitMs)}`,
     `  coalescer: busy ${ms(s.coalescer.busyMs)}, waiting on reader ${ms(s.coalescer.upstreamWaitMs)}, on writer ${ms(s.coalescer.downstreamWaitMs)}`,
@@ -81,10 +84,20 @@ async function cmdSave(argv: string[]): Promise<number> {
     ? parseInteger('save', 'queue-depth', flags.get('queue-depth') as string, 1, 4096)
     : DEFAULT_QUEUE_DEPTH;
   const stats = flags.get('stats');
+  const ioFlag = flags.get('io') ?? 'auto';
+  if (ioFlag !== 'uring' && ioFlag !== 'sync' && ioFlag !== 'auto') usage(`save: --io ${ioFlag}: must be uring or sync`);
   // isatty, not process.stdin: touching process.stdin would put fd 0 in non-blocking mode under the reader.
   if (isatty(0)) usage('save: stdin is a terminal; pipe a QEMU migration stream into it (see snap-pipe save --help)');
 
-  const pipeline = new SavePipeline({ path, ringBytes, queueDepth, direct: !flags.has('no-direct'), force: flags.has('force') });
+  const pipeline = new SavePipeline({
+    path,
+    ringBytes,
+    queueDepth,
+    direct: !flags.has('no-direct'),
+    force: flags.has('force'),
+    io: ioFlag,
+    onNote: (line) => process.stderr.write(`snap-pipe: ${line}\n`),
+  });
   const onSignal = (sig: NodeJS.Signals) => {
     pipeline.abort();
     process.stderr.write(`snap-pipe save: ${sig}: stopped; ${path} is left marked incomplete\n`);
@@ -114,6 +127,7 @@ async function main(argv: string[]): Promise<number> {
   switch (command) {
     case 'save':
       return cmdSave(rest);
+    case 'load': return cmdLoad(rest);
     case 'info':
       return cmdInfo(rest);
     case 'help':

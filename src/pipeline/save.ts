@@ -3,6 +3,7 @@
 import { statSync } from 'node:fs';
 import { deserializeError, SnapPipeError } from '../errors.js';
 import { FORMAT_VERSION, type SnapshotMeta } from '../image/types.js';
+import type { IoBackendName } from '../native/io.js';
 import { CTRL, FAIL_ABORT, FAIL_ERROR, SLOT_BYTES, type SaveRingSizes, type SaveShared } from '../ring/layout.js';
 import { signalFailure } from '../ring/wait.js';
 import { VERSION } from '../version.js';
@@ -24,6 +25,9 @@ export interface SaveOptions {
   queueDepth: number;
   direct: boolean;
   force: boolean;
+  io: IoBackendName | 'auto';
+  /** One line for the user (e.g. why io_uring is not used). */
+  onNote?: (line: string) => void;
 }
 
 export interface StageStats {
@@ -52,6 +56,8 @@ export interface SaveReport {
   deviceStateBytes: number;
   blocks: number;
   direct: boolean;
+  io: IoBackendName;
+  queueDepth: number;
   ring: { ringBytes: number; slots: number; inputBytes: number; maxOpenChunks: number };
   stages: { reader: StageStats; coalescer: StageStats; writer: StageStats };
 }
@@ -100,8 +106,10 @@ export class SavePipeline {
     const writer = startStage<WriterApi>(stageUrl('writer'), 'snap-pipe writer');
     this.stages.push(writer);
     try {
-      const opened = await settle(writer, writer.api.open({ path: this.opts.path, direct: this.opts.direct, force: this.opts.force }));
+      const { path, direct, force, io, queueDepth } = this.opts;
+      const opened = await settle(writer, writer.api.open({ path, direct, force, io, queueDepth }));
       if (!opened.ok) throw deserializeError(opened.error);
+      if (opened.value.note) this.opts.onNote?.(opened.value.note);
       const reader = startStage<ReaderApi>(stageUrl('reader'), 'snap-pipe reader');
       const coalescer = startStage<CoalescerApi>(stageUrl('coalescer'), 'snap-pipe coalescer');
       this.stages.push(reader, coalescer);
@@ -139,6 +147,8 @@ export class SavePipeline {
         deviceStateBytes: rr.parsed.deviceState.length,
         blocks: rr.parsed.blocks.length,
         direct: opened.value.direct,
+        io: wr.io,
+        queueDepth: wr.queueDepth,
         ring: { ringBytes: this.opts.ringBytes, slots: sizes.slotCount, inputBytes: sizes.inputBytes, maxOpenChunks: maxOpen },
         stages: {
           reader: { busyMs: rr.busyMs, upstreamWaitMs: rr.sourceWaitMs, downstreamWaitMs: rr.downstreamWaitMs },

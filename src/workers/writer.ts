@@ -1,11 +1,12 @@
-// Writer stage: takes filled chunk slots from the coalescer and writes them to the image with O_DIRECT
-// (1 MiB per fresh cluster; only the carried pages for a cluster written before), computing each cluster's CRC-32
-// on the way. At the end it writes the metadata and marks the image complete (ImageWriter.finish).
-import { readSync, writeSync } from 'node:fs';
+// Writer stage: takes filled chunk slots from the coalescer and writes them to the image with O_DIRECT through an
+// I/O backend (io_uring, or synchronous writes): 1 MiB per fresh cluster, only the carried pages for a cluster
+// written before, computing each cluster's CRC-32 on the way. At the end it writes the metadata and marks the image complete (ImageWriter.finish).
+import { readSync } from 'node:fs';
 import { crc32 } from 'node:zlib';
 import { ioError } from '../errors.js';
 import { ImageWriter } from '../image/writer.js';
 import { CLUSTER_BYTES, PAGE_BYTES, PAGES_PER_CHUNK, type SnapshotMeta } from '../image/types.js';
+import { openIoBackend, type IoBackend, type IoBackendName } from '../native/io.js';
 import { IntQueueConsumer, IntQueueProducer } from '../ring/queue.js';
 import {
   CTRL,
@@ -24,9 +25,11 @@ export interface WriterResult {
   writeCalls: number;
   clustersWritten: number;
   rewrittenClusters: number;
+  io: IoBackendName;
+  queueDepth: number;
   /** Waiting for filled chunks (the coalescer is behind). */
   upstreamWaitMs: number;
-  /** Time inside write system calls (the disk). */
+  /** Time waiting for write completions (the disk). */
   ioMs: number;
   busyMs: number;
 }
@@ -35,51 +38,81 @@ export interface WriterOpenOptions {
   path: string;
   direct: boolean;
   force: boolean;
+  io: IoBackendName | 'auto';
+  queueDepth: number;
 }
 
 let image: ImageWriter | undefined;
+let io: IoBackend | undefined;
 let views: SaveViews | undefined;
 const crcByVirtCluster = new Map<number, number>();
 const rewritten = new Set<number>();
 
-function writeAll(fd: number, src: Uint8Array, off: number, len: number, pos: number): void {
-  let done = 0;
-  while (done < len) {
-    let n: number;
-    try {
-      n = writeSync(fd, src, off + done, len - done, pos + done);
-    } catch (err) {
-      throw ioError(`writing ${len - done} bytes at offset ${pos + done} of ${image?.path}`, err);
-    }
-    if (n <= 0) throw ioError(`writing at offset ${pos + done} of ${image?.path}`, new Error('no progress'));
-    done += n;
-  }
-}
-
+/**
+ * Writes chunks as they come, keeping up to the backend's queue depth of writes in flight. A slot goes back to the
+ * coalescer only when all its writes have completed (the kernel reads from it until then), and a cluster never has
+ * two writes in flight at once, so a re-sent page cannot race the earlier write of its chunk.
+ */
 function run(shared: SaveShared): WriterResult {
   const t0 = performance.now();
-  if (!image) throw new Error('writer.run before writer.open');
+  if (!image || !io) throw new Error('writer.run before writer.open');
   const img = image;
+  const backend = io;
   const v = (views = saveViews(shared));
   const filled = new IntQueueConsumer(v.ctrl, CTRL.FILL_HEAD, CTRL.FILL_TAIL, v.fillQueue);
   const free = new IntQueueProducer(v.ctrl, CTRL.FREE_HEAD, CTRL.FREE_TAIL, v.freeQueue);
   const h = v.slotHeaders;
+  const slotCount = v.sizes.slotCount;
+  const pendingWrites = new Int32Array(slotCount);
+  const slotCluster = new Int32Array(slotCount);
+  const clusterBusy = new Set<number>();
   let bytesWritten = 0;
   let writeCalls = 0;
   let ioMs = 0;
+
+  const complete = (min: number) => {
+    const t1 = performance.now();
+    const done = backend.reap(min);
+    ioMs += performance.now() - t1;
+    for (let i = 0; i < done.length; i++) {
+      const slot = done[i].tag;
+      bytesWritten += done[i].bytes;
+      unref(slot);
+    }
+  };
+  // A slot's count holds one reference while its writes are being submitted, so completions reaped in between
+  // (the queue was full) cannot hand it back early; the last reference returns it to the coalescer.
+  const unref = (slot: number) => {
+    if (--pendingWrites[slot] === 0) {
+      clusterBusy.delete(slotCluster[slot]);
+      free.push(slot);
+    }
+  };
+  const submit = (slot: number, off: number, len: number, pos: number) => {
+    while (backend.inFlight >= backend.queueDepth) complete(1);
+    backend.write(img.fd, v.slots, off, len, pos, slot);
+    pendingWrites[slot]++;
+    writeCalls++;
+  };
+
   for (;;) {
+    // Never block on the coalescer while writes are in flight: their slots may be what it is waiting for.
+    while (backend.inFlight > 0 && filled.available() === 0) complete(1);
     const slot = filled.pop();
     if (slot === END_OF_CHUNKS) break;
     const base = slot * SLOT_BYTES;
     const hdr = slot * SLOT_INTS;
     const vc = h[hdr + SLOT_VIRT_CLUSTER];
+    while (clusterBusy.has(vc)) complete(1);
     const { hostOffsetBytes, fresh } = img.allocate(vc);
-    const t1 = performance.now();
+    slotCluster[slot] = vc;
+    clusterBusy.add(vc);
+    pendingWrites[slot] = 1;
     if (fresh) {
-      writeAll(img.fd, v.slots, base, CLUSTER_BYTES, hostOffsetBytes);
-      bytesWritten += CLUSTER_BYTES;
-      writeCalls++;
+      crcByVirtCluster.set(vc, crc32(v.slots.subarray(base, base + CLUSTER_BYTES)));
+      submit(slot, base, CLUSTER_BYTES, hostOffsetBytes);
     } else {
+      rewritten.add(vc);
       // Only the pages this publication carries: runs of set bits in the seen mask.
       let run0 = -1;
       for (let p = 0; p <= PAGES_PER_CHUNK; p++) {
@@ -87,24 +120,22 @@ function run(shared: SaveShared): WriterResult {
         if (seen) {
           if (run0 < 0) run0 = p;
         } else if (run0 >= 0) {
-          const len = (p - run0) * PAGE_BYTES;
-          writeAll(img.fd, v.slots, base + run0 * PAGE_BYTES, len, hostOffsetBytes + run0 * PAGE_BYTES);
-          bytesWritten += len;
-          writeCalls++;
+          submit(slot, base + run0 * PAGE_BYTES, (p - run0) * PAGE_BYTES, hostOffsetBytes + run0 * PAGE_BYTES);
           run0 = -1;
         }
       }
     }
-    ioMs += performance.now() - t1;
-    if (fresh) crcByVirtCluster.set(vc, crc32(v.slots.subarray(base, base + CLUSTER_BYTES)));
-    else rewritten.add(vc);
-    free.push(slot);
+    unref(slot);
+    complete(0);
   }
+  while (backend.inFlight > 0) complete(1);
   return {
     bytesWritten,
     writeCalls,
     clustersWritten: img.dataClusters,
     rewrittenClusters: rewritten.size,
+    io: backend.name,
+    queueDepth: backend.queueDepth,
     upstreamWaitMs: filled.waits.ms,
     ioMs,
     busyMs: performance.now() - t0 - filled.waits.ms - free.waits.ms - ioMs,
@@ -135,13 +166,16 @@ function finish(meta: Omit<SnapshotMeta, 'chunkCrc32'>): void {
   });
   image.finish({ ...meta, chunkCrc32 });
   image.close();
+  io?.close();
 }
 
 const api = {
-  open(opts: WriterOpenOptions): Outcome<{ direct: boolean }> {
+  open(opts: WriterOpenOptions): Outcome<{ direct: boolean; io: IoBackendName; note?: string }> {
     return outcome(() => {
+      const opened = openIoBackend({ io: opts.io, queueDepth: opts.queueDepth });
+      io = opened.backend;
       image = ImageWriter.create(opts.path, { direct: opts.direct, force: opts.force });
-      return { direct: image.direct };
+      return { direct: image.direct, io: io.name, note: opened.note };
     });
   },
   run(shared: SaveShared): Outcome<WriterResult> {
@@ -151,6 +185,7 @@ const api = {
     return outcome(() => finish(meta));
   },
   close(): void {
+    io?.close();
     image?.close();
   },
 };

@@ -31,6 +31,7 @@ interface Stats {
   bytesWritten: number;
   dataClusters: number;
   streamBytes: number;
+  io: string;
 }
 
 async function saveAndCheck(name: string, ops: Op[], args: string[] = [], opts: { ramEnd?: boolean; perSection?: number } = {}) {
@@ -78,6 +79,14 @@ describe('snap-pipe save (generated streams, real workers and files)', () => {
     expect(stats.rewrittenClusters).toBeGreaterThan(0);
   });
 
+  it('gives the same image with either I/O backend and any queue depth', async () => {
+    const ops = pulledForward(sequentialOps(BLOCKS, 3), 0.005, 21);
+    for (const args of [['--io', 'sync'], ['--io', 'uring', '--queue-depth', '1'], ['--io=uring', '--queue-depth=64', '--ring-size=8M']]) {
+      const { stats } = await saveAndCheck(`io-${args.join('')}`, ops, args);
+      expect(stats.io).toBe(args.join(' ').includes('uring') ? 'uring' : 'sync');
+    }
+  });
+
   it('works with buffered writes (--no-direct) and a tiny ring', async () => {
     await saveAndCheck('buffered', pulledForward(sequentialOps(BLOCKS, 4), 0.01, 3), ['--no-direct', '--ring-size=4M']);
   });
@@ -94,7 +103,7 @@ describe('snap-pipe save (generated streams, real workers and files)', () => {
 
 describe('snap-pipe save: refusals and failures', () => {
   it('bad flags and arguments exit 2 with one line', async () => {
-    for (const args of [['save'], ['save', 'a', 'b'], ['save', 'x.qcow2', '--bogus'], ['save', 'x.qcow2', '--ring-size', '3M'], ['save', 'x.qcow2', '--ring-size', 'lots'], ['save', 'x.qcow2', '--queue-depth', '0'], ['frobnicate']]) {
+    for (const args of [['save'], ['save', 'a', 'b'], ['save', 'x.qcow2', '--bogus'], ['save', 'x.qcow2', '--ring-size', '3M'], ['save', 'x.qcow2', '--ring-size', 'lots'], ['save', 'x.qcow2', '--queue-depth', '0'], ['save', 'x.qcow2', '--io', 'aio'], ['frobnicate']]) {
       const r = await runCli(args);
       expect(r.code, args.join(' ')).toBe(2);
       expect(r.stderr.trim().split('\n'), args.join(' ')).toHaveLength(1);
