@@ -17,6 +17,7 @@ import {
   snapPipeBin,
   type MigrationStatus,
 } from '../../src/qemu/guest.js';
+import type { ImageInfo } from '../../src/image/info.js';
 
 const MiB = 1024 * 1024;
 const pageBytes = 4096;
@@ -25,34 +26,8 @@ const fillMiB = 200;
 /** pmemsave reads VGA memory and ROM shadows here, not pc.ram. */
 const legacyWindow: [number, number] = [0xa0000, 0x100000];
 
-interface InfoBlock {
-  id: string;
-  lengthBytes: number;
-  virtOffsetBytes: number;
-  pages: number;
-  dataPages: number;
-  zeroPages: number;
-  unsentPages: number;
-}
-
-interface Info {
-  path: string;
-  complete: boolean;
-  formatVersion: number;
-  machineType: string;
-  fileBytes: number;
-  virtualBytes: number;
-  clusterBytes: number;
-  dataClusters: number;
-  deviceStateBytes: number;
-  blocks: InfoBlock[];
-  dataPages: number;
-  zeroPages: number;
-  resentPages: number;
-  savedAt: string;
-  sawRamEnd: boolean;
-  capabilities: unknown;
-}
+/** What `snap-pipe info --json` prints for a complete image: every optional field is there. */
+type Info = Required<ImageInfo>;
 
 function run(cmd: string, args: string[], timeoutMs: number): { stdout: string; stderr: string } {
   const r = spawnSync(cmd, args, { encoding: 'utf8', timeout: timeoutMs, maxBuffer: 64 * MiB });

@@ -3,6 +3,7 @@ import { spawn, spawnSync } from 'node:child_process';
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { expect } from 'vitest';
+import type { ImageInfo } from '../../src/image/info.js';
 import { rng, type ModelStream } from './model.js';
 
 export const ROOT = join(import.meta.dirname, '..', '..');
@@ -53,16 +54,7 @@ export function qemuImg(args: string[]): { code: number | null; out: string } {
   return { code: r.status, out: r.stdout + r.stderr };
 }
 
-export interface InfoJson {
-  complete: boolean;
-  blocks?: { id: string; lengthBytes: number; virtOffsetBytes: number; pages: number; dataPages: number; zeroPages: number; unsentPages: number }[];
-  dataPages?: number;
-  zeroPages?: number;
-  resentPages?: number;
-  deviceStateBytes?: number;
-  machineType?: string;
-  sawRamEnd?: boolean;
-}
+export type InfoJson = ImageInfo;
 
 export async function info(img: string): Promise<InfoJson> {
   const r = await runCli(['info', img, '--json']);

@@ -11,7 +11,7 @@ import { SnapPipeError } from '../../src/errors.js';
 import { formatInfo, readInfo } from '../../src/image/info.js';
 import { encodeMeta } from '../../src/image/metadata.js';
 import { ImageReader } from '../../src/image/reader.js';
-import { CLUSTER_BYTES, FORMAT_VERSION, PAGE_BYTES, type SnapshotMeta } from '../../src/image/types.js';
+import { CLUSTER_BYTES, FORMAT_VERSION, PAGE_BYTES, type RamBlockInfo, type SnapshotMeta } from '../../src/image/types.js';
 import { ImageWriter, layoutBlocks } from '../../src/image/writer.js';
 import { alignedShared } from '../../src/ring/memory.js';
 
@@ -71,7 +71,7 @@ function setBit(bitmap: Uint8Array, i: number): void {
 
 function makeMeta(blocks: { id: string; lengthBytes: number }[], clusterCrc: Map<number, number>): SnapshotMeta {
   const { virtOffsetsBytes } = layoutBlocks(blocks.map((b) => b.lengthBytes));
-  const ramBlocks = blocks.map((b, i) => ({ ...b, virtOffsetBytes: virtOffsetsBytes[i] }));
+  const ramBlocks: RamBlockInfo[] = blocks.map((b, i) => ({ ...b, virtOffsetBytes: virtOffsetsBytes[i] }));
   ramBlocks[1] = { ...ramBlocks[1], addr: 0xfd000000 };
   const pages = ramBlocks.map((b) => {
     const n = b.lengthBytes / PAGE_BYTES;
