@@ -56,7 +56,9 @@ function ensureNodeModules() {
   const marker = join(root, 'node_modules', '.package-lock.json');
   if (existsSync(marker) && !newer(join(root, 'package-lock.json'), marker)) return;
   log('installing npm packages');
-  run('npm', ['ci', '--no-audit', '--no-fund']);
+  // `npm install`, not `npm ci`: npm 11 writes lock files without other platforms' optional packages (rollup's
+  // native builds) and then refuses them in `npm ci`. install follows the lock and leaves it as it is here.
+  run('npm', ['install', '--no-audit', '--no-fund']);
 }
 
 function build() {
