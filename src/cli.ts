@@ -133,6 +133,7 @@ async function main(argv: string[]): Promise<number> {
     case 'help':
       if (rest[0] === 'save') return cmdSave(['--help']);
       if (rest[0] === 'info') return cmdInfo(['--help']);
+      if (rest[0] === 'load') return cmdLoad(['--help']);
       process.stdout.write(MAIN_HELP);
       return 0;
     case '--help':

@@ -1,0 +1,709 @@
+// `snap-pipe load IMG` (precopy): image -> migration stream on `out` (QEMU's exec: pipe), for a destination started
+// with `-incoming defer`. Everything is validated before the first byte goes out; then, in this order:
+//   header + configuration (verbatim), ram START (verbatim),
+//   ZERO records for every page whose last version was zero (no disk reads; ROM-like blocks are pre-filled on the
+//   destination, so a zero page must be cleared explicitly),
+//   PAGE records for every data page, one PART section per 1 MiB cluster, clusters read in host-file order,
+//   the device state (FULL sections, EOF, VM description; verbatim).
+// Pages never sent are not sent. A cluster whose CRC-32 does not match stops the stream before its pages and before
+// the device state, so the destination fails the migration instead of running on bad memory.
+//
+// Runs on the main thread. Cluster reads go through ClusterReads, a subset of src/native/io.ts's IoBackend (read +
+// reap, tagged by slot): the loop keeps up to queueDepth reads outstanding and consumes them in submission order,
+// so the io_uring backend can replace SyncReads without touching the loop.
+
+import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import { crc32 } from 'node:zlib';
+import { SnapPipeError, ioError } from '../errors.js';
+import { chunksOf, pagesOf } from '../image/metadata.js';
+import { ImageReader } from '../image/reader.js';
+import { CLUSTER_BYTES, PAGE_BYTES, PAGES_PER_CHUNK, type SnapshotMeta } from '../image/types.js';
+import { checkDeviceStateEnd } from '../stream/parser.js';
+import { alignedShared } from '../ring/memory.js';
+import {
+  CAP_IGNORE_SHARED,
+  QEVM_MAGIC,
+  QEVM_VERSION,
+  RAM_CONTINUE,
+  RAM_EOS,
+  RAM_IDSTR,
+  RAM_MEM_SIZE,
+  RAM_PAGE,
+  RAM_ZERO,
+  SEC_CONFIGURATION,
+  SEC_EOF,
+  SEC_FOOTER,
+  SEC_FULL,
+  SEC_PART,
+  SEC_START,
+} from '../stream/constants.js';
+
+export const DEFAULT_LOAD_QUEUE_DEPTH = 8;
+export const LOAD_QUEUE_DEPTH_MAX = 256;
+/** Output is assembled here and written with one write call per fill. */
+const OUT_BYTES = 8 << 20;
+/** Bound on ZERO records per PART section (9 bytes each with CONTINUE: ~300 KiB). */
+const ZERO_RECORDS_PER_SECTION = 32768;
+const IDSTR_BYTES_MAX = 255;
+const SECTION_HEAD_BYTES = 5; // type + be32 id
+const SECTION_TAIL_BYTES = 8 + 5; // EOS + footer
+/** A PART section holding one whole cluster of PAGE records, the first naming its block. */
+const DATA_SECTION_BYTES_MAX = SECTION_HEAD_BYTES + 1 + IDSTR_BYTES_MAX + PAGES_PER_CHUNK * (8 + PAGE_BYTES) + SECTION_TAIL_BYTES;
+const ZERO_SECTION_BYTES_MAX = SECTION_HEAD_BYTES + ZERO_RECORDS_PER_SECTION * (8 + 1) + 256 * (1 + IDSTR_BYTES_MAX) + SECTION_TAIL_BYTES;
+/** EAGAIN on a non-blocking stdout: sleep this long between retries, give up after this long without progress. */
+const EAGAIN_SLEEP_MS = 2;
+const EAGAIN_STALL_MS_MAX = 10 * 60_000;
+const TWO_32 = 0x1_0000_0000;
+
+export interface LoadProgress {
+  bytesOut: number;
+  dataPagesOut: number;
+  dataPagesTotal: number;
+}
+
+export interface LoadOptions {
+  path: string;
+  /** File descriptor the stream goes to; 1 under QEMU. */
+  out: number;
+  direct: boolean;
+  verify: boolean;
+  queueDepth: number;
+  /** Called after each flush of the output buffer. */
+  onProgress?: (p: LoadProgress) => void;
+}
+
+export interface LoadReport {
+  path: string;
+  seconds: number;
+  /** Stream bytes written to `out`. */
+  bytesOut: number;
+  outMBps: number;
+  dataPages: number;
+  zeroPages: number;
+  /** Pages never sent by the source: not sent now either. */
+  unsentPages: number;
+  dataClusters: number;
+  bytesRead: number;
+  /** Time spent in cluster reads (submitting and waiting), in CRC checks, and in writes to `out` (a full pipe). */
+  readMs: number;
+  verifyMs: number;
+  writeMs: number;
+  writeCalls: number;
+  ramSections: number;
+  deviceStateBytes: number;
+  blocks: number;
+  direct: boolean;
+  verified: boolean;
+  queueDepth: number;
+  readBackend: string;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Cluster reads
+
+/** One finished read: `tag` as given to read(), `bytes` transferred (short only at end of file). */
+interface ReadCompletion {
+  tag: number;
+  bytes: number;
+}
+
+/** The part of src/native/io.ts's IoBackend the loader needs; an IoBackend satisfies it as is. */
+interface ClusterReads {
+  readonly name: string;
+  readonly inFlight: number;
+  read(fd: number, mem: Uint8Array, off: number, len: number, fileOffsetBytes: number, tag: number): void;
+  /** Waits until at least `min` of the queued reads are done; returns them (the array is reused by the next call). */
+  reap(min: number): ReadCompletion[];
+  close(): void;
+}
+
+/** fs.readSync: a queued read happens when it is reaped, oldest first. */
+class SyncReads implements ClusterReads {
+  readonly name = 'sync';
+  private readonly mem: (Uint8Array | undefined)[];
+  private readonly off: Float64Array;
+  private readonly len: Float64Array;
+  private readonly pos: Float64Array;
+  private readonly tag: Uint32Array;
+  private readonly fds: Int32Array;
+  private head = 0;
+  private count = 0;
+  private readonly out: ReadCompletion[];
+  private readonly done: ReadCompletion[] = [];
+
+  constructor(
+    private readonly depth: number,
+    private readonly path: string,
+    private readonly direct: boolean,
+  ) {
+    this.mem = new Array<Uint8Array | undefined>(depth).fill(undefined);
+    this.off = new Float64Array(depth);
+    this.len = new Float64Array(depth);
+    this.pos = new Float64Array(depth);
+    this.tag = new Uint32Array(depth);
+    this.fds = new Int32Array(depth);
+    this.out = Array.from({ length: depth }, () => ({ tag: 0, bytes: 0 }));
+  }
+
+  get inFlight(): number {
+    return this.count;
+  }
+
+  read(fd: number, mem: Uint8Array, off: number, len: number, fileOffsetBytes: number, tag: number): void {
+    assert(this.count < this.depth, `read: ${this.depth} reads already queued`);
+    if (this.direct) {
+      assert((mem.byteOffset + off) % 4096 === 0 && len % 4096 === 0 && fileOffsetBytes % 4096 === 0, 'read: unaligned O_DIRECT read');
+    }
+    const i = (this.head + this.count) % this.depth;
+    this.fds[i] = fd;
+    this.mem[i] = mem;
+    this.off[i] = off;
+    this.len[i] = len;
+    this.pos[i] = fileOffsetBytes;
+    this.tag[i] = tag;
+    this.count++;
+  }
+
+  reap(min: number): ReadCompletion[] {
+    const n = Math.min(min, this.count);
+    this.done.length = 0;
+    for (let k = 0; k < n; k++) {
+      const i = this.head;
+      const mem = this.mem[i] as Uint8Array;
+      const got = readFully(this.path, this.fds[i], mem, this.off[i], this.len[i], this.pos[i], this.direct);
+      this.mem[i] = undefined;
+      const c = this.out[k];
+      c.tag = this.tag[i];
+      c.bytes = got;
+      this.done.push(c);
+      this.head = (this.head + 1) % this.depth;
+      this.count--;
+    }
+    return this.done;
+  }
+
+  close(): void {
+    this.count = 0;
+    this.mem.fill(undefined);
+  }
+}
+
+/** Reads until `len` bytes or end of file; EINTR/EAGAIN retried by Node; EINVAL under O_DIRECT is NO_DIRECT. */
+function readFully(path: string, fd: number, mem: Uint8Array, off: number, len: number, pos: number, direct: boolean): number {
+  let done = 0;
+  // Bounded: every round reads at least one byte or stops.
+  while (done < len) {
+    let n: number;
+    try {
+      n = fs.readSync(fd, mem, off + done, len - done, pos + done);
+    } catch (err) {
+      if (direct && (err as NodeJS.ErrnoException).code === 'EINVAL') {
+        throw new SnapPipeError('NO_DIRECT', `${path}: the file system refuses O_DIRECT reads; use --no-direct`);
+      }
+      throw ioError(`read ${path}: ${len} bytes at offset ${pos + done}`, err);
+    }
+    if (n === 0) break;
+    done += n;
+    if (direct && done % 4096 !== 0) break; // a short O_DIRECT read is end of file
+  }
+  return done;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Output
+
+const sleepCell = new Int32Array(new SharedArrayBuffer(4));
+
+/** Writes all of buf[0, len) to fd: partial writes advanced, EAGAIN waited out (bounded), EPIPE reported as QEMU gone. */
+function writeAll(fd: number, buf: Uint8Array, len: number): number {
+  let done = 0;
+  let calls = 0;
+  let stalledSince = 0;
+  while (done < len) {
+    let n: number;
+    try {
+      n = fs.writeSync(fd, buf, done, len - done);
+      calls++;
+    } catch (err) {
+      const code = (err as NodeJS.ErrnoException).code;
+      if (code === 'EAGAIN') {
+        const now = performance.now();
+        if (stalledSince === 0) stalledSince = now;
+        else if (now - stalledSince > EAGAIN_STALL_MS_MAX) {
+          throw new SnapPipeError('IO', `writing the stream: the reader took nothing for ${EAGAIN_STALL_MS_MAX / 1000} s`);
+        }
+        Atomics.wait(sleepCell, 0, 0, EAGAIN_SLEEP_MS);
+        continue;
+      }
+      if (code === 'EPIPE' || code === 'ECONNRESET') {
+        throw new SnapPipeError('IO', 'QEMU closed the stream before it was complete (EPIPE); the incoming migration failed on its side');
+      }
+      throw ioError('writing the stream to stdout', err);
+    }
+    stalledSince = 0;
+    done += n;
+  }
+  return calls;
+}
+
+/** Stream encoder over one buffer allocated at start; flushes to `fd` when the next section might not fit. */
+class StreamOut {
+  private readonly buf = new Uint8Array(OUT_BYTES);
+  private len = 0;
+  /** End of the last complete section or verbatim part in buf. */
+  private sectionEnd = 0;
+  /** A write to fd failed (the reader is gone): nothing more is written. */
+  private broken = false;
+  private lastBlock = -1;
+  bytesOut = 0;
+  writeCalls = 0;
+  writeMs = 0;
+  sections = 0;
+
+  constructor(
+    private readonly fd: number,
+    private readonly idstrs: Uint8Array[],
+    private readonly sectionId: number,
+    private readonly onFlush: () => void,
+  ) {}
+
+  /** Makes room for n bytes (flushing if needed). */
+  room(n: number): void {
+    if (this.len + n > this.buf.length) this.flush();
+  }
+
+  /** Best effort after a failure: what is buffered is whole, verified sections (the record in progress is dropped). */
+  flushAfterFailure(): void {
+    if (this.broken) return;
+    this.len = this.sectionEnd;
+    try {
+      this.flush();
+    } catch {
+      // the failure being reported matters more
+    }
+  }
+
+  flush(): void {
+    if (this.len === 0) return;
+    const t0 = performance.now();
+    this.broken = true; // until the write succeeds
+    this.writeCalls += writeAll(this.fd, this.buf, this.len);
+    this.broken = false;
+    this.writeMs += performance.now() - t0;
+    this.bytesOut += this.len;
+    this.len = 0;
+    this.sectionEnd = 0;
+    this.onFlush();
+  }
+
+  /** Verbatim bytes of any size (head, RAM setup, device state). */
+  raw(b: Uint8Array): void {
+    let at = 0;
+    while (at < b.length) {
+      if (this.len === this.buf.length) this.flush();
+      const n = Math.min(b.length - at, this.buf.length - this.len);
+      this.buf.set(b.subarray(at, at + n), this.len);
+      this.len += n;
+      at += n;
+    }
+    this.sectionEnd = this.len;
+  }
+
+  private u8(v: number): void {
+    this.buf[this.len++] = v;
+  }
+
+  private be32(v: number): void {
+    const b = this.buf;
+    let i = this.len;
+    b[i++] = v >>> 24;
+    b[i++] = (v >>> 16) & 0xff;
+    b[i++] = (v >>> 8) & 0xff;
+    b[i++] = v & 0xff;
+    this.len = i;
+  }
+
+  private be64(v: number): void {
+    this.be32(Math.floor(v / TWO_32));
+    this.be32(v >>> 0);
+  }
+
+  /** PART header. Each section names its first block (the destination would also accept CONTINUE across sections). */
+  partStart(): void {
+    this.u8(SEC_PART);
+    this.be32(this.sectionId);
+    this.lastBlock = -1;
+  }
+
+  partEnd(): void {
+    this.be64(RAM_EOS);
+    this.u8(SEC_FOOTER);
+    this.be32(this.sectionId);
+    this.sections++;
+    this.sectionEnd = this.len;
+  }
+
+  private recordHeader(block: number, offsetBytes: number, flags: number): void {
+    if (block === this.lastBlock) {
+      this.be64(offsetBytes + flags + RAM_CONTINUE);
+      return;
+    }
+    this.be64(offsetBytes + flags);
+    const id = this.idstrs[block];
+    this.u8(id.length);
+    this.buf.set(id, this.len);
+    this.len += id.length;
+    this.lastBlock = block;
+  }
+
+  zero(block: number, offsetBytes: number): void {
+    this.recordHeader(block, offsetBytes, RAM_ZERO);
+    this.u8(0);
+  }
+
+  page(block: number, offsetBytes: number, src: Uint8Array, srcOff: number): void {
+    this.recordHeader(block, offsetBytes, RAM_PAGE);
+    this.buf.set(src.subarray(srcOff, srcOff + PAGE_BYTES), this.len);
+    this.len += PAGE_BYTES;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Validation (before any output)
+
+function damaged(path: string, what: string): SnapPipeError {
+  return new SnapPipeError('BAD_IMAGE', `${path}: metadata damaged: ${what}`);
+}
+
+/** Big-endian cursor over a verbatim stream part; running off the end is `fail`. */
+class Cursor {
+  at = 0;
+  constructor(
+    private readonly b: Uint8Array,
+    private readonly fail: (what: string) => SnapPipeError,
+  ) {}
+  need(n: number, what: string): void {
+    if (this.at + n > this.b.length) throw this.fail(`${what} runs past the end`);
+  }
+  u8(what: string): number {
+    this.need(1, what);
+    return this.b[this.at++];
+  }
+  be32(what: string): number {
+    this.need(4, what);
+    const b = this.b;
+    const v = ((b[this.at] << 24) | (b[this.at + 1] << 16) | (b[this.at + 2] << 8) | b[this.at + 3]) >>> 0;
+    this.at += 4;
+    return v;
+  }
+  be64(what: string): number {
+    const hi = this.be32(what);
+    return hi * TWO_32 + this.be32(what);
+  }
+  str8(what: string): string {
+    const n = this.u8(what);
+    this.need(n, what);
+    const s = new TextDecoder('latin1').decode(this.b.subarray(this.at, this.at + n));
+    this.at += n;
+    return s;
+  }
+  get rest(): number {
+    return this.b.length - this.at;
+  }
+}
+
+/** The verbatim parts must be what the stream needs around the pages: a header, the RAM setup for these blocks, an end. */
+function checkStreamParts(path: string, meta: SnapshotMeta): void {
+  const bad = (what: string) => damaged(path, what);
+  if (meta.blocks.length === 0) throw bad('no RAM blocks');
+  if (meta.blocks.length > 4096) throw bad(`${meta.blocks.length} RAM blocks`);
+
+  const h = new Cursor(meta.head, (w) => bad(`stream header: ${w}`));
+  if (h.be32('magic') !== QEVM_MAGIC || h.be32('version') !== QEVM_VERSION) throw bad('stream header is not QEVM version 3');
+  if (h.rest > 0 && h.u8('configuration') !== SEC_CONFIGURATION) throw bad('stream header: unexpected bytes after the file header');
+
+  // ram START: header, MEM_SIZE + block list matching the block table, EOS, footer.
+  const id = meta.ramSectionId;
+  const s = new Cursor(meta.ramSetup, (w) => bad(`RAM setup section: ${w}`));
+  if (s.u8('section type') !== SEC_START || s.be32('section id') !== id || s.str8('section name') !== RAM_IDSTR) {
+    throw bad(`RAM setup section is not a ram START section with id ${id}`);
+  }
+  s.be32('instance id');
+  if (s.be32('version id') !== meta.ramVersionId) throw bad('RAM setup section version differs from the block table');
+  const sizeRecord = s.be64('MEM_SIZE record');
+  if ((sizeRecord % 4096) !== RAM_MEM_SIZE) throw bad('RAM setup section does not start with MEM_SIZE');
+  const totalBytes = sizeRecord - RAM_MEM_SIZE;
+  const ignoreShared = meta.capabilities.includes(CAP_IGNORE_SHARED);
+  let sum = 0;
+  for (const b of meta.blocks) {
+    const name = s.str8('block name');
+    const lengthBytes = s.be64('block length');
+    const addr = ignoreShared ? s.be64('block address') : undefined;
+    if (name !== b.id || lengthBytes !== b.lengthBytes || addr !== b.addr) {
+      throw bad(`RAM setup section names ${name} (${lengthBytes} bytes) where the block table has ${b.id} (${b.lengthBytes} bytes)`);
+    }
+    if (b.id.length > IDSTR_BYTES_MAX) throw bad(`block name of ${b.id.length} bytes`);
+    sum += lengthBytes;
+  }
+  if (sum !== totalBytes) throw bad(`RAM setup announces ${totalBytes} bytes, the blocks add up to ${sum}`);
+  if (s.be64('EOS') !== RAM_EOS || s.u8('footer') !== SEC_FOOTER || s.be32('footer id') !== id || s.rest !== 0) {
+    throw bad('RAM setup section does not end with EOS and its footer');
+  }
+
+  const dev = meta.deviceState;
+  if (dev.length === 0 || (dev[0] !== SEC_FULL && dev[0] !== SEC_EOF)) throw bad('device state does not start with a device section or EOF');
+  try {
+    checkDeviceStateEnd(dev, 0);
+  } catch (err) {
+    if (err instanceof SnapPipeError) throw bad('device state does not end with EOF (and a VM description)');
+    throw err;
+  }
+}
+
+/** A cluster to send: where it lies in the file and which block chunk it holds. */
+interface DataChunk {
+  hostOffsetBytes: number;
+  block: number;
+  chunk: number;
+  pages: number;
+}
+
+function popcount8(x: number): number {
+  x = x - ((x >> 1) & 0x55);
+  x = (x & 0x33) + ((x >> 2) & 0x33);
+  return (x + (x >> 4)) & 0x0f;
+}
+
+/** Bits of page i's byte that are valid pages of the block (the last byte may be partial). */
+function validMask(byteIndex: number, pages: number): number {
+  const rest = pages - byteIndex * 8;
+  return rest >= 8 ? 0xff : (1 << rest) - 1;
+}
+
+interface Plan {
+  chunks: DataChunk[];
+  dataPages: number;
+  zeroPages: number;
+  unsentPages: number;
+}
+
+/** Every chunk with data pages must have a cluster; sorted by host offset so the file is read front to back. */
+function planReads(path: string, reader: ImageReader, meta: SnapshotMeta): Plan {
+  const chunks: DataChunk[] = [];
+  let dataPages = 0;
+  let zeroPages = 0;
+  let unsentPages = 0;
+  meta.blocks.forEach((b, bi) => {
+    const pages = pagesOf(b);
+    const { sent, data } = meta.pages[bi];
+    const chunkCount = chunksOf(b);
+    for (let c = 0; c < chunkCount; c++) {
+      let n = 0;
+      const first = (c * PAGES_PER_CHUNK) / 8;
+      const last = Math.ceil(Math.min((c + 1) * PAGES_PER_CHUNK, pages) / 8);
+      for (let i = first; i < last; i++) {
+        const m = validMask(i, pages);
+        const d = sent[i] & data[i] & m;
+        n += popcount8(d);
+        zeroPages += popcount8(sent[i] & ~data[i] & m);
+        unsentPages += popcount8(~sent[i] & m);
+      }
+      if (n === 0) continue;
+      dataPages += n;
+      const host = reader.hostOffsetOf(b.virtOffsetBytes / CLUSTER_BYTES + c);
+      if (host === undefined) {
+        throw damaged(path, `block ${b.id} chunk ${c} has ${n} data pages but no cluster in the image`);
+      }
+      chunks.push({ hostOffsetBytes: host, block: bi, chunk: c, pages: n });
+    }
+  });
+  chunks.sort((x, y) => x.hostOffsetBytes - y.hostOffsetBytes);
+  for (let i = 1; i < chunks.length; i++) {
+    if (chunks[i].hostOffsetBytes === chunks[i - 1].hostOffsetBytes) {
+      throw damaged(path, `two chunks share the cluster at byte ${chunks[i].hostOffsetBytes}`);
+    }
+  }
+  return { chunks, dataPages, zeroPages, unsentPages };
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// The load
+
+export async function runLoad(opts: LoadOptions): Promise<LoadReport> {
+  const t0 = performance.now();
+  const { path } = opts;
+  assert(Number.isInteger(opts.queueDepth) && opts.queueDepth >= 1 && opts.queueDepth <= LOAD_QUEUE_DEPTH_MAX, 'runLoad: queueDepth');
+  const reader = ImageReader.open(path, { direct: opts.direct });
+  let fd = -1;
+  let reads: ClusterReads | undefined;
+  try {
+    const meta = reader.meta;
+    assert(meta, 'a complete image has metadata');
+    checkStreamParts(path, meta);
+    const plan = planReads(path, reader, meta);
+    try {
+      fd = fs.openSync(path, fs.constants.O_RDONLY | (opts.direct ? fs.constants.O_DIRECT : 0));
+    } catch (err) {
+      throw ioError(`open ${path}${opts.direct ? ' with O_DIRECT' : ''}`, err);
+    }
+    const depth = Math.max(1, Math.min(opts.queueDepth, plan.chunks.length));
+    const slots = new Uint8Array(alignedShared(depth * CLUSTER_BYTES), 0, depth * CLUSTER_BYTES);
+    reads = new SyncReads(depth, path, opts.direct);
+
+    // Block names were decoded as latin1 from the stream: encode them back the same way.
+    const idstrs = meta.blocks.map((b) => new Uint8Array(Buffer.from(b.id, 'latin1')));
+    let dataPagesOut = 0;
+    const out = new StreamOut(opts.out, idstrs, meta.ramSectionId, () =>
+      opts.onProgress?.({ bytesOut: out.bytesOut, dataPagesOut, dataPagesTotal: plan.dataPages }),
+    );
+
+    // Data clusters: up to `depth` reads outstanding, consumed in submission order (chunk i uses slot i % depth).
+    const chunks = plan.chunks;
+    const doneSlot = new Uint8Array(depth);
+    const gotBytes = new Float64Array(depth);
+    let submitted = 0;
+    let bytesRead = 0;
+    let readMs = 0;
+    let verifyMs = 0;
+    // Nothing has been written so far: every refusal above left `out` untouched.
+    try {
+      out.raw(meta.head);
+      out.raw(meta.ramSetup);
+      emitZeroPages(out, meta);
+
+      for (let next = 0; next < chunks.length; ) {
+        const t1 = performance.now();
+        while (submitted < chunks.length && submitted - next < depth) {
+          const slot = submitted % depth;
+          reads.read(fd, slots, slot * CLUSTER_BYTES, CLUSTER_BYTES, chunks[submitted].hostOffsetBytes, slot);
+          submitted++;
+        }
+        const slot = next % depth;
+        // Bounded: each reap returns at least one of the reads in flight, and the one we want is among them.
+        while (doneSlot[slot] === 0) {
+          assert(reads.inFlight > 0, 'waiting for a read that was never queued');
+          for (const c of reads.reap(1)) {
+            doneSlot[c.tag] = 1;
+            gotBytes[c.tag] = c.bytes;
+          }
+        }
+        readMs += performance.now() - t1;
+        doneSlot[slot] = 0;
+        const ch = chunks[next];
+        const block = meta.blocks[ch.block];
+        if (gotBytes[slot] !== CLUSTER_BYTES) {
+          throw new SnapPipeError('TRUNCATED', `${path}: the file ends inside the cluster at byte ${ch.hostOffsetBytes} (truncated image)`);
+        }
+        bytesRead += CLUSTER_BYTES;
+        const cluster = slots.subarray(slot * CLUSTER_BYTES, (slot + 1) * CLUSTER_BYTES);
+        if (opts.verify) {
+          const t2 = performance.now();
+          const got = crc32(cluster) >>> 0;
+          const want = meta.chunkCrc32[ch.block][ch.chunk] >>> 0;
+          verifyMs += performance.now() - t2;
+          if (got !== want) {
+            throw new SnapPipeError(
+              'CHECKSUM',
+              `${path}: block ${block.id} offset 0x${(ch.chunk * CLUSTER_BYTES).toString(16)} (1 MiB chunk ${ch.chunk}): ` +
+                `checksum mismatch (stored 0x${want.toString(16).padStart(8, '0')}, read 0x${got.toString(16).padStart(8, '0')}, ` +
+                `cluster at byte ${ch.hostOffsetBytes}); stream stopped before this chunk and the device state, so the destination ` +
+                `fails the migration (--no-verify sends it anyway)`,
+            );
+          }
+        }
+        out.room(DATA_SECTION_BYTES_MAX);
+        out.partStart();
+        dataPagesOut += emitChunkPages(out, meta, ch, cluster);
+        out.partEnd();
+        next++;
+      }
+      assert.equal(dataPagesOut, plan.dataPages, 'every data page sent once');
+
+      out.raw(meta.deviceState);
+      out.flush();
+    } catch (err) {
+      // Send the sections already complete (all verified) before failing: QEMU 7.2 only starts an exec: incoming
+      // migration when the pipe becomes readable, and a pipe closed with nothing in it is never readable (HUP
+      // only), so with no bytes at all QEMU would wait forever instead of failing the migration.
+      out.flushAfterFailure();
+      throw err;
+    }
+    const seconds = (performance.now() - t0) / 1000;
+    return {
+      path,
+      seconds,
+      bytesOut: out.bytesOut,
+      outMBps: out.bytesOut / 1e6 / seconds,
+      dataPages: plan.dataPages,
+      zeroPages: plan.zeroPages,
+      unsentPages: plan.unsentPages,
+      dataClusters: chunks.length,
+      bytesRead,
+      readMs,
+      verifyMs,
+      writeMs: out.writeMs,
+      writeCalls: out.writeCalls,
+      ramSections: out.sections,
+      deviceStateBytes: meta.deviceState.length,
+      blocks: meta.blocks.length,
+      direct: opts.direct,
+      verified: opts.verify,
+      queueDepth: depth,
+      readBackend: reads.name,
+    };
+  } finally {
+    reads?.close();
+    if (fd >= 0) fs.closeSync(fd);
+    reader.close();
+  }
+}
+
+/** ZERO records for every page whose last version was zero, in block order, in PART sections of bounded size. */
+function emitZeroPages(out: StreamOut, meta: SnapshotMeta): void {
+  let inSection = 0;
+  meta.blocks.forEach((b, bi) => {
+    const pages = pagesOf(b);
+    const { sent, data } = meta.pages[bi];
+    const bytes = Math.ceil(pages / 8);
+    for (let i = 0; i < bytes; i++) {
+      let z = sent[i] & ~data[i] & validMask(i, pages);
+      // Bounded by the 8 bits of z.
+      while (z !== 0) {
+        const bit = 31 - Math.clz32(z & -z);
+        z &= z - 1;
+        if (inSection === 0) {
+          out.room(ZERO_SECTION_BYTES_MAX);
+          out.partStart();
+        }
+        out.zero(bi, (i * 8 + bit) * PAGE_BYTES);
+        if (++inSection === ZERO_RECORDS_PER_SECTION) {
+          out.partEnd();
+          inSection = 0;
+        }
+      }
+    }
+  });
+  if (inSection > 0) out.partEnd();
+}
+
+/** PAGE records for the chunk's data pages, from the cluster just read; returns how many. */
+function emitChunkPages(out: StreamOut, meta: SnapshotMeta, ch: DataChunk, cluster: Uint8Array): number {
+  const b = meta.blocks[ch.block];
+  const pages = pagesOf(b);
+  const { sent, data } = meta.pages[ch.block];
+  const firstPage = ch.chunk * PAGES_PER_CHUNK;
+  const lastByte = Math.ceil(Math.min(firstPage + PAGES_PER_CHUNK, pages) / 8);
+  let n = 0;
+  for (let i = firstPage / 8; i < lastByte; i++) {
+    let d = sent[i] & data[i] & validMask(i, pages);
+    while (d !== 0) {
+      const bit = 31 - Math.clz32(d & -d);
+      d &= d - 1;
+      const page = i * 8 + bit;
+      out.page(ch.block, page * PAGE_BYTES, cluster, (page - firstPage) * PAGE_BYTES);
+      n++;
+    }
+  }
+  return n;
+}
