@@ -4,59 +4,20 @@
 // guest, restored and running.
 // Fails (never skips) when QEMU, the guest files (scripts/guest.sh) or the build (dist/cli.js) are missing.
 import { closeSync, copyFileSync, mkdtempSync, openSync, readFileSync, readSync, rmSync, statSync, writeSync } from 'node:fs';
-import { open } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, test } from 'vitest';
 import { ImageReader } from '../../src/image/reader.js';
-import { Guest, delayMs, guestFiles, qemuImgBinary, qemuSystemBinary, shellQuote, snapPipeBin } from '../../src/qemu/guest.js';
+import { Guest, delayMs, guestFiles, qemuImgBinary, qemuSystemBinary, snapPipeBin } from '../../src/qemu/guest.js';
+import { firstDifference, LEGACY_WINDOW, saveUri, loadUri } from '../helpers/e2e.js';
 
 const MiB = 1024 * 1024;
 const pageBytes = 4096;
 const memMiB = 512;
 const fillMiB = 150;
-/** pmemsave reads VGA memory and ROM shadows here, not pc.ram. */
-const legacyWindow: [number, number] = [0xa0000, 0x100000];
 
-/** First differing byte of two files over [0, lengthBytes), ignoring the ranges in `skip`; -1 if none. */
-async function firstDifference(aPath: string, bPath: string, lengthBytes: number, skip: [number, number][]): Promise<number> {
-  const chunkBytes = 4 * MiB;
-  const a = Buffer.alloc(chunkBytes);
-  const b = Buffer.alloc(chunkBytes);
-  const fa = await open(aPath, 'r');
-  const fb = await open(bPath, 'r');
-  try {
-    for (let pos = 0; pos < lengthBytes; pos += chunkBytes) {
-      const n = Math.min(chunkBytes, lengthBytes - pos);
-      const [ra, rb] = await Promise.all([fa.read(a, 0, n, pos), fb.read(b, 0, n, pos)]);
-      if (ra.bytesRead !== n) throw new Error(`${aPath}: short read at ${pos} (${ra.bytesRead} of ${n})`);
-      if (rb.bytesRead !== n) throw new Error(`${bPath}: short read at ${pos} (${rb.bytesRead} of ${n})`);
-      for (const [s, e] of skip) {
-        const from = Math.max(s, pos) - pos;
-        const to = Math.min(e, pos + n) - pos;
-        if (from < to) {
-          a.fill(0, from, to);
-          b.fill(0, from, to);
-        }
-      }
-      if (Buffer.compare(a.subarray(0, n), b.subarray(0, n)) !== 0) {
-        for (let i = 0; i < n; i++) if (a[i] !== b[i]) return pos + i;
-      }
-    }
-    return -1;
-  } finally {
-    await fa.close();
-    await fb.close();
-  }
-}
 
-function saveUri(img: string): string {
-  return `exec:${shellQuote(snapPipeBin())} save ${shellQuote(img)}`;
-}
 
-function loadUri(img: string, args: string[] = []): string {
-  return `exec:${[snapPipeBin(), 'load', img, ...args].map(shellQuote).join(' ')}`;
-}
 
 /** Saves `g` to `img` with `migrate exec:snap-pipe save`; returns the milliseconds it took. */
 async function saveGuest(g: Guest, img: string): Promise<number> {
@@ -144,7 +105,7 @@ describe('snap-pipe load behind a real QEMU incoming migration', () => {
     );
 
     await dest.pmemsave(0, memMiB * MiB, after, 120_000);
-    const diff = await firstDifference(before, after, memMiB * MiB, [legacyWindow]);
+    const diff = await firstDifference(before, after, memMiB * MiB, [LEGACY_WINDOW]);
     expect(
       diff,
       diff < 0 ? '' : `restored RAM differs from the saved guest at 0x${diff.toString(16)} (page 0x${(diff - (diff % pageBytes)).toString(16)})`,

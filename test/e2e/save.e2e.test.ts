@@ -4,7 +4,6 @@
 // Fails (never skips) when QEMU, the guest files (scripts/guest.sh) or the build (dist/cli.js) are missing.
 import { spawnSync } from 'node:child_process';
 import { mkdtempSync, rmSync, statSync } from 'node:fs';
-import { open } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, test } from 'vitest';
@@ -13,18 +12,16 @@ import {
   guestFiles,
   qemuImgBinary,
   qemuSystemBinary,
-  shellQuote,
   snapPipeBin,
   type MigrationStatus,
 } from '../../src/qemu/guest.js';
 import type { ImageInfo } from '../../src/image/info.js';
+import { firstDifference, LEGACY_WINDOW, saveUri } from '../helpers/e2e.js';
 
 const MiB = 1024 * 1024;
 const pageBytes = 4096;
 const memMiB = 512;
 const fillMiB = 200;
-/** pmemsave reads VGA memory and ROM shadows here, not pc.ram. */
-const legacyWindow: [number, number] = [0xa0000, 0x100000];
 
 /** What `snap-pipe info --json` prints for a complete image: every optional field is there. */
 type Info = Required<ImageInfo>;
@@ -58,41 +55,6 @@ function extractRegion(img: string, offsetBytes: number, lengthBytes: number, ra
   run(qemuImgBinary(), ['convert', '--image-opts', opts, '-O', 'raw', rawPath], 300_000);
 }
 
-/**
- * Compares the first lengthBytes of two files, ignoring the byte ranges in `skip`; returns the offset of the
- * first differing byte, or -1.
- */
-async function firstDifference(aPath: string, bPath: string, lengthBytes: number, skip: [number, number][]): Promise<number> {
-  const chunkBytes = 4 * MiB;
-  const a = Buffer.alloc(chunkBytes);
-  const b = Buffer.alloc(chunkBytes);
-  const fa = await open(aPath, 'r');
-  const fb = await open(bPath, 'r');
-  try {
-    for (let pos = 0; pos < lengthBytes; pos += chunkBytes) {
-      const n = Math.min(chunkBytes, lengthBytes - pos);
-      const [ra, rb] = await Promise.all([fa.read(a, 0, n, pos), fb.read(b, 0, n, pos)]);
-      if (ra.bytesRead !== n) throw new Error(`${aPath}: short read at ${pos} (${ra.bytesRead} of ${n})`);
-      if (rb.bytesRead !== n) throw new Error(`${bPath}: short read at ${pos} (${rb.bytesRead} of ${n})`);
-      // Zero the skipped ranges in both copies so they compare equal.
-      for (const [s, e] of skip) {
-        const from = Math.max(s, pos) - pos;
-        const to = Math.min(e, pos + n) - pos;
-        if (from < to) {
-          a.fill(0, from, to);
-          b.fill(0, from, to);
-        }
-      }
-      if (Buffer.compare(a.subarray(0, n), b.subarray(0, n)) !== 0) {
-        for (let i = 0; i < n; i++) if (a[i] !== b[i]) return pos + i;
-      }
-    }
-    return -1;
-  } finally {
-    await fa.close();
-    await fb.close();
-  }
-}
 
 /** Each test fails (never skips) on a machine without QEMU, the guest files or the build. */
 function requirePrerequisites(): void {
@@ -102,9 +64,6 @@ function requirePrerequisites(): void {
   snapPipeBin();
 }
 
-function saveUri(img: string): string {
-  return `exec:${shellQuote(snapPipeBin())} save ${shellQuote(img)}`;
-}
 
 /** Checks that hold for every complete image of a `pc` guest. */
 function expectCompleteImage(info: Info, img: string, migration: MigrationStatus): void {
@@ -201,7 +160,7 @@ describe('snap-pipe save behind a real QEMU migration', () => {
     const ram = info.blocks.find((b) => b.id === 'pc.ram')!;
     extractRegion(img, ram.virtOffsetBytes, ram.lengthBytes, raw);
     expect(statSync(raw).size).toBe(ram.lengthBytes);
-    const diff = await firstDifference(dump, raw, ram.lengthBytes, [legacyWindow]);
+    const diff = await firstDifference(dump, raw, ram.lengthBytes, [LEGACY_WINDOW]);
     expect(
       diff,
       diff < 0 ? '' : `pc.ram differs from pmemsave at 0x${diff.toString(16)} (page 0x${(diff - (diff % pageBytes)).toString(16)})`,
