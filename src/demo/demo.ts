@@ -8,6 +8,7 @@ import { spawnSync } from 'node:child_process';
 import { mkdtempSync, rmSync, statSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { firstDifference, LEGACY_WINDOW } from '../qemu/compare.js';
 import { Guest, guestFiles, qemuImgBinary, qemuSystemBinary, shellQuote, snapPipeBin } from '../qemu/guest.js';
 
 const MiB = 1024 * 1024;
@@ -79,9 +80,11 @@ async function main(): Promise<void> {
   const dir = mkdtempSync(join(tmpdir(), 'snap-pipe-demo-'));
   const img = join(dir, 'guest.qcow2');
   let guest: Guest | null = null;
+  let dest: Guest | null = null;
   const cleanup = async (): Promise<void> => {
     await guest?.quit().catch(() => undefined);
-    guest = null;
+    await dest?.quit().catch(() => undefined);
+    guest = dest = null;
     if (!opts.keep) rmSync(dir, { recursive: true, force: true });
   };
   const onSignal = (): void => {
@@ -113,6 +116,7 @@ async function main(): Promise<void> {
       await guest.stop();
     }
     say(`   migrate "${uri}"`);
+    const lastSaved = lastTick(guest.consoleText());
     const t1 = Date.now();
     await guest.migrate(uri);
     const status = await guest.waitMigration(300_000);
@@ -148,15 +152,37 @@ async function main(): Promise<void> {
     say(indent(check.stdout));
     say();
 
-    // 5. RESTORE — to add when `snap-pipe load` exists:
-    //   const dest = await Guest.start({ name: 'demo-restore', memMiB: opts.memMiB, fillMiB: opts.fillMiB, incoming: true });
-    //   await dest.unthrottle();
-    //   await dest.migrateIncoming(`exec:${shellQuote(bin)} load ${shellQuote(img)}`);
-    //   const restored = await dest.waitMigration(300_000);   // status 'completed', else DemoError
-    //   await dest.cont();
-    //   say(`   restored guest goes on: "${(await dest.waitTick(30_000)).trim()}"`);  // ticks continue past the saved count
-    //   await dest.quit();
-    say('5. Restore: not available yet (it arrives with `snap-pipe load`).');
+    say('5. Restoring into a fresh QEMU started with -incoming defer');
+    dest = await Guest.start({ name: 'demo-restore', memMiB: opts.memMiB, fillMiB: opts.fillMiB, incoming: true });
+    await dest.unthrottle();
+    const loadUri = `exec:${shellQuote(bin)} load ${shellQuote(img)}`;
+    say(`   migrate_incoming "${loadUri}"`);
+    const t2 = Date.now();
+    await dest.migrateIncoming(loadUri);
+    const restored = await dest.waitMigration(300_000);
+    const loadMs = Date.now() - t2;
+    if (restored.status !== 'completed') {
+      throw new DemoError(`the restore ${restored.status}: ${restored['error-desc'] ?? 'no reason given'}${snapPipeComplaint(dest)}`);
+    }
+    say(`   restored ${opts.memMiB} MiB of guest RAM in ${seconds(loadMs)} (${((opts.memMiB * 1000) / loadMs).toFixed(0)} MiB/s of guest RAM)`);
+    if (!opts.live) {
+      // The source is still paused where it was saved: its RAM and the restored RAM must be the same bytes.
+      const a = join(dir, 'source.ram');
+      const b = join(dir, 'restored.ram');
+      await guest.pmemsave(0, opts.memMiB * MiB, a);
+      await dest.pmemsave(0, opts.memMiB * MiB, b);
+      const diff = await firstDifference(a, b, opts.memMiB * MiB, [LEGACY_WINDOW]);
+      if (diff >= 0) throw new DemoError(`restored RAM differs from the saved guest at 0x${diff.toString(16)}`);
+      say(`   guest RAM after restore equals the saved guest's, byte for byte (pmemsave of both, ${opts.memMiB} MiB)`);
+      rmSync(a);
+      rmSync(b);
+    }
+    const tickFrom = dest.consoleBytes();
+    await dest.cont();
+    const goesOn = await dest.waitTick(30_000, tickFrom);
+    say(`   the restored guest goes on: its last tick before the save began was ${lastSaved}, now "${goesOn.trim()}"`);
+    await dest.quit();
+    dest = null;
     say();
 
     await guest.quit();
@@ -168,6 +194,12 @@ async function main(): Promise<void> {
     process.off('SIGINT', onSignal);
     process.off('SIGTERM', onSignal);
   }
+}
+
+/** The number of the last SNAPPIPE-TICK line in a console log. */
+function lastTick(console: string): string {
+  const m = [...console.matchAll(/SNAPPIPE-TICK (\d+)/g)];
+  return m.length > 0 ? m[m.length - 1][1] : 'none';
 }
 
 main().then(
