@@ -10,6 +10,7 @@ import { DEFAULT_LOAD_QUEUE_DEPTH, LOAD_QUEUE_DEPTH_MAX, runLoad, type LoadRepor
 const STDOUT_FD = 1;
 
 export const LOAD_FLAGS: Record<string, FlagSpec> = {
+  io: { kind: 'value', valueName: 'uring|sync', help: 'I/O backend (default: uring where io_uring works, else sync)' },
   'no-direct': { kind: 'bool', help: 'buffered reads, for file systems without O_DIRECT (tmpfs)' },
   'no-verify': { kind: 'bool', help: 'send clusters even if their CRC-32 does not match the one stored at save' },
   'queue-depth': { kind: 'value', valueName: 'N', help: `cluster reads kept in flight (default ${DEFAULT_LOAD_QUEUE_DEPTH})` },
@@ -51,6 +52,8 @@ export async function cmdLoad(argv: string[]): Promise<number> {
     ? parseInteger('load', 'queue-depth', flags.get('queue-depth') as string, 1, LOAD_QUEUE_DEPTH_MAX)
     : DEFAULT_LOAD_QUEUE_DEPTH;
   const stats = flags.get('stats');
+  const io = flags.get('io') ?? 'auto';
+  if (io !== 'uring' && io !== 'sync' && io !== 'auto') usage(`load: --io ${io}: must be uring or sync`);
   // isatty, not process.stdout: touching process.stdout could switch fd 1 to non-blocking mode.
   if (isatty(STDOUT_FD)) usage('load: stdout is a terminal; redirect it or run under QEMU (see snap-pipe load --help)');
 
@@ -60,6 +63,8 @@ export async function cmdLoad(argv: string[]): Promise<number> {
     direct: !flags.has('no-direct'),
     verify: !flags.has('no-verify'),
     queueDepth,
+    io,
+    onNote: (line) => process.stderr.write(`snap-pipe: ${line}\n`),
   });
   if (stats === true) process.stderr.write(formatLoadReport(report) + '\n');
   else if (typeof stats === 'string') writeFileSync(stats, JSON.stringify(report, null, 2) + '\n');

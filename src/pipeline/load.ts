@@ -8,9 +8,9 @@
 // Pages never sent are not sent. A cluster whose CRC-32 does not match stops the stream before its pages and before
 // the device state, so the destination fails the migration instead of running on bad memory.
 //
-// Runs on the main thread. Cluster reads go through ClusterReads, a subset of src/native/io.ts's IoBackend (read +
-// reap, tagged by slot): the loop keeps up to queueDepth reads outstanding and consumes them in submission order,
-// so the io_uring backend can replace SyncReads without touching the loop.
+// Runs on the main thread. Cluster reads go through the I/O backend (io_uring by default): the loop keeps up to
+// queueDepth reads outstanding and consumes them in submission order, so the kernel reads ahead while this thread
+// verifies a cluster and writes its pages to the pipe.
 
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
@@ -20,6 +20,7 @@ import { chunksOf, pagesOf } from '../image/metadata.js';
 import { ImageReader } from '../image/reader.js';
 import { CLUSTER_BYTES, PAGE_BYTES, PAGES_PER_CHUNK, type SnapshotMeta } from '../image/types.js';
 import { checkDeviceStateEnd } from '../stream/parser.js';
+import { openIoBackend, type IoBackend, type IoBackendName } from '../native/io.js';
 import { alignedShared } from '../ring/memory.js';
 import {
   CAP_IGNORE_SHARED,
@@ -69,6 +70,9 @@ export interface LoadOptions {
   direct: boolean;
   verify: boolean;
   queueDepth: number;
+  io: IoBackendName | 'auto';
+  /** One line for the user (e.g. why io_uring is not used). */
+  onNote?: (line: string) => void;
   /** Called after each flush of the output buffer. */
   onProgress?: (p: LoadProgress) => void;
 }
@@ -102,113 +106,6 @@ export interface LoadReport {
 // ---------------------------------------------------------------------------------------------------------------
 // Cluster reads
 
-/** One finished read: `tag` as given to read(), `bytes` transferred (short only at end of file). */
-interface ReadCompletion {
-  tag: number;
-  bytes: number;
-}
-
-/** The part of src/native/io.ts's IoBackend the loader needs; an IoBackend satisfies it as is. */
-interface ClusterReads {
-  readonly name: string;
-  readonly inFlight: number;
-  read(fd: number, mem: Uint8Array, off: number, len: number, fileOffsetBytes: number, tag: number): void;
-  /** Waits until at least `min` of the queued reads are done; returns them (the array is reused by the next call). */
-  reap(min: number): ReadCompletion[];
-  close(): void;
-}
-
-/** fs.readSync: a queued read happens when it is reaped, oldest first. */
-class SyncReads implements ClusterReads {
-  readonly name = 'sync';
-  private readonly mem: (Uint8Array | undefined)[];
-  private readonly off: Float64Array;
-  private readonly len: Float64Array;
-  private readonly pos: Float64Array;
-  private readonly tag: Uint32Array;
-  private readonly fds: Int32Array;
-  private head = 0;
-  private count = 0;
-  private readonly out: ReadCompletion[];
-  private readonly done: ReadCompletion[] = [];
-
-  constructor(
-    private readonly depth: number,
-    private readonly path: string,
-    private readonly direct: boolean,
-  ) {
-    this.mem = new Array<Uint8Array | undefined>(depth).fill(undefined);
-    this.off = new Float64Array(depth);
-    this.len = new Float64Array(depth);
-    this.pos = new Float64Array(depth);
-    this.tag = new Uint32Array(depth);
-    this.fds = new Int32Array(depth);
-    this.out = Array.from({ length: depth }, () => ({ tag: 0, bytes: 0 }));
-  }
-
-  get inFlight(): number {
-    return this.count;
-  }
-
-  read(fd: number, mem: Uint8Array, off: number, len: number, fileOffsetBytes: number, tag: number): void {
-    assert(this.count < this.depth, `read: ${this.depth} reads already queued`);
-    if (this.direct) {
-      assert((mem.byteOffset + off) % 4096 === 0 && len % 4096 === 0 && fileOffsetBytes % 4096 === 0, 'read: unaligned O_DIRECT read');
-    }
-    const i = (this.head + this.count) % this.depth;
-    this.fds[i] = fd;
-    this.mem[i] = mem;
-    this.off[i] = off;
-    this.len[i] = len;
-    this.pos[i] = fileOffsetBytes;
-    this.tag[i] = tag;
-    this.count++;
-  }
-
-  reap(min: number): ReadCompletion[] {
-    const n = Math.min(min, this.count);
-    this.done.length = 0;
-    for (let k = 0; k < n; k++) {
-      const i = this.head;
-      const mem = this.mem[i] as Uint8Array;
-      const got = readFully(this.path, this.fds[i], mem, this.off[i], this.len[i], this.pos[i], this.direct);
-      this.mem[i] = undefined;
-      const c = this.out[k];
-      c.tag = this.tag[i];
-      c.bytes = got;
-      this.done.push(c);
-      this.head = (this.head + 1) % this.depth;
-      this.count--;
-    }
-    return this.done;
-  }
-
-  close(): void {
-    this.count = 0;
-    this.mem.fill(undefined);
-  }
-}
-
-/** Reads until `len` bytes or end of file; EINTR/EAGAIN retried by Node; EINVAL under O_DIRECT is NO_DIRECT. */
-function readFully(path: string, fd: number, mem: Uint8Array, off: number, len: number, pos: number, direct: boolean): number {
-  let done = 0;
-  // Bounded: every round reads at least one byte or stops.
-  while (done < len) {
-    let n: number;
-    try {
-      n = fs.readSync(fd, mem, off + done, len - done, pos + done);
-    } catch (err) {
-      if (direct && (err as NodeJS.ErrnoException).code === 'EINVAL') {
-        throw new SnapPipeError('NO_DIRECT', `${path}: the file system refuses O_DIRECT reads; use --no-direct`);
-      }
-      throw ioError(`read ${path}: ${len} bytes at offset ${pos + done}`, err);
-    }
-    if (n === 0) break;
-    done += n;
-    if (direct && done % 4096 !== 0) break; // a short O_DIRECT read is end of file
-  }
-  return done;
-}
 
 // ---------------------------------------------------------------------------------------------------------------
 // Output
@@ -536,7 +433,7 @@ export async function runLoad(opts: LoadOptions): Promise<LoadReport> {
   assert(Number.isInteger(opts.queueDepth) && opts.queueDepth >= 1 && opts.queueDepth <= LOAD_QUEUE_DEPTH_MAX, 'runLoad: queueDepth');
   const reader = ImageReader.open(path, { direct: opts.direct });
   let fd = -1;
-  let reads: ClusterReads | undefined;
+  let reads: IoBackend | undefined;
   try {
     const meta = reader.meta;
     assert(meta, 'a complete image has metadata');
@@ -549,7 +446,9 @@ export async function runLoad(opts: LoadOptions): Promise<LoadReport> {
     }
     const depth = Math.max(1, Math.min(opts.queueDepth, plan.chunks.length));
     const slots = new Uint8Array(alignedShared(depth * CLUSTER_BYTES), 0, depth * CLUSTER_BYTES);
-    reads = new SyncReads(depth, path, opts.direct);
+    const opened = openIoBackend({ io: opts.io, queueDepth: depth });
+    reads = opened.backend;
+    if (opened.note) opts.onNote?.(opened.note);
 
     // Block names were decoded as latin1 from the stream: encode them back the same way.
     const idstrs = meta.blocks.map((b) => new Uint8Array(Buffer.from(b.id, 'latin1')));

@@ -193,6 +193,7 @@ interface LoadStats {
   writeMs: number;
   verified: boolean;
   direct: boolean;
+  readBackend: string;
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -204,6 +205,7 @@ describe('snap-pipe load: saved streams come back page for page', () => {
     { name: 're-sent', ops: resendOps, ramEnd: true, perSection: 700 },
     { name: 'unsent pages, buffered, queue depth 1', ops: sparseOps, args: ['--no-direct', '--queue-depth', '1'] },
     { name: 'no zero pages, deep queue', ops: () => sequentialOps(BLOCKS, 1e9), args: ['--queue-depth=64'] },
+    { name: 'sync reads', ops: () => pulledForward(sequentialOps(BLOCKS, 4), 0.01, 5), args: ['--io', 'sync', '--queue-depth=4'] },
   ];
   for (const c of cases) {
     it(c.name, async () => {
@@ -225,6 +227,7 @@ describe('snap-pipe load: saved streams come back page for page', () => {
       expect(stats.bytesOut).toBe(r.out.length);
       expect(stats.bytesRead).toBe(stats.dataClusters * MiB);
       expect(stats.verified).toBe(true);
+      expect(stats.readBackend).toBe((c.args ?? []).includes('sync') ? 'sync' : 'uring');
       rmSync(outPath);
     });
   }
