@@ -482,7 +482,7 @@ export async function runLoad(opts: LoadOptions): Promise<LoadReport> {
         // Bounded: each reap returns at least one of the reads in flight, and the one we want is among them.
         while (doneSlot[slot] === 0) {
           assert(reads.inFlight > 0, 'waiting for a read that was never queued');
-          for (const c of reads.reap(1)) {
+          for (const c of reapNamed(reads, path)) {
             doneSlot[c.tag] = 1;
             gotBytes[c.tag] = c.bytes;
           }
@@ -555,6 +555,15 @@ export async function runLoad(opts: LoadOptions): Promise<LoadReport> {
     reads?.close();
     if (fd >= 0) fs.closeSync(fd);
     reader.close();
+  }
+}
+
+/** Reaps at least one read; an I/O error names the image. */
+function reapNamed(reads: IoBackend, path: string) {
+  try {
+    return reads.reap(1);
+  } catch (err) {
+    throw err instanceof SnapPipeError ? new SnapPipeError(err.code, `${path}: ${err.message}`) : err;
   }
 }
 

@@ -3,7 +3,7 @@
 // written before, computing each cluster's CRC-32 on the way. At the end it writes the metadata and marks the image complete (ImageWriter.finish).
 import { readSync } from 'node:fs';
 import { crc32 } from 'node:zlib';
-import { ioError } from '../errors.js';
+import { ioError, SnapPipeError } from '../errors.js';
 import { ImageWriter } from '../image/writer.js';
 import { CLUSTER_BYTES, PAGE_BYTES, PAGES_PER_CHUNK, type SnapshotMeta } from '../image/types.js';
 import { openIoBackend, type IoBackend, type IoBackendName } from '../native/io.js';
@@ -72,7 +72,12 @@ function run(shared: SaveShared): WriterResult {
 
   const complete = (min: number) => {
     const t1 = performance.now();
-    const done = backend.reap(min);
+    let done;
+    try {
+      done = backend.reap(min);
+    } catch (err) {
+      throw err instanceof SnapPipeError ? new SnapPipeError(err.code, `${img.path}: ${err.message}`) : err;
+    }
     ioMs += performance.now() - t1;
     for (let i = 0; i < done.length; i++) {
       const slot = done[i].tag;

@@ -5,6 +5,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { expectImageMatches, info, runCli } from '../helpers/cli.js';
+import { mountSmallFs } from '../helpers/smallfs.js';
 import { buildStream, pulledForward, rng, sequentialOps, type BlockSpec, type Op } from '../helpers/model.js';
 
 let dir: string;
@@ -129,6 +130,24 @@ describe('snap-pipe save: refusals and failures', () => {
     const again = await runCli(['save', img], new Uint8Array(0));
     expect(again.code).toBe(1);
     expect(again.stderr).toMatch(/empty/);
+  });
+
+  it('a full disk fails the save with ENOSPC and leaves the image incomplete, with either backend', async () => {
+    const fs8 = mountSmallFs(8);
+    try {
+      const m = buildStream(BLOCKS, sequentialOps(BLOCKS, 1e9));
+      for (const io of ['uring', 'sync']) {
+        const img = join(fs8.dir, `full-${io}.qcow2`);
+        const r = await runCli(['save', img, '--io', io], m.bytes);
+        expect(r.code, r.stderr).toBe(1);
+        expect(r.stderr.trim().split('\n')).toHaveLength(1);
+        expect(r.stderr).toMatch(/^snap-pipe: .*full-.*qcow2: write of \d+ bytes at offset \d+: ENOSPC/);
+        expect((await info(img)).complete).toBe(false);
+        rmSync(img);
+      }
+    } finally {
+      fs8.unmount();
+    }
   });
 
   it('not a migration stream', async () => {
