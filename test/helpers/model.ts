@@ -7,6 +7,14 @@ export interface BlockSpec {
   lengthBytes: number;
 }
 
+/** A pc guest's block list in miniature: a 24 MiB pc.ram and three small ROM-like blocks of odd sizes. */
+export const SMALL_PC_BLOCKS: BlockSpec[] = [
+  { id: 'pc.ram', lengthBytes: 24 << 20 },
+  { id: '/rom@etc/acpi/tables', lengthBytes: 128 << 10 },
+  { id: 'pc.bios', lengthBytes: 256 << 10 },
+  { id: '/rom@etc/acpi/rsdp', lengthBytes: 4096 },
+];
+
 export type Op = { kind: 'page'; block: number; page: number; seed: number } | { kind: 'zero'; block: number; page: number };
 
 export interface ModelStream {

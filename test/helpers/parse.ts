@@ -23,7 +23,12 @@ export interface Collected {
   parsed: ParsedStream;
   ram: Uint8Array[];
   sent: boolean[][];
+  /** The last record of the page was data. */
   data: boolean[][];
+  /** Records per page (a page re-sent counts twice). */
+  records: Uint8Array[];
+  /** Record kinds in stream order, run-length: ['z', 'd'] when all zero records precede all data records. */
+  kindRuns: string[];
 }
 
 /** Runs the parser in one thread; the sink copies pages at once, so the ring can be released up to the cursor. */
@@ -36,21 +41,29 @@ export function parseAll(bytes: Uint8Array, seed = 1, ringBytes = 65536, maxPiec
       Atomics.store(ctrl, CTRL.IN_RELEASED, cursor);
     },
   });
-  const out: Collected = { parsed: undefined as unknown as ParsedStream, ram: [], sent: [], data: [] };
+  const out: Collected = { parsed: undefined as unknown as ParsedStream, ram: [], sent: [], data: [], records: [], kindRuns: [] };
+  const kind = (k: string) => {
+    if (out.kindRuns[out.kindRuns.length - 1] !== k) out.kindRuns.push(k);
+  };
   const parser = new StreamParser(ring, {
     setup(blocks) {
       out.ram = blocks.map((b) => new Uint8Array(b.lengthBytes));
       out.sent = blocks.map((b) => new Array<boolean>(b.lengthBytes / 4096).fill(false));
       out.data = blocks.map((b) => new Array<boolean>(b.lengthBytes / 4096).fill(false));
+      out.records = blocks.map((b) => new Uint8Array(b.lengthBytes / 4096));
     },
     page(block, page, pos) {
       out.ram[block].set(ring.copyOut(pos, 4096), page * 4096);
       out.sent[block][page] = out.data[block][page] = true;
+      out.records[block][page]++;
+      kind('d');
     },
     zero(block, page) {
       out.ram[block].fill(0, page * 4096, page * 4096 + 4096);
       out.sent[block][page] = true;
       out.data[block][page] = false;
+      out.records[block][page]++;
+      kind('z');
     },
   });
   out.parsed = parser.parse();

@@ -10,11 +10,9 @@ import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { SnapPipeError } from '../../src/errors.js';
 import { ImageReader } from '../../src/image/reader.js';
-import { InputRing, type ByteInput } from '../../src/ring/input.js';
-import { CTRL, CTRL_INTS } from '../../src/ring/layout.js';
-import { StreamParser, type ParsedStream } from '../../src/stream/parser.js';
 import { BIN, runCli } from '../helpers/cli.js';
-import { buildStream, pulledForward, rng, sequentialOps, type BlockSpec, type ModelStream, type Op } from '../helpers/model.js';
+import { parseAll, type Collected } from '../helpers/parse.js';
+import { SMALL_PC_BLOCKS, buildStream, pulledForward, rng, sequentialOps, type BlockSpec, type ModelStream, type Op } from '../helpers/model.js';
 
 const MiB = 1 << 20;
 let dir: string;
@@ -24,12 +22,7 @@ beforeAll(() => {
 });
 afterAll(() => rmSync(dir, { recursive: true, force: true }));
 
-const BLOCKS: BlockSpec[] = [
-  { id: 'pc.ram', lengthBytes: 24 << 20 },
-  { id: '/rom@etc/acpi/tables', lengthBytes: 128 << 10 },
-  { id: 'pc.bios', lengthBytes: 256 << 10 },
-  { id: '/rom@etc/acpi/rsdp', lengthBytes: 4096 },
-];
+const BLOCKS = SMALL_PC_BLOCKS;
 
 // ---------------------------------------------------------------------------------------------------------------
 // Helpers
@@ -61,63 +54,11 @@ function runLoad(args: string[], outPath?: string): Promise<LoadRun> {
   });
 }
 
-interface Parsed {
-  parsed: ParsedStream;
-  ram: Uint8Array[];
-  /** How many records (data or zero) each page had. */
-  records: Uint8Array[];
-  /** Last record of the page was data. */
-  data: boolean[][];
-  /** Record kinds in stream order, 'z' or 'd', run-length: e.g. ['z', 'd'] when all zeros precede all data. */
-  kindRuns: string[];
-}
+type Parsed = Collected;
 
-function input(bytes: Uint8Array): ByteInput {
-  let at = 0;
-  return {
-    read(dst, off, len) {
-      const n = Math.min(len, bytes.length - at);
-      dst.set(bytes.subarray(at, at + n), off);
-      at += n;
-      return n;
-    },
-  };
-}
-
-/** snap-pipe's parser in one thread over a stream in memory; the sink copies each page at once. */
+/** snap-pipe's parser in one thread over a stream in memory. */
 function parseStream(bytes: Uint8Array): Parsed {
-  const ctrl = new Int32Array(new SharedArrayBuffer(CTRL_INTS * 4));
-  const ring: InputRing = new InputRing(new Uint8Array(1 << 20), ctrl, input(bytes), {
-    flush() {},
-    waitForSpace(cursor) {
-      Atomics.store(ctrl, CTRL.IN_RELEASED, cursor);
-    },
-  });
-  const out: Parsed = { parsed: undefined as unknown as ParsedStream, ram: [], records: [], data: [], kindRuns: [] };
-  const kind = (k: string) => {
-    if (out.kindRuns[out.kindRuns.length - 1] !== k) out.kindRuns.push(k);
-  };
-  const parser = new StreamParser(ring, {
-    setup(blocks) {
-      out.ram = blocks.map((b) => new Uint8Array(b.lengthBytes));
-      out.records = blocks.map((b) => new Uint8Array(b.lengthBytes / 4096));
-      out.data = blocks.map((b) => new Array<boolean>(b.lengthBytes / 4096).fill(false));
-    },
-    page(block, page, pos) {
-      out.ram[block].set(ring.copyOut(pos, 4096), page * 4096);
-      out.records[block][page]++;
-      out.data[block][page] = true;
-      kind('d');
-    },
-    zero(block, page) {
-      out.ram[block].fill(0, page * 4096, page * 4096 + 4096);
-      out.records[block][page]++;
-      out.data[block][page] = false;
-      kind('z');
-    },
-  });
-  out.parsed = parser.parse();
-  return out;
+  return parseAll(bytes, 1, 1 << 20);
 }
 
 function firstDiff(a: Uint8Array, b: Uint8Array): number {

@@ -6,7 +6,7 @@ import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { expectImageMatches, info, runCli } from '../helpers/cli.js';
 import { mountSmallFs } from '../helpers/smallfs.js';
-import { buildStream, pulledForward, rng, sequentialOps, type BlockSpec, type Op } from '../helpers/model.js';
+import { SMALL_PC_BLOCKS, buildStream, pulledForward, rng, sequentialOps, type Op } from '../helpers/model.js';
 
 let dir: string;
 beforeAll(() => {
@@ -15,12 +15,7 @@ beforeAll(() => {
 });
 afterAll(() => rmSync(dir, { recursive: true, force: true }));
 
-const BLOCKS: BlockSpec[] = [
-  { id: 'pc.ram', lengthBytes: 24 << 20 },
-  { id: '/rom@etc/acpi/tables', lengthBytes: 128 << 10 },
-  { id: 'pc.bios', lengthBytes: 256 << 10 },
-  { id: '/rom@etc/acpi/rsdp', lengthBytes: 4096 },
-];
+const BLOCKS = SMALL_PC_BLOCKS;
 
 interface Stats {
   dataPages: number;
