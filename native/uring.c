@@ -29,6 +29,7 @@
 #define _GNU_SOURCE
 #endif
 #include <errno.h>
+#include <fcntl.h>
 #include <liburing.h>
 #include <node_api.h>
 #include <stdarg.h>
@@ -431,7 +432,12 @@ static napi_value ring_submit(napi_env env, napi_callback_info info) {
   for (int tries = 0; r->queued > 0; tries++) {
     ret = io_uring_submit(&r->ring);
     r->queued = io_uring_sq_ready(&r->ring);
-    if (ret == -EINTR && tries < EINTR_RETRIES_MAX) continue;
+    // Interrupted (a profiler's or the runtime's signal): go round again; the loop condition says whether the
+    // completions arrived meanwhile, so a stale -EINTR must not survive as the result.
+    if (ret == -EINTR && tries < EINTR_RETRIES_MAX) {
+      ret = 0;
+      continue;
+    }
     break;
   }
   if (ret < 0) return throw_errno(env, "io_uring_enter", "io_uring_submit", -ret);
@@ -473,7 +479,12 @@ static napi_value ring_wait(napi_env env, napi_callback_info info) {
       ret = io_uring_submit_and_wait(&r->ring, want); // one kernel call: submit the batch and wait
     }
     r->queued = io_uring_sq_ready(&r->ring);
-    if (ret == -EINTR && tries < EINTR_RETRIES_MAX) continue;
+    // Interrupted (a profiler's or the runtime's signal): go round again; the loop condition says whether the
+    // completions arrived meanwhile, so a stale -EINTR must not survive as the result.
+    if (ret == -EINTR && tries < EINTR_RETRIES_MAX) {
+      ret = 0;
+      continue;
+    }
     break;
   }
   // -ETIME: the timeout passed; -EBUSY/-EAGAIN with completions ready: reaping them is the cure.
@@ -589,6 +600,22 @@ GETTER(get_depth, napi_create_uint32(env, r->depth, &v))
 GETTER(get_block_bytes, napi_create_uint32(env, r->block_bytes, &v))
 GETTER(get_closed, napi_get_boolean(env, !r->live, &v))
 
+// setPipeSize(fd, bytes): fcntl(F_SETPIPE_SZ). Returns the pipe's new capacity; throws with errno (EBADF: not a
+// pipe, EPERM: above /proc/sys/fs/pipe-max-size for an unprivileged process).
+static napi_value set_pipe_size(napi_env env, napi_callback_info info) {
+  size_t argc = 2;
+  napi_value argv[2] = {NULL, NULL};
+  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok) return NULL;
+  double fd, bytes;
+  if (!arg_integer(env, argv[0], "fd", 0, INT32_MAX, &fd)) return NULL;
+  if (!arg_integer(env, argv[1], "bytes", 4096, INT32_MAX, &bytes)) return NULL;
+  int got = fcntl((int)fd, F_SETPIPE_SZ, (int)bytes);
+  if (got < 0) return throw_errno(env, "fcntl", "setPipeSize", errno);
+  napi_value v;
+  napi_create_int32(env, got, &v);
+  return v;
+}
+
 NAPI_MODULE_INIT() {
   napi_property_descriptor props[] = {
       {"prepWrite", NULL, ring_prep_write, NULL, NULL, NULL, napi_default_method, NULL},
@@ -608,6 +635,10 @@ NAPI_MODULE_INIT() {
   if (napi_define_class(env, "Ring", NAPI_AUTO_LENGTH, ring_new, NULL, sizeof props / sizeof *props, props, &ctor) !=
           napi_ok ||
       napi_set_named_property(env, exports, "Ring", ctor) != napi_ok)
+    return NULL;
+  napi_value fn;
+  if (napi_create_function(env, "setPipeSize", NAPI_AUTO_LENGTH, set_pipe_size, NULL, &fn) != napi_ok ||
+      napi_set_named_property(env, exports, "setPipeSize", fn) != napi_ok)
     return NULL;
   return exports;
 }

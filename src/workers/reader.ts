@@ -4,6 +4,7 @@ import { readSync } from 'node:fs';
 import { SnapPipeError, ioError } from '../errors.js';
 import { layoutBlocks } from '../image/writer.js';
 import { CLUSTER_BYTES } from '../image/types.js';
+import { enlargePipe } from '../native/uring.js';
 import { DescriptorProducer } from '../ring/descriptors.js';
 import { InputRing, type ByteInput } from '../ring/input.js';
 import {
@@ -27,6 +28,8 @@ export interface ReaderResult {
   virtOffsetsBytes: number[];
   ramEndBytes: number;
   readCalls: number;
+  /** Capacity of the stdin pipe after growing it (undefined: not a pipe, or it could not be grown). */
+  pipeBytes: number | undefined;
   /** Time blocked reading stdin (waiting on QEMU). */
   sourceWaitMs: number;
   /** Time blocked on a full input or descriptor ring (waiting on the coalescer). */
@@ -64,6 +67,7 @@ function run(shared: SaveShared): ReaderResult {
   const t0 = performance.now();
   const v = saveViews(shared);
   const producer = new DescriptorProducer(v.ctrl, v.desc);
+  const pipeBytes = enlargePipe(0);
   const input = new StdinInput();
   const ring = new InputRing(v.input, v.ctrl, input, producer);
   let virtOffsetsBytes: number[] = [];
@@ -97,6 +101,7 @@ function run(shared: SaveShared): ReaderResult {
     virtOffsetsBytes,
     ramEndBytes,
     readCalls: ring.readCalls,
+    pipeBytes,
     sourceWaitMs: input.waitMs,
     downstreamWaitMs: producer.waits.ms,
     busyMs: totalMs - input.waitMs - producer.waits.ms,
