@@ -6,6 +6,11 @@
 // the guest writes forward; keeping a bounded set of chunks open lets the rest of each chunk catch up, so writes
 // stay 1 MiB instead of degrading to 4 KiB pieces.
 //
+// Pages far ahead of the walk (a background snapshot sends pages the guest writes first) would each hold a whole
+// slot open; when such a nearly empty chunk is evicted and its cluster was never written, its few pages are parked
+// in a bounded pool of 4 KiB entries instead of being written as a mostly-zero cluster that the walk would rewrite
+// later. They rejoin their chunk when it opens again; at the end (or if the pool is full) they go out as they are.
+//
 // Invariant kept on disk: a page whose last record was data holds that data; every other page of an allocated
 // cluster holds zeros. Fresh clusters are written whole (absent pages zero-filled); clusters written before get
 // only the pages this publication carries (data, or zeros for pages re-sent as ZERO after data).
@@ -38,6 +43,19 @@ export interface CoalesceCounters {
   chunksPublished: number;
   /** Chunks published without being complete: evicted as least recently touched, or still open at the end. */
   partialChunks: number;
+  /** Pages parked out of evicted, nearly empty chunks (each later rejoined its chunk). */
+  parkedPages: number;
+}
+
+/** A chunk evicted with at most this many pages, whose cluster was never written, is parked instead of written. */
+export const PARK_PAGES_MAX = 64;
+
+interface Parked {
+  block: number;
+  chunk: number;
+  /** Park entry of each page of the chunk, -1 for none. */
+  entries: Int32Array;
+  count: number;
 }
 
 export class Coalescer {
@@ -62,13 +80,22 @@ export class Coalescer {
     resentPages: 0,
     chunksPublished: 0,
     partialChunks: 0,
+    parkedPages: 0,
   };
+  /** Per block, per chunk: the chunk's cluster has been published (written) at least once. */
+  private written: Uint8Array[] = [];
+  private readonly parkBytes: Uint8Array;
+  private readonly parkFree: Int32Array;
+  private parkFreeTop: number;
+  private readonly parked = new Map<number, Parked>();
 
   constructor(
     private readonly slots: Uint8Array,
     private readonly headers: Int32Array,
     private readonly pool: SlotPool,
     private readonly maxOpen: number,
+    /** Park pool capacity in pages (0: never park). */
+    parkPages = 0,
   ) {
     const slotCount = headers.length / SLOT_INTS;
     if (slots.length < slotCount * SLOT_BYTES) throw new RangeError('slot memory smaller than the slot count');
@@ -76,6 +103,10 @@ export class Coalescer {
     this.present = new Uint32Array(slotCount * 8);
     this.whole = new Uint8Array(slots.buffer);
     this.presentCount = new Int32Array(slotCount);
+    this.parkBytes = new Uint8Array(parkPages * PAGE_BYTES);
+    this.parkFree = new Int32Array(parkPages);
+    for (let i = 0; i < parkPages; i++) this.parkFree[i] = parkPages - 1 - i;
+    this.parkFreeTop = parkPages;
   }
 
   /** Reads the block table the reader filled in. */
@@ -87,6 +118,7 @@ export class Coalescer {
       this.sent.push(new Uint8Array(Math.ceil(pages / 8)));
       this.data.push(new Uint8Array(Math.ceil(pages / 8)));
       this.chunkSent.push(new Uint16Array(Math.ceil(pages / PAGES_PER_CHUNK)));
+      this.written.push(new Uint8Array(Math.ceil(pages / PAGES_PER_CHUNK)));
     }
   }
 
@@ -128,14 +160,21 @@ export class Coalescer {
     this.data[block][byte] &= ~bit;
 
     const vc = this.blockVirtCluster[block] + chunk;
+    const inChunk = page % PAGES_PER_CHUNK;
     let slot = this.open.get(vc);
     if (slot === undefined) {
+      const pk = this.parked.get(vc);
+      if (pk !== undefined) {
+        // Never written: dropping the parked copy is all a zero page needs.
+        this.unpark(vc, pk, inChunk);
+        if (completes && pk.count > 0) this.publishSlot(this.openChunk(block, chunk, vc));
+        return;
+      }
       if (!wasData) return; // nothing on disk to clear, and no open chunk to complete
       slot = this.openChunk(block, chunk, vc);
     } else {
       this.touch(vc, slot);
     }
-    const inChunk = page % PAGES_PER_CHUNK;
     const w = slot * 8 + (inChunk >>> 5);
     const m = 1 << (inChunk & 31);
     if (this.present[w] & m) {
@@ -176,6 +215,56 @@ export class Coalescer {
       this.counters.partialChunks++;
       this.publishSlot(slot);
     }
+    for (const [vc, pk] of [...this.parked]) {
+      this.counters.partialChunks++;
+      this.publishSlot(this.openChunk(pk.block, pk.chunk, vc));
+    }
+  }
+
+  get parkedNow(): number {
+    return this.parkFree.length - this.parkFreeTop;
+  }
+
+  private unpark(vc: number, pk: Parked, inChunk: number): void {
+    const e = pk.entries[inChunk];
+    if (e < 0) return;
+    pk.entries[inChunk] = -1;
+    this.parkFree[this.parkFreeTop++] = e;
+    if (--pk.count === 0) this.parked.delete(vc);
+  }
+
+  /** Moves the pages of an evicted chunk into the park pool; the slot is free again afterwards. */
+  private park(slot: number, vc: number): void {
+    const h = slot * SLOT_INTS;
+    const pk: Parked = { block: this.headers[h + SLOT_BLOCK], chunk: this.headers[h + SLOT_CHUNK], entries: new Int32Array(PAGES_PER_CHUNK).fill(-1), count: 0 };
+    const base = slot * SLOT_BYTES;
+    for (let p = 0; p < PAGES_PER_CHUNK; p++) {
+      if (!(this.present[slot * 8 + (p >>> 5)] & (1 << (p & 31)))) continue;
+      const e = this.parkFree[--this.parkFreeTop];
+      this.parkBytes.set(this.slots.subarray(base + p * PAGE_BYTES, base + (p + 1) * PAGE_BYTES), e * PAGE_BYTES);
+      pk.entries[p] = e;
+      pk.count++;
+    }
+    this.counters.parkedPages += pk.count;
+    this.open.delete(vc);
+    if (this.lastTouched === vc) this.lastTouched = -1;
+    if (pk.count > 0) this.parked.set(vc, pk);
+  }
+
+  /** Evicts the least recently touched open chunk: parks it if it is nearly empty and never written (its slot is
+   * returned for reuse), else publishes it. */
+  private evict(): number | undefined {
+    const slot = this.open.values().next().value as number;
+    const h = slot * SLOT_INTS;
+    const vc = this.headers[h + SLOT_VIRT_CLUSTER];
+    const n = this.presentCount[slot];
+    if (n <= PARK_PAGES_MAX && n <= this.parkFreeTop && !this.written[this.headers[h + SLOT_BLOCK]][this.headers[h + SLOT_CHUNK]]) {
+      this.park(slot, vc);
+      return slot;
+    }
+    this.counters.partialChunks++;
+    this.publishSlot(slot);
+    return undefined;
   }
 
   get openChunks(): number {
@@ -195,12 +284,9 @@ export class Coalescer {
       this.touch(vc, existing);
       return existing;
     }
-    if (this.open.size >= this.maxOpen) {
-      const lru = this.open.values().next().value as number;
-      this.counters.partialChunks++;
-      this.publishSlot(lru);
-    }
-    const slot = this.pool.acquire();
+    let reuse: number | undefined;
+    if (this.open.size >= this.maxOpen) reuse = this.evict();
+    const slot = reuse ?? this.pool.acquire();
     const h = slot * SLOT_INTS;
     this.headers[h + SLOT_BLOCK] = block;
     this.headers[h + SLOT_CHUNK] = chunk;
@@ -212,6 +298,21 @@ export class Coalescer {
     this.presentCount[slot] = 0;
     this.open.set(vc, slot);
     this.lastTouched = vc;
+    const pk = this.parked.get(vc);
+    if (pk !== undefined) {
+      // Parked pages rejoin their chunk before anything newer is copied over them.
+      const base = slot * SLOT_BYTES;
+      for (let p = 0; p < PAGES_PER_CHUNK; p++) {
+        const e = pk.entries[p];
+        if (e < 0) continue;
+        this.slots.set(this.parkBytes.subarray(e * PAGE_BYTES, (e + 1) * PAGE_BYTES), base + p * PAGE_BYTES);
+        this.present[slot * 8 + (p >>> 5)] |= 1 << (p & 31);
+        this.presentCount[slot]++;
+        this.markSeen(slot, p);
+        this.parkFree[this.parkFreeTop++] = e;
+      }
+      this.parked.delete(vc);
+    }
     return slot;
   }
 
@@ -243,6 +344,7 @@ export class Coalescer {
         }
       }
     }
+    this.written[this.headers[h + SLOT_BLOCK]][this.headers[h + SLOT_CHUNK]] = 1;
     this.counters.chunksPublished++;
     this.pool.publish(slot);
   }

@@ -15,6 +15,7 @@ import {
   KIND_RELEASE,
   KIND_SETUP,
   KIND_ZERO,
+  SLOT_BYTES,
   type SaveShared,
 } from '../ring/layout.js';
 import { publish } from '../ring/wait.js';
@@ -38,7 +39,9 @@ function run(shared: SaveShared, maxOpen: number): CoalescerResult {
   const descs = new DescriptorConsumer(v.ctrl, v.desc);
   const free = new IntQueueConsumer(v.ctrl, CTRL.FREE_HEAD, CTRL.FREE_TAIL, v.freeQueue);
   const filled = new IntQueueProducer(v.ctrl, CTRL.FILL_HEAD, CTRL.FILL_TAIL, v.fillQueue);
-  const co = new Coalescer(v.slots, v.slotHeaders, { acquire: () => free.pop(), publish: (s) => filled.push(s) }, maxOpen);
+  // The park pool holds a quarter of the ring's size in 4 KiB pages (memory stays bounded by the ring size).
+  const parkPages = (v.sizes.slotCount * SLOT_BYTES) / 4 / 4096;
+  const co = new Coalescer(v.slots, v.slotHeaders, { acquire: () => free.pop(), publish: (s) => filled.push(s) }, maxOpen, parkPages);
   const recs = descs.recs;
   const input = v.input;
   const mask = input.length - 1;

@@ -98,3 +98,88 @@ describe('Coalescer', () => {
     expect(published[0].bytes.subarray(44 * 4096).every((b) => b === 0)).toBe(true);
   });
 });
+
+describe('Coalescer park pool', () => {
+  /** Like setup(), with a park pool of `parkPages` pages. */
+  function withPark(slotCount: number, maxOpen: number, blockPages: number[], parkPages: number) {
+    const slots = new Uint8Array(slotCount * SLOT_BYTES);
+    const headers = new Int32Array(slotCount * SLOT_INTS);
+    const free = Array.from({ length: slotCount }, (_, i) => i);
+    const published: { chunk: number; seen: number[]; bytes: Uint8Array }[] = [];
+    const co = new Coalescer(
+      slots,
+      headers,
+      {
+        acquire: () => {
+          const s = free.shift();
+          if (s === undefined) throw new Error('no free slot');
+          return s;
+        },
+        publish: (s) => {
+          const h = s * SLOT_INTS;
+          const seen: number[] = [];
+          for (let p = 0; p < 256; p++) if (headers[h + SLOT_SEEN_BITS + (p >>> 5)] & (1 << (p & 31))) seen.push(p);
+          published.push({ chunk: headers[h + SLOT_CHUNK], seen, bytes: slots.slice(s * SLOT_BYTES, (s + 1) * SLOT_BYTES) });
+          free.push(s);
+        },
+      },
+      maxOpen,
+      parkPages,
+    );
+    const table = new Float64Array(blockPages.length * BLOCK_F64S);
+    blockPages.forEach((pages, b) => {
+      table[b * 2] = pages;
+      table[b * 2 + 1] = b * 1000;
+    });
+    co.setup(table, blockPages.length);
+    const ring = new Uint8Array(65536);
+    const page = (p: number, seed: number) => {
+      ring.set(pageContent(seed), 0);
+      co.page(0, p, ring, 0, ring.length - 1);
+    };
+    return { co, published, page };
+  }
+
+  it('parks the pages of a nearly empty evicted chunk and merges them when the walk reaches it: one whole write', () => {
+    const { co, published, page } = withPark(4, 2, [256 * 8], 64);
+    page(5 * 256 + 10, 1); // pulled forward: chunk 5
+    page(7 * 256 + 3, 2); // pulled forward: chunk 7
+    page(0, 3); // the walk: chunk 0 opens, evicting chunk 5 (parked, not written)
+    expect(published).toHaveLength(0);
+    expect(co.counters.parkedPages).toBe(1);
+    for (let p = 1; p < 256; p++) page(p, 100 + p); // evicts chunk 7 (parked) and completes chunk 0
+    expect(published.map((x) => x.chunk)).toEqual([0]);
+    for (let p = 5 * 256; p < 6 * 256; p++) if (p !== 5 * 256 + 10) page(p, 200 + p);
+    expect(published.map((x) => x.chunk)).toEqual([0, 5]);
+    expect(Buffer.compare(published[1].bytes.subarray(10 * 4096, 11 * 4096), pageContent(1))).toBe(0);
+    expect(co.counters.partialChunks).toBe(0);
+    co.finish(); // chunk 7's parked page goes out at the end
+    expect(published.map((x) => x.chunk)).toEqual([0, 5, 7]);
+    expect(Buffer.compare(published[2].bytes.subarray(3 * 4096, 4 * 4096), pageContent(2))).toBe(0);
+    expect(co.parkedNow).toBe(0);
+  });
+
+  it('a zero record drops a parked page; a re-sent page replaces it', () => {
+    const { co, published, page } = withPark(4, 1, [256 * 4], 64);
+    page(256 + 1, 1);
+    page(256 + 2, 2);
+    page(0, 3); // parks chunk 1's two pages
+    co.zero(0, 256 + 1); // drops the parked page 1
+    page(512, 4); // parks chunk 0 (one page), opens chunk 2
+    page(256 + 2, 5); // chunk 1 reopens with its parked page 2, then the re-sent version replaces it
+    co.finish();
+    const c1 = published.find((x) => x.chunk === 1)!;
+    expect(c1.bytes.subarray(4096, 8192).every((b) => b === 0)).toBe(true);
+    expect(Buffer.compare(c1.bytes.subarray(2 * 4096, 3 * 4096), pageContent(5))).toBe(0);
+    expect(co.counters.resentPages).toBe(2); // the zero over page 257 and the new version of page 258
+  });
+
+  it('with the pool full, an evicted chunk is written as it is', () => {
+    const { co, published, page } = withPark(4, 1, [256 * 4], 1);
+    page(256 + 1, 1);
+    page(256 + 2, 2);
+    page(0, 3); // two pages do not fit a one-page pool: chunk 1 is published
+    expect(published.map((x) => x.chunk)).toEqual([1]);
+    expect(co.counters.parkedPages).toBe(0);
+  });
+});
