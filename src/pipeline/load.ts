@@ -113,7 +113,7 @@ export interface LoadReport {
 const sleepCell = new Int32Array(new SharedArrayBuffer(4));
 
 /** Writes all of buf[0, len) to fd: partial writes advanced, EAGAIN waited out (bounded), EPIPE reported as QEMU gone. */
-function writeAll(fd: number, buf: Uint8Array, len: number): number {
+export function writeAll(fd: number, buf: Uint8Array, len: number): number {
   let done = 0;
   let calls = 0;
   let stalledSince = 0;
@@ -145,7 +145,7 @@ function writeAll(fd: number, buf: Uint8Array, len: number): number {
 }
 
 /** Stream encoder over one buffer allocated at start; flushes to `fd` when the next section might not fit. */
-class StreamOut {
+export class StreamOut {
   private readonly buf = new Uint8Array(OUT_BYTES);
   private len = 0;
   /** End of the last complete section or verbatim part in buf. */
@@ -164,6 +164,11 @@ class StreamOut {
     private readonly sectionId: number,
     private readonly onFlush: () => void,
   ) {}
+
+  /** Bytes buffered, not yet written. */
+  get buffered(): number {
+    return this.len;
+  }
 
   /** Makes room for n bytes (flushing if needed). */
   room(n: number): void {
@@ -269,7 +274,7 @@ class StreamOut {
 // ---------------------------------------------------------------------------------------------------------------
 // Validation (before any output)
 
-function damaged(path: string, what: string): SnapPipeError {
+export function damaged(path: string, what: string): SnapPipeError {
   return new SnapPipeError('BAD_IMAGE', `${path}: metadata damaged: ${what}`);
 }
 
@@ -311,7 +316,7 @@ class Cursor {
 }
 
 /** The verbatim parts must be what the stream needs around the pages: a header, the RAM setup for these blocks, an end. */
-function checkStreamParts(path: string, meta: SnapshotMeta): void {
+export function checkStreamParts(path: string, meta: SnapshotMeta): void {
   const bad = (what: string) => damaged(path, what);
   if (meta.blocks.length === 0) throw bad('no RAM blocks');
   if (meta.blocks.length > 4096) throw bad(`${meta.blocks.length} RAM blocks`);
@@ -359,26 +364,26 @@ function checkStreamParts(path: string, meta: SnapshotMeta): void {
 }
 
 /** A cluster to send: where it lies in the file and which block chunk it holds. */
-interface DataChunk {
+export interface DataChunk {
   hostOffsetBytes: number;
   block: number;
   chunk: number;
   pages: number;
 }
 
-function popcount8(x: number): number {
+export function popcount8(x: number): number {
   x = x - ((x >> 1) & 0x55);
   x = (x & 0x33) + ((x >> 2) & 0x33);
   return (x + (x >> 4)) & 0x0f;
 }
 
 /** Bits of page i's byte that are valid pages of the block (the last byte may be partial). */
-function validMask(byteIndex: number, pages: number): number {
+export function validMask(byteIndex: number, pages: number): number {
   const rest = pages - byteIndex * 8;
   return rest >= 8 ? 0xff : (1 << rest) - 1;
 }
 
-interface Plan {
+export interface Plan {
   chunks: DataChunk[];
   dataPages: number;
   zeroPages: number;
@@ -386,7 +391,7 @@ interface Plan {
 }
 
 /** Every chunk with data pages must have a cluster; sorted by host offset so the file is read front to back. */
-function planReads(path: string, reader: ImageReader, meta: SnapshotMeta): Plan {
+export function planReads(path: string, reader: ImageReader, meta: SnapshotMeta): Plan {
   const chunks: DataChunk[] = [];
   let dataPages = 0;
   let zeroPages = 0;
@@ -559,7 +564,7 @@ export async function runLoad(opts: LoadOptions): Promise<LoadReport> {
 }
 
 /** Reaps at least one read; an I/O error names the image. */
-function reapNamed(reads: IoBackend, path: string) {
+export function reapNamed(reads: IoBackend, path: string) {
   try {
     return reads.reap(1);
   } catch (err) {

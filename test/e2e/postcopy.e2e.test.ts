@@ -1,0 +1,271 @@
+// `snap-pipe load --postcopy` behind a real QEMU (TCG): a stopped 512 MiB guest saved with snap-pipe save is brought
+// back in a fresh QEMU with the postcopy-ram capability.
+//  - Into a destination left paused until the migration completes: memory byte for byte equal to a dump taken
+//    before the save (device loading already faults on pages, which snap-pipe serves), and it runs after cont.
+//  - With cont as soon as QEMU says postcopy-active: the guest runs before all of its RAM has arrived (the console
+//    ticks while query-migrate says postcopy-active, snap-pipe serves the pages it touches), the migration
+//    completes, and it goes on (its memory has moved on from the dump by then: only a few pages may differ).
+// The same image loaded by plain precopy gives the baseline: time from migrate_incoming to the first tick.
+//
+// The destination is started with -S (as the precopy tests): QEMU then leaves the guest paused at POSTCOPY_RUN
+// (savevm.c loadvm_postcopy_handle_run_bh: autostart is false) and `cont` starts it while postcopy is active. Without
+// -S it would start by itself at RUN.
+// Fails (never skips) when QEMU, the guest files (scripts/guest.sh) or the build (dist/cli.js) are missing.
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, afterEach, beforeAll, describe, expect, test } from 'vitest';
+import type { PostcopyReport } from '../../src/pipeline/postcopy.js';
+import { Guest, delayMs, guestFiles, qemuImgBinary, qemuSystemBinary, shellQuote, snapPipeBin } from '../../src/qemu/guest.js';
+import { firstDifference, LEGACY_WINDOW, loadUri, saveUri } from '../helpers/e2e.js';
+
+const MiB = 1024 * 1024;
+
+/** stdin -> stdout at argv[2] MB/s, in 64 KiB pieces (blocking pipes on both sides). */
+const THROTTLE_JS = `
+const fs = require('fs');
+const rate = Number(process.argv[2]) * 1e6;
+const buf = Buffer.alloc(65536);
+const cell = new Int32Array(new SharedArrayBuffer(4));
+const t0 = Date.now();
+let sent = 0;
+for (;;) {
+  let n;
+  try { n = fs.readSync(0, buf, 0, buf.length, null); } catch (e) { if (e.code === 'EAGAIN') { Atomics.wait(cell, 0, 0, 1); continue; } throw e; }
+  if (n === 0) break;
+  for (let at = 0; at < n; ) at += fs.writeSync(1, buf, at, n - at);
+  sent += n;
+  const wait = t0 + (sent / rate) * 1000 - Date.now();
+  if (wait > 0) Atomics.wait(cell, 0, 0, wait);
+}
+`;
+
+/** 4 KiB pages that differ between two dumps, outside the legacy VGA/ROM window. */
+async function differingPages(a: string, b: string, lengthBytes: number): Promise<number> {
+  const x = readFileSync(a);
+  const y = readFileSync(b);
+  let n = 0;
+  for (let off = 0; off < lengthBytes; off += 4096) {
+    if (off >= LEGACY_WINDOW[0] && off < LEGACY_WINDOW[1]) continue;
+    if (Buffer.compare(x.subarray(off, off + 4096), y.subarray(off, off + 4096)) !== 0) n++;
+  }
+  return n;
+}
+const pageBytes = 4096;
+const memMiB = 512;
+const fillMiB = 200;
+
+describe('snap-pipe load --postcopy behind a real QEMU', () => {
+  let dir: string;
+  let source: Guest | null = null;
+  let dest: Guest | null = null;
+  let img: string;
+  let before: string;
+  let throttle: string;
+
+  beforeAll(async () => {
+    qemuSystemBinary();
+    qemuImgBinary();
+    guestFiles();
+    snapPipeBin();
+    dir = mkdtempSync(join(tmpdir(), 'snap-pipe-postcopy-e2e-'));
+    throttle = join(dir, 'throttle.cjs');
+    writeFileSync(throttle, THROTTLE_JS);
+    img = join(dir, 'stopped.qcow2');
+    before = join(dir, 'before.pmem');
+    source = await Guest.start({ name: 'postcopy-src', memMiB, fillMiB });
+    await source.waitReady(180_000);
+    await source.stop();
+    await source.pmemsave(0, memMiB * MiB, before, 120_000);
+    await source.unthrottle();
+    await source.migrate(saveUri(img));
+    const m = await source.waitMigration(180_000);
+    if (m.status !== 'completed') throw source.failure(`save ${m.status}: ${m['error-desc'] ?? '?'}`);
+    await source.quit();
+    source = null;
+  }, 600_000);
+
+  afterEach(async () => {
+    await dest?.quit();
+    dest = null;
+  });
+
+  afterAll(async () => {
+    await source?.quit();
+    await dest?.quit();
+    if (dir) rmSync(dir, { recursive: true, force: true });
+  });
+
+  const results: Record<string, number> = {};
+
+  test('precopy baseline: migrate_incoming to the first tick', async () => {
+    dest = await Guest.start({ name: 'postcopy-base', memMiB, fillMiB, incoming: true });
+    const from = dest.consoleBytes();
+    const t0 = Date.now();
+    await dest.migrateIncoming(loadUri(img));
+    const m = await dest.waitMigration(180_000);
+    if (m.status !== 'completed') throw dest.failure(`precopy load ${m.status}: ${m['error-desc'] ?? '?'}`);
+    const loaded = Date.now() - t0;
+    await dest.cont();
+    await dest.waitTick(30_000, from);
+    results.precopyToTickMs = Date.now() - t0;
+    results.precopyLoadedMs = loaded;
+    console.log(`precopy: migrate_incoming -> completed ${loaded} ms, -> first tick after cont ${results.precopyToTickMs} ms`);
+  }, 300_000);
+
+  /**
+   * Starts a destination with postcopy-ram and runs `migrate_incoming exec:snap-pipe load --postcopy...`; with
+   * `mbps`, snap-pipe's output goes through a rate limiter first (a slow link: the stream takes seconds, so the
+   * guest, which needs ~0.7 s under TCG to print its first tick, surely ticks before the end).
+   */
+  async function startPostcopy(name: string, percent: number, statsPath: string, mbps?: number): Promise<{ t0: number; from: number }> {
+    dest = await Guest.start({ name, memMiB, fillMiB, incoming: true });
+    // QEMU 7.2 checks postcopy-ram on the destination at POSTCOPY_ADVISE: set it before migrate_incoming.
+    await dest.setCapabilities({ 'postcopy-ram': true, 'postcopy-blocktime': true });
+    const from = dest.consoleBytes();
+    const t0 = Date.now();
+    let uri = loadUri(img, [percent ? `--postcopy=${percent}` : '--postcopy', `--stats=${statsPath}`]);
+    if (mbps) uri += ` | ${shellQuote(process.execPath)} ${shellQuote(throttle)} ${mbps}`;
+    await dest.migrateIncoming(uri);
+    return { t0, from };
+  }
+
+  /** Polls query-migrate until postcopy-active (LISTEN went by); returns the statuses seen. */
+  async function waitPostcopyActive(g: Guest): Promise<Set<string>> {
+    const seen = new Set<string>();
+    for (const deadline = Date.now() + 60_000; Date.now() < deadline; ) {
+      const m = await g.queryMigrate();
+      seen.add(m.status);
+      if (m.status === 'postcopy-active') return seen;
+      if (m.status === 'completed' || m.status === 'failed') break;
+      await delayMs(5);
+    }
+    throw g.failure(`no postcopy-active (seen: ${[...seen].join(', ')})`);
+  }
+
+  async function readStats(g: Guest, statsPath: string): Promise<PostcopyReport> {
+    for (const deadline = Date.now() + 10_000; Date.now() < deadline; ) {
+      try {
+        return JSON.parse(readFileSync(statsPath, 'utf8')) as PostcopyReport;
+      } catch {
+        await delayMs(50);
+      }
+    }
+    throw g.failure('snap-pipe wrote no stats');
+  }
+
+  function describeStats(st: PostcopyReport): string {
+    const l = st.faultLatency;
+    return (
+      `snap-pipe: ${(st.bytesOut / MiB).toFixed(0)} MiB in ${(st.seconds * 1000).toFixed(0)} ms; package sent ${st.packageSentMs.toFixed(0)} ms, ` +
+      `devices loaded ${st.devicesLoadedMs?.toFixed(0)} ms, EOF ${st.eofSentMs.toFixed(0)} ms; precopy share ${st.precopyDataPages} data pages; ` +
+      `${st.discardRanges} discard ranges; ${st.requests} requests (${st.requestedDataPages} data, ${st.requestedZeroPages} zero, ` +
+      `${st.requestedAlreadySent} already sent), ${st.requestReads} request cluster reads (${st.evictions} dropped); fault latency ` +
+      `p50 ${l.p50Ms.toFixed(3)} ms, p90 ${l.p90Ms.toFixed(3)} ms, p99 ${l.p99Ms.toFixed(3)} ms, max ${l.maxMs.toFixed(3)} ms ` +
+      `(waiting for clusters ${st.requestReadWaitMs.toFixed(1)} ms, writing ${st.requestWriteMs.toFixed(1)} ms in all)`
+    );
+  }
+
+  test('postcopy into a paused destination: memory byte for byte the dump taken before the save, then it runs', async () => {
+    const statsPath = join(dir, 'postcopy-paused.json');
+    const after = join(dir, 'after-paused.pmem');
+    const { t0, from } = await startPostcopy('postcopy-paused', 0, statsPath);
+    const g = dest!;
+    const seen = await waitPostcopyActive(g);
+    // -S: QEMU leaves the guest paused at POSTCOPY_RUN; loading the devices still faults on guest pages (kvmvapic
+    // patches the option ROM area), which snap-pipe serves.
+    const done = await g.waitMigration(180_000);
+    const ms = Date.now() - t0;
+    if (done.status !== 'completed') throw g.failure(`postcopy load ${done.status}: ${done['error-desc'] ?? '?'}`);
+    expect(seen.has('postcopy-active')).toBe(true);
+    expect(await g.queryStatus()).toMatchObject({ running: false });
+    const st = await readStats(g, statsPath);
+    expect(st.shutStatus).toBe(0);
+    expect(g.stderrText()).not.toMatch(/snap-pipe:/);
+
+    await g.pmemsave(0, memMiB * MiB, after, 120_000);
+    const diff = await firstDifference(before, after, memMiB * MiB, [LEGACY_WINDOW]);
+    expect(diff, diff < 0 ? '' : `restored RAM differs at 0x${diff.toString(16)} (page 0x${(diff - (diff % pageBytes)).toString(16)})`).toBe(-1);
+    rmSync(after, { force: true });
+
+    await g.cont();
+    await g.waitTick(30_000, from);
+    await g.waitTick(30_000);
+    console.log(`postcopy, paused destination: migrate_incoming -> completed ${ms} ms; identical memory.\n  ${describeStats(st)}`);
+  }, 600_000);
+
+  for (const { percent, mbps } of [{ percent: 0, mbps: 0 }, { percent: 0, mbps: 64 }, { percent: 25, mbps: 64 }]) {
+    const label = `postcopy${percent ? `=${percent}` : ''}${mbps ? ` over a ${mbps} MB/s link` : ''}`;
+    test(`${label}, cont at postcopy-active: the guest runs while RAM is still arriving, and goes on`, async () => {
+      const statsPath = join(dir, `postcopy-${percent}-${mbps}.json`);
+      const after = join(dir, `after-${percent}-${mbps}.pmem`);
+      const { t0, from } = await startPostcopy(`postcopy-run-${percent}-${mbps}`, percent, statsPath, mbps);
+      const g = dest!;
+      const seen = await waitPostcopyActive(g);
+      const activeMs = Date.now() - t0;
+      await g.cont();
+      const contMs = Date.now() - t0;
+
+      // Poll the console and the migration status together: a tick while postcopy is still active shows the guest
+      // running before all of its RAM has arrived.
+      let firstTickMs = -1;
+      let tickWhileActive = '';
+      let runningWhileActive = false;
+      let status = 'postcopy-active';
+      for (const deadline = Date.now() + 120_000; Date.now() < deadline; ) {
+        const ticks = g.consoleText().slice(from).match(/SNAPPIPE-TICK \d+/g) ?? [];
+        const m = await g.queryMigrate();
+        status = m.status;
+        seen.add(status);
+        if (status === 'postcopy-active' && (await g.queryStatus()).running) runningWhileActive = true;
+        if (ticks.length > 0 && firstTickMs < 0) firstTickMs = Date.now() - t0;
+        if (ticks.length > 0 && status === 'postcopy-active' && !tickWhileActive) tickWhileActive = ticks[ticks.length - 1];
+        if (status === 'failed' || (status === 'completed' && firstTickMs >= 0)) break;
+        await delayMs(10);
+      }
+      const done = await g.waitMigration(180_000);
+      if (done.status !== 'completed') throw g.failure(`postcopy load ${done.status}: ${done['error-desc'] ?? '?'}`);
+      const st = await readStats(g, statsPath);
+      const completedMs = st.shutMs === null ? -1 : Math.round(st.shutMs);
+      expect(st.shutStatus).toBe(0);
+      expect(st.requests).toBeGreaterThan(0);
+      expect(g.stderrText()).not.toMatch(/snap-pipe:/);
+      expect(runningWhileActive, 'query-status running while query-migrate says postcopy-active').toBe(true);
+      // Unthrottled, the stream (~0.9 s here) may end before the guest's first tick (~0.7 s after cont under TCG):
+      // the tick is required over the slow link only.
+      if (mbps) expect(tickWhileActive, `a console tick while query-migrate says postcopy-active (first tick ${firstTickMs} ms, SHUT ${completedMs} ms)`).not.toBe('');
+
+      // The guest has been running since before the end, so its memory moved on from the dump: only a few pages
+      // (kernel data, the console, timers) may differ; the ~200 MiB of random fill and the rest must not.
+      await g.pmemsave(0, memMiB * MiB, after, 120_000);
+      const changed = await differingPages(before, after, memMiB * MiB);
+      rmSync(after, { force: true });
+      expect(changed).toBeLessThan((memMiB * MiB) / pageBytes / 100);
+
+      expect(await g.queryStatus()).toMatchObject({ status: 'running', running: true });
+      await g.waitTick(30_000);
+      await g.waitTick(30_000);
+
+      const blocktime = (done as Record<string, unknown>)['postcopy-blocktime'];
+      console.log(
+        `${label}, cont at postcopy-active: migrate_incoming -> postcopy-active ${activeMs} ms, cont ${contMs} ms, first tick ` +
+          `${firstTickMs} ms (${tickWhileActive ? `'${tickWhileActive}' while postcopy-active` : 'after the end'}), snap-pipe got SHUT at ${completedMs} ms after its start; ` +
+          `precopy baseline: first tick ${results.precopyToTickMs ?? '?'} ms. ${changed} pages changed by the running guest; ` +
+          `QEMU postcopy-blocktime ${String(blocktime)} ms.\n  ${describeStats(st)}`,
+      );
+    }, 600_000);
+  }
+
+  test('a destination without postcopy-ram fails at POSTCOPY_ADVISE; snap-pipe names the capability', async () => {
+    dest = await Guest.start({ name: 'postcopy-nocap', memMiB, fillMiB, incoming: true });
+    await dest.migrateIncoming(loadUri(img, ['--postcopy']));
+    // QEMU 7.2 exits when an incoming migration fails (migration.c process_incoming_migration_co).
+    for (const deadline = Date.now() + 60_000; dest.alive && Date.now() < deadline; ) await delayMs(100);
+    if (dest.alive) throw dest.failure('QEMU still running 60 s after a postcopy stream without postcopy-ram');
+    for (const deadline = Date.now() + 10_000; !/snap-pipe:/.test(dest.stderrText()) && Date.now() < deadline; ) await delayMs(100);
+    const log = dest.stderrText();
+    expect(log).toMatch(/RAM postcopy is disabled but have 16 byte advise/);
+    expect(log).toMatch(/snap-pipe: .*does the destination have the postcopy-ram capability/);
+    console.log(`no postcopy-ram: ${log.trim().split('\n').filter((l) => /snap-pipe|advise/.test(l)).join(' | ')}`);
+  }, 300_000);
+});
