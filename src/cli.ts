@@ -5,6 +5,7 @@ import { writeFileSync } from 'node:fs';
 import { isatty } from 'node:tty';
 import { formatHelp, parseArgs, parseInteger, parseSize, type FlagSpec } from './args.js';
 import { cmdLoad } from './cli-load.js';
+import { cmdVerify } from './cli-verify.js';
 import { SnapPipeError } from './errors.js';
 import { formatBytes, formatInfo, readInfo } from './image/info.js';
 import { DEFAULT_QUEUE_DEPTH, DEFAULT_RING_BYTES, SavePipeline, type SaveReport } from './pipeline/save.js';
@@ -43,6 +44,7 @@ commands:
   save IMG      store the migration stream read from stdin in IMG (QCOW2, 1 MiB clusters)
   load IMG      write the migration stream stored in IMG to stdout (for migrate_incoming exec:)
   info IMG      show what IMG holds (--json for JSON)
+  verify IMG    read all of IMG, check its structure and every checksum (exit 0 only if sound)
   help COMMAND  show a command's options
 
 'snap-pipe COMMAND --help' shows each command's options.
@@ -128,6 +130,7 @@ async function main(argv: string[]): Promise<number> {
     case 'save':
       return cmdSave(rest);
     case 'load': return cmdLoad(rest);
+    case 'verify': return cmdVerify(rest);
     case 'info':
       return cmdInfo(rest);
     case 'help':

@@ -108,11 +108,16 @@ export class ImageWriter {
     checkOverwrite(path, opts.force);
     const c = fs.constants;
     const flags = c.O_RDWR | c.O_CREAT | c.O_TRUNC | (opts.direct ? c.O_DIRECT : 0);
+    const existed = fs.existsSync(path);
     let fd: number;
     try {
       fd = fs.openSync(path, flags, 0o644);
     } catch (err) {
-      if (opts.direct && isEinval(err)) throw noDirect(path);
+      if (opts.direct && isEinval(err)) {
+        // O_CREAT made the file before O_DIRECT was refused: leave nothing behind that was not there before.
+        if (!existed) fs.rmSync(path, { force: true });
+        throw noDirect(path);
+      }
       throw ioError(`open ${path}`, err);
     }
     const scratch = new Uint8Array(alignedShared(CLUSTER_BYTES), 0, CLUSTER_BYTES);

@@ -1,6 +1,8 @@
 // Wiring for `snap-pipe save`: allocate the rings once, start reader -> coalescer -> writer, supervise them (the
 // first failure wins and stops the others), then have the writer store the metadata and mark the image complete.
-import { statSync } from 'node:fs';
+import { closeSync, constants, existsSync, fstatSync, openSync, statSync, writeSync } from 'node:fs';
+import { join } from 'node:path';
+import { pathToFileURL } from 'node:url';
 import { deserializeError, SnapPipeError } from '../errors.js';
 import { FORMAT_VERSION, type SnapshotMeta } from '../image/types.js';
 import type { IoBackendName } from '../native/io.js';
@@ -72,6 +74,10 @@ export function ringSizes(ringBytes: number): SaveRingSizes {
 }
 
 function stageUrl(name: string): URL {
+  // Tests only: a directory of fixture stages (test/fixtures/stages/<failure mode>/); a stage found there replaces
+  // the real one, so a test can make one stage fail in a way no input can (an exception, a crash, an exit).
+  const fixtures = process.env.SNAP_PIPE_TEST_STAGE_DIR;
+  if (fixtures && existsSync(join(fixtures, `${name}.js`))) return pathToFileURL(join(fixtures, `${name}.js`));
   return new URL(`../workers/${name}.js`, import.meta.url);
 }
 
@@ -97,6 +103,7 @@ export class SavePipeline {
   /** Stops every stage at its next wait (SIGINT/SIGTERM); the image stays marked incomplete. */
   abort(): void {
     signalFailure(this.ctrl, FAIL_ABORT);
+    wakeBlockedReader();
   }
 
   async run(): Promise<SaveReport> {
@@ -158,6 +165,8 @@ export class SavePipeline {
       };
     } catch (err) {
       // Do not wait for the threads: the reader may be blocked reading stdin, and the caller exits anyway.
+      signalFailure(this.ctrl, FAIL_ERROR);
+      wakeBlockedReader();
       void this.stop();
       throw err;
     }
@@ -241,6 +250,27 @@ export class SavePipeline {
     await Promise.all(stages.map((s) => s.worker.terminate().catch(() => undefined)));
   }
 }
+
+/**
+ * A reader thread blocked in read(0) on an empty pipe cannot be terminated, and process.exit() waits for it (until
+ * QEMU sends more or closes the pipe, which a stalled source may never do). After FAILED is set (the reader checks
+ * it before every read), this puts one byte into our own stdin pipe, opened again for writing through /proc, so
+ * that read returns and the thread ends. The stream is being abandoned: the byte does no harm. Pipes only (QEMU's
+ * exec: gives one); a full pipe (EAGAIN) means the reader is not blocked.
+ */
+function wakeBlockedReader(): void {
+  let fd = -1;
+  try {
+    if (!fstatSync(0).isFIFO()) return;
+    fd = openSync('/proc/self/fd/0', constants.O_WRONLY | constants.O_NONBLOCK);
+    writeSync(fd, WAKE_BYTE);
+  } catch {
+    // nothing more to do: the failure being reported matters more
+  } finally {
+    if (fd >= 0) closeSync(fd);
+  }
+}
+const WAKE_BYTE = new Uint8Array(1);
 
 function interrupted(): SnapPipeError {
   return new SnapPipeError('INTERRUPTED', 'save interrupted; the image is left marked incomplete');

@@ -138,7 +138,7 @@ export class StreamParser {
         r.be32('instance id');
         const versionId = r.be32('version id');
         if (idstr !== RAM_IDSTR) {
-          throw this.unsupported(`iterable section '${idstr}' (snap-pipe stores RAM only; disable block migration and dirty-bitmaps)`, at);
+          throw this.unsupported(`iterable section ${shown(idstr)} (snap-pipe stores RAM only; disable block migration and dirty-bitmaps)`, at);
         }
         if (ramSetup) throw this.bad('a second ram START section', at);
         if (versionId !== RAM_VERSION) throw this.unsupported(`ram section version ${versionId} (expected ${RAM_VERSION})`, at);
@@ -215,7 +215,7 @@ export class StreamParser {
       } else if (name === SUB_UUID) {
         uuid = r.take(16, 'uuid');
       } else {
-        throw this.unsupported(`configuration subsection '${name}'`, at);
+        throw this.unsupported(`configuration subsection ${shown(name)}`, at);
       }
     }
     return { machineType, capabilities, uuid };
@@ -257,13 +257,13 @@ export class StreamParser {
       } else {
         const name = decoder.decode(r.take(r.u8('block name length'), 'block name'));
         const b = this.blockIndex.get(name);
-        if (b === undefined) throw this.bad(`page for RAM block '${name}', which the setup never named`, at);
+        if (b === undefined) throw this.bad(`page for RAM block ${shown(name)}, which the setup never named`, at);
         block = this.lastBlock = b;
       }
       const offsetBytes = parts[0] * TWO_32 + (parts[1] - flags);
       const page = offsetBytes / PAGE_BYTES;
       if (page >= this.blockPages[block]) {
-        throw this.bad(`page at offset ${offsetBytes} beyond RAM block '${this.blocks[block].id}' (${this.blocks[block].lengthBytes} bytes)`, at);
+        throw this.bad(`page at offset ${offsetBytes} beyond RAM block ${shown(this.blocks[block].id)} (${this.blocks[block].lengthBytes} bytes)`, at);
       }
       if (kind === RAM_PAGE) {
         const pos = r.skipInPlace(PAGE_BYTES, 'page data');
@@ -289,11 +289,11 @@ export class StreamParser {
         r.be64Parts('block address', this.parts);
         block.addr = this.parts[0] * TWO_32 + this.parts[1];
       }
-      if (lengthBytes === 0 || lengthBytes % PAGE_BYTES !== 0) throw this.bad(`RAM block '${id}' of ${lengthBytes} bytes`, at);
+      if (lengthBytes === 0 || lengthBytes % PAGE_BYTES !== 0) throw this.bad(`RAM block ${shown(id)} of ${lengthBytes} bytes`, at);
       if (lengthBytes > remaining) {
         throw this.bad(`RAM block sizes add up to more than the announced total of ${totalBytes} bytes`, at);
       }
-      if (this.blockIndex.has(id)) throw this.bad(`RAM block '${id}' named twice`, at);
+      if (this.blockIndex.has(id)) throw this.bad(`RAM block ${shown(id)} named twice`, at);
       this.blockIndex.set(id, this.blocks.length);
       this.blocks.push(block);
       this.blockPages.push(lengthBytes / PAGE_BYTES);
@@ -301,6 +301,20 @@ export class StreamParser {
     }
     this.sink.setup(this.blocks);
   }
+}
+
+/**
+ * A name read from the stream, for an error message: quoted, non-printable bytes escaped (a damaged stream must not
+ * break the message's one line or write control characters to a terminal), cut to a readable length.
+ */
+export function shown(name: string): string {
+  const NAME_CHARS_MAX = 64;
+  let out = '';
+  for (let i = 0; i < name.length && i < NAME_CHARS_MAX; i++) {
+    const c = name.charCodeAt(i);
+    out += c >= 0x20 && c < 0x7f && c !== 0x27 && c !== 0x5c ? name[i] : `\\x${c.toString(16).padStart(2, '0')}`;
+  }
+  return `'${out}${name.length > NAME_CHARS_MAX ? `...' (${name.length} bytes)` : "'"}`;
 }
 
 function concatType(type: number, rest: Uint8Array): Uint8Array {
@@ -328,11 +342,26 @@ export function checkDeviceStateEnd(dev: Uint8Array, at: number): boolean {
       continue;
     }
   }
-  if (n > 0 && dev[n - 1] === SEC_EOF && !looksLikeVmdescStart(dev)) return false;
+  // No VM description (the machine suppresses it): the stream has section footers (its RAM sections did), so a
+  // whole device state is just EOF, or ends with the last FULL section's footer and EOF. A stream cut short almost
+  // never ends that way by chance (a cut merely ending in a zero byte used to pass).
+  if (n === 1 && dev[0] === SEC_EOF) return false;
+  if (n >= 7 && dev[n - 1] === SEC_EOF && dev[n - 6] === SEC_FOOTER && !looksLikeVmdescStart(dev)) {
+    const id = ((dev[n - 5] << 24) | (dev[n - 4] << 16) | (dev[n - 3] << 8) | dev[n - 2]) >>> 0;
+    if (hasFullSectionStart(dev, id, n - 6)) return false;
+  }
   throw new SnapPipeError(
     'TRUNCATED',
     `the device state (from byte ${at}, ${n} bytes) does not end with EOF and a VM description: the stream was cut short`,
   );
+}
+
+/** A FULL section header for section `id` starts somewhere before `end`. */
+function hasFullSectionStart(dev: Uint8Array, id: number, end: number): boolean {
+  for (let k = 0; k + 5 <= end; k++) {
+    if (dev[k] === SEC_FULL && ((dev[k + 1] << 24) | (dev[k + 2] << 16) | (dev[k + 3] << 8) | dev[k + 4]) >>> 0 === id) return true;
+  }
+  return false;
 }
 
 function looksLikeVmdescStart(dev: Uint8Array): boolean {

@@ -19,6 +19,7 @@ import {
   MAX_BLOCKS,
   type SaveShared,
 } from '../ring/layout.js';
+import { Aborted, failed } from '../ring/wait.js';
 import { StreamParser, type ParsedBlock, type ParsedStream } from '../stream/parser.js';
 import { exposeStage, outcome, type Outcome } from './rpc.js';
 import { saveViews } from './stage-memory.js';
@@ -37,14 +38,21 @@ export interface ReaderResult {
   busyMs: number;
 }
 
-/** Reads fd 0 in large pieces; an EAGAIN (stdin left non-blocking by a parent) waits briefly and retries. */
+/**
+ * Reads fd 0 in large pieces; an EAGAIN (stdin left non-blocking by a parent) waits briefly and retries. Checks the
+ * pipeline's FAILED field before every read: once the save has failed or been aborted (the main thread then wakes a
+ * read blocked on an empty pipe, see SavePipeline), the reader must not block in read(0) again, or the thread could
+ * not be terminated and the process could not exit.
+ */
 export class StdinInput implements ByteInput {
   waitMs = 0;
   private readonly nap = new Int32Array(new SharedArrayBuffer(4));
+  constructor(private readonly ctrl?: Int32Array) {}
   read(dst: Uint8Array, off: number, len: number): number {
     const t0 = performance.now();
     try {
       for (;;) {
+        if (this.ctrl && failed(this.ctrl)) throw new Aborted();
         try {
           return readSync(0, dst, off, len, null);
         } catch (err) {
@@ -68,7 +76,7 @@ function run(shared: SaveShared): ReaderResult {
   const v = saveViews(shared);
   const producer = new DescriptorProducer(v.ctrl, v.desc);
   const pipeBytes = enlargePipe(0);
-  const input = new StdinInput();
+  const input = new StdinInput(v.ctrl);
   const ring = new InputRing(v.input, v.ctrl, input, producer);
   let virtOffsetsBytes: number[] = [];
   let ramEndBytes = 0;
