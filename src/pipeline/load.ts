@@ -21,6 +21,7 @@ import { ImageReader } from '../image/reader.js';
 import { CLUSTER_BYTES, PAGE_BYTES, PAGES_PER_CHUNK, type SnapshotMeta } from '../image/types.js';
 import { checkDeviceStateEnd } from '../stream/parser.js';
 import { openIoBackend, type IoBackend, type IoBackendName } from '../native/io.js';
+import { enlargePipe } from '../native/uring.js';
 import { alignedShared } from '../ring/memory.js';
 import {
   CAP_IGNORE_SHARED,
@@ -444,6 +445,9 @@ export async function runLoad(opts: LoadOptions): Promise<LoadReport> {
     assert(meta, 'a complete image has metadata');
     checkStreamParts(path, meta);
     const plan = planReads(path, reader, meta);
+    // A 64 KiB pipe makes QEMU and us take turns in small pieces; grow it (postcopy does not: a deep pipe would
+    // queue background pages ahead of the pages the guest is waiting for).
+    enlargePipe(opts.out);
     try {
       fd = fs.openSync(path, fs.constants.O_RDONLY | (opts.direct ? fs.constants.O_DIRECT : 0));
     } catch (err) {
