@@ -1,6 +1,8 @@
 // snap-pipe's command line: the only place that prints results and exits.
-//   save IMG   QEMU's migration stream on stdin -> QCOW2 image (never writes to stdout)
-//   info IMG   what an image holds
+//   save IMG     QEMU's migration stream on stdin -> QCOW2 image (never writes to stdout)
+//   load IMG     image -> migration stream on stdout (cli-load.ts; --postcopy serves QEMU's page requests)
+//   info IMG     what an image holds
+//   verify IMG   structure and every checksum (cli-verify.ts)
 import { writeFileSync } from 'node:fs';
 import { isatty } from 'node:tty';
 import { formatHelp, parseArgs, parseInteger, parseSize, type FlagSpec } from './args.js';
@@ -134,11 +136,22 @@ async function main(argv: string[]): Promise<number> {
     case 'info':
       return cmdInfo(rest);
     case 'help':
-      if (rest[0] === 'save') return cmdSave(['--help']);
-      if (rest[0] === 'info') return cmdInfo(['--help']);
-      if (rest[0] === 'load') return cmdLoad(['--help']);
-      process.stdout.write(MAIN_HELP);
-      return 0;
+      if (rest.length > 1) return usage(`help: unexpected argument '${rest[1]}'`);
+      switch (rest[0]) {
+        case 'save':
+          return cmdSave(['--help']);
+        case 'load':
+          return cmdLoad(['--help']);
+        case 'info':
+          return cmdInfo(['--help']);
+        case 'verify':
+          return cmdVerify(['--help']);
+        case undefined:
+          process.stdout.write(MAIN_HELP);
+          return 0;
+        default:
+          return usage(`help: unknown command '${rest[0]}' (see snap-pipe --help)`);
+      }
     case '--help':
     case '-h':
       process.stdout.write(MAIN_HELP);

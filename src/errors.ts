@@ -23,14 +23,28 @@ export class SnapPipeError extends Error {
   }
 }
 
-/** Wraps a Node system error (with .code like 'ENOSPC') into one line naming the operation. */
+/**
+ * Wraps a Node system error (with .code like 'ENOSPC') into one line naming the operation:
+ * `<op>: EIO (i/o error)`. `op` says what was done to what (`open PATH`, `write of N bytes at offset X`), so the tail
+ * Node adds to its messages (`, open '/the/path'`, `, write`) is dropped rather than repeated.
+ */
 export function ioError(op: string, err: unknown): SnapPipeError {
   const e = err as NodeJS.ErrnoException;
   if (e && e.code === 'EINVAL' && /O_DIRECT|direct/i.test(op)) {
     return new SnapPipeError('NO_DIRECT', `${op}: the file system refuses O_DIRECT (EINVAL); use --no-direct`);
   }
-  const what = e && e.code ? `${e.code}${e.message ? ` (${e.message.replace(/^[A-Z]+: /, '')})` : ''}` : String(err);
+  const what = e && e.code ? `${e.code}${e.message ? ` (${describeSystemError(e)})` : ''}` : String(err);
   return new SnapPipeError('IO', `${op}: ${what}`);
+}
+
+/** 'EIO: i/o error, open '/x'' -> 'i/o error': the description alone, without the code, syscall and path. */
+function describeSystemError(e: NodeJS.ErrnoException): string {
+  let text = e.message.replace(/^[A-Z0-9_]+: /, '');
+  if (e.syscall) {
+    const at = text.lastIndexOf(`, ${e.syscall}`);
+    if (at > 0) text = text.slice(0, at);
+  }
+  return text;
 }
 
 /** Errors cross worker boundaries as plain objects; this restores the class and code. */

@@ -29,8 +29,9 @@
 //
 // stdin is read without blocking, between sections and while idle: through a second open file description of the
 // same pipe (/proc/self/fd/0 with O_NONBLOCK), or for a socket (Node's child_process pipes) fd 0 itself switched to
-// non-blocking mode. The main thread never blocks on it, so a SHUT or EOF at the end is seen at once, and nothing
-// (no thread stuck in a read) keeps the process alive afterwards.
+// non-blocking mode. After EOF, with nothing left to send, the wait for SHUT blocks in the event loop (libuv's epoll
+// on that fd: no polling, no thread stuck in a read) for at most SHUT_WAIT_MS_MAX, so a SHUT or the pipe closing is
+// seen at once, and a destination that never says SHUT ends the load with an error instead of hanging it.
 
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
@@ -75,8 +76,13 @@ const FLUSH_BYTES = 128 << 10;
 const BG_READS_IN_FLIGHT = 2;
 /** Cluster slots kept for requests beyond the background read-ahead. */
 const URGENT_SLOTS = 16;
-/** Idle wait for the return path after EOF (and while nothing else is left to do). */
-const IDLE_SLEEP_MS = 1;
+/**
+ * After EOF, how long QEMU may take to say SHUT. It says it once its listen thread has loaded everything and torn
+ * down postcopy (userfaultfd unregistered): well under a second for the guests measured, seconds at worst.
+ */
+export const SHUT_WAIT_MS_MAX = 60_000;
+/** Tests shorten the wait for SHUT through this variable (ms). */
+const SHUT_WAIT_ENV = 'SNAP_PIPE_TEST_SHUT_WAIT_MS';
 const TWO_32 = 0x1_0000_0000;
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -322,13 +328,19 @@ export function deviceSectionsEnd(dev: Uint8Array): number {
 // ---------------------------------------------------------------------------------------------------------------
 // Return path input
 
-const sleepCell = new Int32Array(new SharedArrayBuffer(4));
-
-function sleepMs(ms: number): void {
-  Atomics.wait(sleepCell, 0, 0, ms);
+/** SHUT_WAIT_MS_MAX, or what a test set in SNAP_PIPE_TEST_SHUT_WAIT_MS. */
+function shutWaitMsMax(): number {
+  const v = process.env[SHUT_WAIT_ENV];
+  if (v === undefined) return SHUT_WAIT_MS_MAX;
+  const ms = Number(v);
+  assert(Number.isInteger(ms) && ms > 0, `${SHUT_WAIT_ENV}=${v}: not a positive integer`);
+  return ms;
 }
 
-/** Non-blocking reads of QEMU's return path, decoded; every message is stamped with the time its bytes were read. */
+/**
+ * QEMU's return path, decoded; every message is stamped with the time its bytes were read. Non-blocking reads while
+ * the stream goes out (poll), then one bounded, blocking wait at the end (waitUntil).
+ */
 class ReturnPathIn {
   private readonly fd: number;
   private readonly ownFd: boolean;
@@ -336,6 +348,8 @@ class ReturnPathIn {
   private readonly socket: net.Socket | undefined;
   private readonly buf = new Uint8Array(64 << 10);
   private readonly decoder = new ReturnPathDecoder();
+  /** The last phase's libuv handle on `fd` (see waitUntil); poll() no longer reads once it exists. */
+  private watcher: net.Socket | undefined;
   eof = false;
   bytes = 0;
 
@@ -361,6 +375,7 @@ class ReturnPathIn {
 
   /** Reads what is there now (without waiting) and hands each whole message to `on`. */
   poll(on: (m: RpMessage, t: number) => void): void {
+    assert(!this.watcher, 'ReturnPathIn.poll after waitUntil');
     if (this.eof) return;
     for (;;) {
       let n: number;
@@ -379,19 +394,75 @@ class ReturnPathIn {
       const t = performance.now();
       if (n === 0) {
         this.eof = true;
-        if (this.decoder.pending > 0) {
-          throw new SnapPipeError('TRUNCATED', `return path from QEMU: closed inside a message (${this.decoder.pending} bytes of it)`);
-        }
+        const err = this.closedInsideMessage();
+        if (err) throw err;
         return;
       }
-      this.bytes += n;
-      this.decoder.push(this.buf.subarray(0, n));
-      for (let m = this.decoder.next(); m; m = this.decoder.next()) on(m, t);
+      this.decode(this.buf.subarray(0, n), t, on);
       if (n < this.buf.length) return;
     }
   }
 
+  private decode(data: Uint8Array, t: number, on: (m: RpMessage, t: number) => void): void {
+    this.bytes += data.length;
+    this.decoder.push(data);
+    for (let m = this.decoder.next(); m; m = this.decoder.next()) on(m, t);
+  }
+
+  private closedInsideMessage(): SnapPipeError | undefined {
+    if (this.decoder.pending === 0) return undefined;
+    return new SnapPipeError('TRUNCATED', `return path from QEMU: closed inside a message (${this.decoder.pending} bytes of it)`);
+  }
+
+  /**
+   * The last phase: waits, without polling, until `done()` holds after a message, the return path closes, or
+   * `waitMsMax` passes; resolves false only when the time ran out. The fd is handed to libuv (a net.Socket over it:
+   * epoll, so the event loop sleeps until QEMU writes or closes), and poll() may not be used afterwards. In the
+   * socket case this is a second handle on fd 0; the first (this.socket) never reads, so it never registered fd 0.
+   */
+  waitUntil(on: (m: RpMessage, t: number) => void, done: () => boolean, waitMsMax: number): Promise<boolean> {
+    this.poll(on); // what is there already
+    if (done() || this.eof) return Promise.resolve(true);
+    let w: net.Socket;
+    try {
+      w = this.watcher = new net.Socket({ fd: this.fd, readable: true, writable: false });
+    } catch (err) {
+      throw ioError(`waiting on the return path (fd ${this.fd})`, err);
+    }
+    return new Promise<boolean>((resolve, reject) => {
+      let settled = false;
+      const finish = (err: unknown, ok: boolean) => {
+        if (settled) return;
+        settled = true;
+        clearTimeout(timer);
+        w.pause();
+        if (err) reject(err);
+        else resolve(ok);
+      };
+      const timer = setTimeout(() => finish(undefined, false), waitMsMax);
+      w.on('data', (d: Buffer) => {
+        if (settled) return;
+        try {
+          this.decode(d, performance.now(), on);
+          if (done()) finish(undefined, true);
+        } catch (err) {
+          finish(err, false);
+        }
+      });
+      w.on('end', () => {
+        this.eof = true;
+        finish(this.closedInsideMessage(), true);
+      });
+      w.on('error', (err) => finish(ioError('reading the return path (stdin)', err), false));
+    });
+  }
+
   close(): void {
+    if (this.watcher) {
+      // libuv closes the fd it was given, except 0-2 (fd 0 itself stays, as below).
+      this.watcher.destroy();
+      return;
+    }
     if (!this.ownFd) return; // fd 0 itself: left to the process exit
     try {
       fs.closeSync(this.fd);
@@ -459,7 +530,7 @@ export async function runPostcopyLoad(opts: PostcopyOptions): Promise<PostcopyRe
     if (opened.note) opts.onNote?.(opened.note);
 
     const s = new PostcopySession(opts, meta, plan, fd, reads, slots, slotCount, depth, rp, pkg, t0);
-    return s.run();
+    return await s.run(); // awaited here: the finally below must not close rp while the session waits on it
   } finally {
     reads?.close();
     rp?.close();
@@ -949,7 +1020,7 @@ class PostcopySession {
 
   // -------------------------------------------------------------------------------------------------------------
 
-  run(): PostcopyReport {
+  async run(): Promise<PostcopyReport> {
     const out = this.out;
     const meta = this.meta;
     const plan = this.plan;
@@ -1048,12 +1119,21 @@ class PostcopySession {
       this.eofWritten = true;
       this.r.eofSentMs = this.now();
 
-      // Wait for SHUT or the pipe closing; requests now only name pages already sent.
-      for (;;) {
-        this.pollRp();
-        this.requests.length = 0;
-        if (this.shutStatus !== null || this.rp.eof) break;
-        sleepMs(IDLE_SLEEP_MS);
+      // Wait for SHUT or the pipe closing, blocking, bounded; requests now only name pages already sent.
+      const waitMsMax = shutWaitMsMax();
+      const answered = await this.rp.waitUntil(
+        (m, t) => {
+          this.onMessage(m, t);
+          this.requests.length = 0;
+        },
+        () => this.shutStatus !== null,
+        waitMsMax,
+      );
+      if (!answered) {
+        throw new SnapPipeError(
+          'IO',
+          `QEMU never sent SHUT in the ${waitMsMax / 1000} s after the whole stream was sent: the destination is stuck or failed at the end (see its log)`,
+        );
       }
       this.checkShut();
       if (this.shutStatus === null) {

@@ -70,6 +70,17 @@ export interface ParsedStream {
 
 const decoder = new TextDecoder('latin1');
 const TWO_32 = 0x1_0000_0000;
+
+/**
+ * Limits on what a RAM setup may announce, refused here with one line rather than later as an allocation failure in
+ * a worker. Pages travel from reader to coalescer as Int32 page indices (src/ring/descriptors.ts), so a block holds
+ * at most 2^31 pages (8 TiB). The total bounds what a save allocates up front from the setup alone: the
+ * coalescer's two page bitmaps per block (1 GiB at 16 TiB, within a typed array's limit) and the writer's
+ * per-cluster table (2^24 clusters, far below the image's 2^31 virtual clusters). 16 TiB is far past the guests
+ * snap-pipe is for, while a damaged length (2^50, a stray 64-bit value) is far past 16 TiB.
+ */
+export const BLOCK_PAGES_MAX = 2 ** 31;
+export const RAM_TOTAL_BYTES_MAX = 2 ** 44;
 const UNSUPPORTED_RAM_FLAGS: [number, string][] = [
   [RAM_XBZRLE, 'xbzrle'],
   [RAM_COMPRESS_PAGE, 'compress'],
@@ -241,7 +252,7 @@ export class StreamParser {
       if (flags === RAM_EOS) return;
       if (flags & RAM_MEM_SIZE) {
         if (!isSetup || this.blocks.length > 0) throw this.bad('RAM block list outside the RAM setup', at);
-        this.parseBlockList(parts[0] * TWO_32 + (parts[1] - flags));
+        this.parseBlockList(parts[0] * TWO_32 + (parts[1] - flags), at);
         continue;
       }
       for (const [flag, name] of UNSUPPORTED_RAM_FLAGS) {
@@ -276,8 +287,11 @@ export class StreamParser {
     }
   }
 
-  private parseBlockList(totalBytes: number): void {
+  private parseBlockList(totalBytes: number, totalAt: number): void {
     const r = this.ring;
+    if (totalBytes > RAM_TOTAL_BYTES_MAX) {
+      throw this.unsupported(`a RAM setup announcing ${totalBytes} bytes of RAM (snap-pipe handles up to 16 TiB; a damaged stream?)`, totalAt);
+    }
     let remaining = totalBytes;
     while (remaining > 0) {
       const at = r.consumedBytes;
@@ -292,6 +306,9 @@ export class StreamParser {
       if (lengthBytes === 0 || lengthBytes % PAGE_BYTES !== 0) throw this.bad(`RAM block ${shown(id)} of ${lengthBytes} bytes`, at);
       if (lengthBytes > remaining) {
         throw this.bad(`RAM block sizes add up to more than the announced total of ${totalBytes} bytes`, at);
+      }
+      if (lengthBytes / PAGE_BYTES > BLOCK_PAGES_MAX) {
+        throw this.unsupported(`RAM block ${shown(id)} of ${lengthBytes} bytes (snap-pipe handles blocks of up to 2^31 pages, 8 TiB)`, at);
       }
       if (this.blockIndex.has(id)) throw this.bad(`RAM block ${shown(id)} named twice`, at);
       this.blockIndex.set(id, this.blocks.length);
