@@ -1,0 +1,557 @@
+// `npm run bench:postcopy`: how soon a restored guest runs, precopy vs postcopy, behind a real QEMU (TCG), and the
+// fault latency snap-pipe's --stats reports under its sequential background stream. Appends to perf/RESULTS.md.
+//
+//   npm run bench:postcopy                        2 GiB guest, 1200 MiB of random fill, 3 warm + 1 cold run per mode (~4 min)
+//   npm run bench:postcopy -- --runs 1 --cold-runs 0 --no-results     a quick look, nothing appended
+//
+// Options: --mem MiB (default 2048)  --fill MiB (default 1200)  --runs N (warm runs per mode, default 3)
+//          --cold-runs N (default 1; 0 for none)  --settle SECONDS (idle before each cold run, default 30)
+//          --modes precopy,postcopy,postcopy25 (default all three)  --dir DIR (default /tmp)  --no-results
+// Needs python3 (the warm-up below; Node cannot madvise).
+//
+// 1. A guest of --mem MiB boots (scripts/guest.sh's /init fills --fill MiB of tmpfs with random data, prints
+//    SNAPPIPE-READY, then SNAPPIPE-TICK n about twice a second), is stopped after a tick and saved with
+//    `migrate exec:snap-pipe save IMG` (unthrottled), then quits.
+// 2. For each run, modes interleaved (precopy, postcopy, postcopy=25, precopy, ...): the page cache is dropped, the
+//    memory is warmed (or left to go cold, below), a fresh destination of the same size is started with
+//    -S -incoming defer (postcopy modes: postcopy-ram and postcopy-blocktime on), and
+//    `migrate_incoming exec:snap-pipe load [--postcopy[=25]] IMG --stats=FILE` is sent. Then query-migrate and the
+//    console are polled every 5 ms:
+//      precopy:  completed -> cont -> the first SNAPPIPE-TICK after migrate_incoming = "running";
+//      postcopy: postcopy-active -> cont at once (with -S QEMU leaves the guest paused at POSTCOPY_RUN, so cont is
+//                what starts it; without -S it would start by itself at the same point) -> first tick = "running";
+//                completed when query-migrate says so.
+//    After completion the guest must tick twice more and query-status must say running. The fault latency
+//    (from snap-pipe reading a page request off the return path to the write holding that page returning) and the
+//    request count come from snap-pipe's --stats JSON; QEMU's postcopy-blocktime (total time vCPUs spent blocked
+//    on missing pages) from query-migrate at the end.
+//
+// Warm and cold memory. This VM (Firecracker; virtio-balloon with free page reporting) hands free memory back to its
+// host in 2 MiB blocks, a few seconds after it was freed, and the host must fault it in again on next use. QEMU's RAM
+// is transparent-huge-page memory (except under postcopy, where QEMU places 4 KiB pages), so a precopy load's speed
+// depends on what ran just before: 1.9–2.5 s into memory freed a second earlier, 4.6 s after 10 s idle, 5.3–5.5 s
+// after 30 s (2 GiB guest, 1.4 GB stream); touching 1.5 GiB of huge-page memory took 0.2 s right after a free and 3.5 s
+// cold. So each warm run first touches and frees --mem + 256 MiB of huge-page memory (python3, PRETOUCH_PY) and
+// starts the destination right after: its RAM is memory the host already backs, as on bare metal. The cold pass
+// waits --settle seconds instead: what a restore on this VM sees after a pause.
+//
+// "Time to running" includes the guest's own ~0.5 s tick loop (the saved guest was somewhere in `sleep 0.5`): the
+// same image is restored in every run, so that part is the same for every mode. Times are from just before the
+// migrate-incoming QMP command is sent. Temporary files live in a directory under --dir, removed at the end (also
+// on Ctrl-C), and every QEMU started here is quit.
+import { spawnSync } from 'node:child_process';
+import { appendFileSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { cpus, totalmem } from 'node:os';
+import { join } from 'node:path';
+import type { LatencySummary, PostcopyReport } from '../src/pipeline/postcopy.js';
+import type { LoadReport } from '../src/pipeline/load.js';
+import { Guest, delayMs, guestFiles, qemuSystemBinary, shellQuote, snapPipeBin } from '../src/qemu/guest.js';
+
+const ROOT = join(import.meta.dirname, '..');
+const RESULTS = join(ROOT, 'perf', 'RESULTS.md');
+const MiB = 2 ** 20;
+const GiB = 2 ** 30;
+const POLL_MS = 5;
+
+interface Args {
+  memMiB: number;
+  fillMiB: number;
+  runs: number;
+  dir: string;
+  results: boolean;
+  modes: string[];
+  /** Cold pass: runs per mode (0: none) and the idle pause before each. */
+  coldRuns: number;
+  settleS: number;
+}
+
+function parseArgs(argv: string[]): Args {
+  const a: Args = { memMiB: 2048, fillMiB: 1200, runs: 3, dir: '/tmp', results: true, modes: MODES.map((m) => m.key), coldRuns: 1, settleS: 30 };
+  for (let i = 0; i < argv.length; i++) {
+    const k = argv[i];
+    const v = () => {
+      if (i + 1 >= argv.length) throw new Error(`${k} needs a value`);
+      return argv[++i];
+    };
+    if (k === '--') continue;
+    else if (k === '--mem') a.memMiB = Number(v());
+    else if (k === '--fill') a.fillMiB = Number(v());
+    else if (k === '--runs') a.runs = Number(v());
+    else if (k === '--dir') a.dir = v();
+    else if (k === '--no-results') a.results = false;
+    else if (k === '--modes') a.modes = v().split(',');
+    else if (k === '--cold-runs') a.coldRuns = Number(v());
+    else if (k === '--settle') a.settleS = Number(v());
+    else throw new Error(`unknown option ${k}`);
+  }
+  if (!(a.runs >= 0 && a.coldRuns >= 0 && a.runs + a.coldRuns >= 1)) throw new Error('--runs and --cold-runs: at least one run in all');
+  for (const m of a.modes) if (!MODES.some((x) => x.key === m)) throw new Error(`--modes: unknown mode '${m}' (${MODES.map((x) => x.key).join(', ')})`);
+  return a;
+}
+
+function log(msg: string): void {
+  process.stderr.write(`bench:postcopy: ${msg}\n`);
+}
+
+function sh(cmd: string, allowFail = false): string {
+  const r = spawnSync('bash', ['-o', 'pipefail', '-c', cmd], { encoding: 'utf8' });
+  if (r.status !== 0 && !allowFail) throw new Error(`'${cmd}' failed (exit ${r.status ?? r.signal}): ${r.stderr.trim().slice(-2000)}`);
+  return r.stdout ?? '';
+}
+
+function median(xs: number[]): number {
+  const s = [...xs].sort((a, b) => a - b);
+  return s.length % 2 ? s[(s.length - 1) / 2] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2;
+}
+
+const sec = (ms: number) => (ms / 1000).toFixed(2);
+const msf = (ms: number) => (ms < 10 ? ms.toFixed(2) : ms.toFixed(1));
+
+function loadAvg(): string {
+  return readFileSync('/proc/loadavg', 'utf8').split(' ').slice(0, 3).join(' ');
+}
+
+/** Live guests, quit on the way out (also on Ctrl-C). */
+const guests = new Set<Guest>();
+
+async function startGuest(opts: Parameters<typeof Guest.start>[0]): Promise<Guest> {
+  const g = await Guest.start(opts);
+  guests.add(g);
+  return g;
+}
+
+async function quitGuest(g: Guest): Promise<void> {
+  try {
+    await g.quit();
+  } finally {
+    guests.delete(g);
+  }
+}
+
+function lastTick(text: string): number {
+  const all = [...text.matchAll(/SNAPPIPE-TICK (\d+)/g)];
+  return all.length ? Number(all[all.length - 1][1]) : -1;
+}
+
+function firstTick(text: string): number {
+  const m = /SNAPPIPE-TICK (\d+)/.exec(text);
+  return m ? Number(m[1]) : -1;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// One restore
+
+interface Mode {
+  key: string;
+  label: string;
+  loadArgs: string[];
+  postcopy: boolean;
+}
+
+const MODES: Mode[] = [
+  { key: 'precopy', label: 'precopy (`load IMG`)', loadArgs: [], postcopy: false },
+  { key: 'postcopy', label: 'postcopy (`load --postcopy IMG`)', loadArgs: ['--postcopy'], postcopy: true },
+  { key: 'postcopy25', label: 'postcopy=25 (`load --postcopy=25 IMG`)', loadArgs: ['--postcopy=25'], postcopy: true },
+];
+
+interface RunResult {
+  mode: string;
+  pass: Pass;
+  run: number;
+  /** ms from migrate_incoming: postcopy-active seen (postcopy), completed seen, cont returned, first tick seen. */
+  activeMs?: number;
+  completedMs: number;
+  contMs: number;
+  runningMs: number;
+  /** The first tick came while query-migrate still said postcopy-active. */
+  tickWhileActive: boolean;
+  firstTickNo: number;
+  statuses: string[];
+  /** Ticks seen after completion (the guest goes on). */
+  ticksAfter: number;
+  stats: PostcopyReport | LoadReport;
+  blocktimeMs?: number;
+  /** 1-minute load average before the run. */
+  load: string;
+  /** /proc/vmstat thp_fault_alloc from migrate_incoming to completion (machine-wide; QEMU's RAM, mostly). */
+  thpFaults: number;
+}
+
+type Pass = 'warm' | 'cold';
+
+/**
+ * Maps, touches and frees MiB of transparent-huge-page memory (what QEMU's RAM is, outside postcopy): the host then
+ * backs it, and the destination started right after reuses it before this VM reports it free to its host.
+ */
+const PRETOUCH_PY = `
+import mmap, sys
+n = int(sys.argv[1]) << 20
+m = mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+m.madvise(mmap.MADV_HUGEPAGE)
+for off in range(0, n, 4096):
+    m[off] = 1
+m.close()
+`;
+
+function thpFaultAlloc(): number {
+  const m = /^thp_fault_alloc (\d+)$/m.exec(readFileSync('/proc/vmstat', 'utf8'));
+  return m ? Number(m[1]) : 0;
+}
+
+function loadUri(bin: string, img: string, args: string[]): string {
+  return `exec:${[bin, 'load', img, ...args].map(shellQuote).join(' ')}`;
+}
+
+async function readJson<T>(g: Guest, path: string): Promise<T> {
+  for (const deadline = Date.now() + 15_000; Date.now() < deadline; ) {
+    try {
+      return JSON.parse(readFileSync(path, 'utf8')) as T;
+    } catch {
+      await delayMs(50);
+    }
+  }
+  throw g.failure(`snap-pipe wrote no stats to ${path}`);
+}
+
+async function restore(args: Args, dir: string, bin: string, img: string, mode: Mode, pass: Pass, run: number, savedTick: number): Promise<RunResult> {
+  const statsPath = join(dir, `stats-${mode.key}-${run}.json`);
+  rmSync(statsPath, { force: true });
+  sh('sync && echo 3 > /proc/sys/vm/drop_caches', true);
+  if (pass === 'warm') sh(`python3 ${join(dir, 'pretouch.py')} ${args.memMiB + 256}`);
+  else await delayMs(args.settleS * 1000);
+  const g = await startGuest({ name: `pcbench-${mode.key}-${pass}-${run}`, memMiB: args.memMiB, fillMiB: args.fillMiB, incoming: true });
+  try {
+    // QEMU 7.2 checks postcopy-ram on the destination at POSTCOPY_ADVISE: set before migrate_incoming.
+    if (mode.postcopy) await g.setCapabilities({ 'postcopy-ram': true, 'postcopy-blocktime': true });
+    await g.unthrottle();
+    const from = g.consoleBytes();
+    const thp0 = thpFaultAlloc();
+    const uri = loadUri(bin, img, [...mode.loadArgs, `--stats=${statsPath}`]);
+    const load = loadAvg().split(' ')[0];
+    const t0 = performance.now();
+    const now = () => performance.now() - t0;
+    await g.migrateIncoming(uri);
+
+    const seen: string[] = [];
+    let activeMs: number | undefined;
+    let completedMs: number | undefined;
+    let contMs: number | undefined;
+    let runningMs: number | undefined;
+    let tickWhileActive = false;
+    let status = '';
+    const tickSeen = () => /SNAPPIPE-TICK \d+/.test(readFileSync(g.consolePath).subarray(from).toString('latin1'));
+    for (const deadline = Date.now() + 300_000; ; ) {
+      if (Date.now() > deadline) throw g.failure(`${mode.key}: not running and completed within 300 s (statuses ${seen.join(', ')})`);
+      // Console first: a tick seen here came before (or while) the status below.
+      const ticked = runningMs === undefined && contMs !== undefined && tickSeen();
+      const tTick = now();
+      const m = await g.queryMigrate(300_000);
+      if (seen[seen.length - 1] !== m.status) seen.push(m.status);
+      if (m.status === 'failed' || m.status === 'cancelled') throw g.failure(`${mode.key}: migration ${m.status}: ${m['error-desc'] ?? '?'}`);
+      if (ticked) {
+        runningMs = tTick;
+        if (status === 'postcopy-active' && m.status === 'postcopy-active') tickWhileActive = true;
+      }
+      status = m.status;
+      if (status === 'postcopy-active' && activeMs === undefined) {
+        activeMs = now();
+        if (mode.postcopy && contMs === undefined) {
+          await g.cont();
+          contMs = now();
+        }
+      }
+      if (status === 'completed' && completedMs === undefined) {
+        completedMs = now();
+        if (contMs === undefined) {
+          await g.cont();
+          contMs = now();
+        }
+      }
+      if (completedMs !== undefined && runningMs !== undefined) break;
+      await delayMs(POLL_MS);
+    }
+
+    const thpFaults = thpFaultAlloc() - thp0;
+    const done = await g.queryMigrate();
+    const blocktime = (done as Record<string, unknown>)['postcopy-blocktime'];
+    const stats = await readJson<PostcopyReport | LoadReport>(g, statsPath);
+    const text = g.consoleText().slice(from);
+    const firstTickNo = firstTick(text);
+    // The guest goes on: two more ticks after completion, and QEMU says it runs.
+    let ticksAfter = 0;
+    for (let i = 0; i < 2; i++) {
+      await g.waitTick(30_000);
+      ticksAfter++;
+    }
+    const st = await g.queryStatus();
+    if (!st.running) throw g.failure(`${mode.key}: query-status ${st.status} after completion`);
+    const errs = g.stderrText().split('\n').filter((l) => /snap-pipe:|error/i.test(l));
+    if (errs.length) throw g.failure(`${mode.key}: errors in QEMU's log: ${errs.join(' | ')}`);
+    if ('shutStatus' in stats && stats.shutStatus !== 0) throw g.failure(`${mode.key}: snap-pipe got SHUT status ${stats.shutStatus}`);
+    if (firstTickNo !== savedTick + 1) log(`${mode.key} ${pass} run ${run}: first tick after restore is ${firstTickNo}, the saved guest's last was ${savedTick}`);
+    const r: RunResult = {
+      mode: mode.key,
+      pass,
+      run,
+      activeMs,
+      completedMs: completedMs!,
+      contMs: contMs!,
+      runningMs: runningMs!,
+      tickWhileActive,
+      firstTickNo,
+      statuses: seen,
+      ticksAfter,
+      stats,
+      blocktimeMs: typeof blocktime === 'number' ? blocktime : undefined,
+      load,
+      thpFaults,
+    };
+    const pc = 'faultLatency' in stats ? stats : null;
+    log(
+      `${mode.key} ${pass} run ${run} (load ${load}): running ${sec(r.runningMs)} s, completed ${sec(r.completedMs)} s` +
+        (r.activeMs !== undefined ? `, postcopy-active ${sec(r.activeMs)} s` : '') +
+        `, cont ${sec(r.contMs)} s; statuses ${seen.join(' > ')}; ${thpFaults} THP faults` +
+        `; snap-pipe out in ${sec(stats.seconds * 1000)} s (reading ${sec(stats.readMs)}, verifying ${sec(stats.verifyMs)}, writing ${sec(stats.writeMs)})` +
+        (pc ? `; ${pc.requests} requests, fault p50 ${msf(pc.faultLatency.p50Ms)} ms p99 ${msf(pc.faultLatency.p99Ms)} ms max ${msf(pc.faultLatency.maxMs)} ms; blocktime ${r.blocktimeMs ?? '?'} ms` : ''),
+    );
+    return r;
+  } finally {
+    await quitGuest(g);
+    rmSync(statsPath, { force: true });
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Report
+
+/** Pools the histograms of several runs (same bucket bounds) and takes snap-pipe's quantile: the bucket's upper bound. */
+function pooled(lat: LatencySummary[]): { count: number; p50: number; p99: number; max: number } {
+  const counts = new Map<number, number>();
+  let n = 0;
+  for (const l of lat) for (const b of l.buckets) {
+    counts.set(b.leMs, (counts.get(b.leMs) ?? 0) + b.count);
+    n += b.count;
+  }
+  const max = Math.max(0, ...lat.map((l) => l.maxMs));
+  const sorted = [...counts.entries()].sort((a, b) => a[0] - b[0]);
+  const q = (p: number) => {
+    const rank = Math.max(1, Math.ceil(p * n));
+    let seen = 0;
+    for (const [le, c] of sorted) {
+      seen += c;
+      if (seen >= rank) return Math.min(le, max);
+    }
+    return max;
+  };
+  return { count: n, p50: n ? q(0.5) : 0, p99: n ? q(0.99) : 0, max };
+}
+
+function range(xs: number[]): string {
+  return xs.length > 1 ? `${sec(Math.min(...xs))}–${sec(Math.max(...xs))}` : '';
+}
+
+/** The summary table of one pass. */
+function summaryTable(results: RunResult[]): string[] {
+  const lines = [
+    '| mode | time to running, s (median) | range | time to completed, s (median) | range | cont at, s | cont → first tick, s | stream | requests (median) | fault p50 / p99 / max, ms (pooled) | p50 / p99 per run, ms | fault latency summed / QEMU blocktime, ms per run |',
+    '|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|',
+  ];
+  for (const mode of MODES) {
+    const rs = results.filter((r) => r.mode === mode.key);
+    if (rs.length === 0) continue;
+    const running = rs.map((r) => r.runningMs);
+    const completed = rs.map((r) => r.completedMs);
+    const pcs = rs.map((r) => r.stats).filter((s): s is PostcopyReport => 'faultLatency' in s);
+    const p = pcs.length ? pooled(pcs.map((s) => s.faultLatency)) : null;
+    lines.push(
+      `| ${mode.label} | ${sec(median(running))} | ${range(running)} | ${sec(median(completed))} | ${range(completed)} | ${sec(median(rs.map((r) => r.contMs)))} | ` +
+        `${sec(median(rs.map((r) => r.runningMs - r.contMs)))} | ` +
+        `${(median(rs.map((r) => r.stats.bytesOut)) / 1e9).toFixed(2)} GB | ` +
+        (p
+          ? `${median(pcs.map((s) => s.requests))} | ${msf(p.p50)} / ${msf(p.p99)} / ${msf(p.max)} (${p.count} faults) | ${pcs.map((s) => `${msf(s.faultLatency.p50Ms)} / ${msf(s.faultLatency.p99Ms)}`).join('; ')} | ` +
+            `${rs.map((r) => { const l = (r.stats as PostcopyReport).faultLatency; return `${(l.meanMs * l.count).toFixed(0)} / ${r.blocktimeMs ?? '?'}`; }).join('; ')} |`
+          : '— | — | — | — |'),
+    );
+  }
+  lines.push('');
+  return lines;
+}
+
+/** What the figures of one pass show, computed. */
+function findings(results: RunResult[]): string[] {
+  const said: string[] = [];
+  const pre = results.filter((r) => r.mode === 'precopy');
+  if (!pre.length) return said;
+  const preRun = median(pre.map((r) => r.runningMs));
+  const preComp = median(pre.map((r) => r.completedMs));
+  for (const mode of MODES.filter((m) => m.postcopy)) {
+    const rs = results.filter((r) => r.mode === mode.key);
+    if (!rs.length) continue;
+    const run = median(rs.map((r) => r.runningMs));
+    const comp = median(rs.map((r) => r.completedMs));
+    const diff = preRun - run;
+    said.push(
+      `- ${mode.key}: the guest ran ${diff >= 0 ? `${sec(diff)} s sooner` : `${sec(-diff)} s later`} than with precopy (median ${sec(run)} s vs ${sec(preRun)} s, ` +
+        `${((100 * run) / preRun).toFixed(0)}% of it); the migration completed ${sec(comp)} s after migrate_incoming vs ${sec(preComp)} s for precopy ` +
+        `(${comp >= preComp ? `${sec(comp - preComp)} s later` : `${sec(preComp - comp)} s sooner`}); the first tick came while still postcopy-active in ${rs.filter((r) => r.tickWhileActive).length} of ${rs.length} runs.`,
+    );
+  }
+  return said;
+}
+
+function report(args: Args, results: RunResult[], meta: { savedTick: number }): string[] {
+  const lines: string[] = [];
+  const warm = results.filter((r) => r.pass === 'warm');
+  const cold = results.filter((r) => r.pass === 'cold');
+  if (warm.length) {
+    lines.push(`Warm memory (the main figures; ${args.runs} run(s) per mode): each destination starts right after ${args.memMiB + 256} MiB of huge-page memory was touched and freed, so its RAM is memory this VM's host already backs (as on bare metal).`, '');
+    lines.push(...summaryTable(warm), ...findings(warm), '');
+  }
+  if (cold.length) {
+    lines.push(`Cold memory (${args.coldRuns} run(s) per mode): each destination starts after ${args.settleS} s idle, by when this VM has handed much of the memory freed before back to its host, which must fault it in again.`, '');
+    lines.push(...summaryTable(cold), ...findings(cold), '');
+  }
+  lines.push('Every run (ms from migrate_incoming; "active" = query-migrate first said postcopy-active; THP = thp_fault_alloc of /proc/vmstat during the run):', '');
+  lines.push(
+    '| mode | memory | run | load avg | THP faults | active | cont | first tick (running) | completed | tick while postcopy-active | snap-pipe: stream out in; reading / verifying / writing to QEMU\'s pipe | snap-pipe: devices loaded / EOF sent / SHUT (from its start) | requests (pages: data, zero, already sent) | fault p50 / p90 / p99 / max, ms | for requests: waiting for clusters / writing, ms |',
+    '|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|---|---|---|---|',
+  );
+  for (const r of results) {
+    const s = 'faultLatency' in r.stats ? r.stats : null;
+    const f = (x: number | null | undefined) => (x === null || x === undefined ? '—' : x.toFixed(0));
+    lines.push(
+      `| ${r.mode} | ${r.pass} | ${r.run} | ${r.load} | ${r.thpFaults} | ${f(r.activeMs)} | ${f(r.contMs)} | ${f(r.runningMs)} | ${f(r.completedMs)} | ${r.mode === 'precopy' ? '—' : r.tickWhileActive ? 'yes' : 'no'} | ` +
+        `${f(r.stats.seconds * 1000)}; ${f(r.stats.readMs)} / ${f(r.stats.verifyMs)} / ${f(r.stats.writeMs)} | ` +
+        (s
+          ? `${f(s.devicesLoadedMs)} / ${f(s.eofSentMs)} / ${f(s.shutMs)} | ${s.requests} (${s.requestedDataPages}, ${s.requestedZeroPages}, ${s.requestedAlreadySent}) | ` +
+            `${msf(s.faultLatency.p50Ms)} / ${msf(s.faultLatency.p90Ms)} / ${msf(s.faultLatency.p99Ms)} / ${msf(s.faultLatency.maxMs)} | ${msf(s.requestReadWaitMs)} / ${msf(s.requestWriteMs)} |`
+          : '— | — | — | — |'),
+    );
+  }
+  lines.push('');
+  const nAfter = results.filter((r) => r.ticksAfter >= 2).length;
+  lines.push(`- After completion the guest ticked on in ${nAfter} of ${results.length} runs (two more ticks, query-status running).`);
+  const tickNos = [...new Set(results.map((r) => r.firstTickNo))];
+  lines.push(`- First tick after every restore: SNAPPIPE-TICK ${tickNos.join(', ')} (the saved guest's last was ${meta.savedTick}).`, '');
+  return lines;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+
+async function main(): Promise<void> {
+  const args = parseArgs(process.argv.slice(2));
+  qemuSystemBinary();
+  guestFiles();
+  const bin = snapPipeBin();
+  if (args.runs > 0 && sh('command -v python3', true).trim() === '') throw new Error('python3 is missing (apt-get install python3): the warm runs need it');
+  const free = Number(sh(`df -B1 --output=avail ${args.dir} | tail -1`).trim());
+  if (free < args.memMiB * MiB * 1.5) throw new Error(`${args.dir} has ${(free / GiB).toFixed(1)} GiB free; the image needs up to ${((args.memMiB * MiB) / GiB).toFixed(1)} GiB`);
+  const dir = mkdtempSync(join(args.dir, 'snap-pipe-postcopy-bench-'));
+  const cleanup = async () => {
+    for (const g of [...guests]) await g.kill().catch(() => undefined);
+    rmSync(dir, { recursive: true, force: true });
+  };
+  for (const sig of ['SIGINT', 'SIGTERM'] as const) {
+    process.once(sig, () => {
+      void cleanup().finally(() => process.exit(130));
+    });
+  }
+  const started = new Date();
+  const loadStart = loadAvg();
+  log(`work directory ${dir}; load average ${loadStart}`);
+  try {
+    const img = join(dir, 'guest.qcow2');
+    // 1. Boot, fill, stop, save.
+    const src = await startGuest({ name: 'pcbench-src', memMiB: args.memMiB, fillMiB: args.fillMiB });
+    const tb = performance.now();
+    await src.waitReady(600_000);
+    const bootMs = performance.now() - tb;
+    log(`source booted and filled ${args.fillMiB} MiB in ${sec(bootMs)} s`);
+    await src.waitTick(30_000);
+    await src.stop();
+    const savedTick = lastTick(src.consoleText());
+    await src.unthrottle();
+    const ts = performance.now();
+    await src.migrate(`exec:${shellQuote(bin)} save ${shellQuote(img)}`);
+    const m = await src.waitMigration(600_000);
+    if (m.status !== 'completed') throw src.failure(`save ${m.status}: ${m['error-desc'] ?? '?'}`);
+    const saveMs = performance.now() - ts;
+    const saveLine = src.stderrText().split('\n').find((l) => l.startsWith('snap-pipe save:')) ?? '';
+    await quitGuest(src);
+    const imgBytes = statSync(img).size;
+    log(`saved in ${sec(saveMs)} s: image ${(imgBytes / 1e9).toFixed(2)} GB; last tick before the save ${savedTick}`);
+
+    // 2. Restores, modes interleaved: the warm pass, then the cold one.
+    writeFileSync(join(dir, 'pretouch.py'), PRETOUCH_PY);
+    const results: RunResult[] = [];
+    const modes = MODES.filter((m) => args.modes.includes(m.key));
+    for (const [pass, runs] of [['warm', args.runs], ['cold', args.coldRuns]] as const) {
+      for (let run = 1; run <= runs; run++) {
+        for (const mode of modes) results.push(await restore(args, dir, bin, img, mode, pass, run, savedTick));
+      }
+    }
+
+    // 3. Report.
+    const loadEnd = loadAvg();
+    const minutes = ((Date.now() - started.getTime()) / 60000).toFixed(1);
+    const commit = sh(`git -C ${ROOT} rev-parse --short HEAD`, true).trim() || '?';
+    const dirty = sh(`git -C ${ROOT} status --porcelain | wc -l`, true).trim();
+    const dirtySrc = sh(`git -C ${ROOT} status --porcelain -- src | awk '{print $2}' | sed 's,^src/,,' | paste -sd ' '`, true).trim();
+    const qemuVer = sh(`${qemuSystemBinary()} --version | head -1`).trim();
+    const mount = sh(`findmnt -no SOURCE,FSTYPE --target ${args.dir}`).trim().replace(/\s+/g, ' ');
+    const pc = results.find((r) => 'faultLatency' in r.stats)?.stats as PostcopyReport | undefined;
+    const text = [
+      `## ${started.toISOString().slice(0, 16).replace('T', ' ')} UTC — npm run bench:postcopy (${minutes} min)`,
+      '',
+      `- CPU: ${cpus().length} × ${cpus()[0]?.model ?? '?'}; memory ${(totalmem() / GiB).toFixed(1)} GiB; kernel ${sh('uname -r').trim()}; Node ${process.version}; ${qemuVer}, -accel tcg`,
+      `- ${args.dir}: ${mount}; snap-pipe at ${commit} (working tree may differ: ${dirty} changed files${dirtySrc ? `; under src/: ${dirtySrc}` : ''}; dist/ built from it by npm run bench:postcopy)`,
+      `- load average ${loadStart} at the start, ${loadAvg()} at the end (other work on the machine disturbs the figures)`,
+      `- Guest: -machine pc -m ${args.memMiB} (${args.memMiB / 1024} GiB), scripts/guest.sh with fill=${args.fillMiB} (MiB of random data in tmpfs): booted and filled in ${sec(bootMs)} s; stopped after a tick, saved unthrottled in ${sec(saveMs)} s`,
+      `- Image ${(imgBytes / 1e9).toFixed(2)} GB; stream ${(results[0].stats.bytesOut / 1e9).toFixed(2)} GB (${results[0].stats.dataPages} data pages, ${results[0].stats.zeroPages} zero)` +
+        (pc ? `; postcopy=25 sends ${(results.find((r) => r.mode === 'postcopy25')?.stats as PostcopyReport | undefined)?.precopyDataPages ?? '?'} data pages before the device state` : ''),
+      `- Modes interleaved (${args.modes.join(', ')}); a fresh destination each run; the page cache dropped before each restore`,
+      '',
+      `### Time from migrate_incoming to the guest running, precopy vs postcopy (${args.memMiB / 1024} GiB guest, ${args.fillMiB} MiB random fill)`,
+      '',
+      ...report(args, results, { savedTick }),
+      'Definitions: "running" = the first SNAPPIPE-TICK printed after migrate_incoming (seen by polling the console file every ' +
+        `${POLL_MS} ms together with query-migrate); it includes the rest of the saved guest's \`sleep 0.5\`, the same in every run. ` +
+        'precopy: cont once query-migrate says completed. postcopy: cont as soon as it says postcopy-active (the destination runs ' +
+        'with -S, so QEMU leaves the guest paused at POSTCOPY_RUN until then). "completed" = query-migrate first said completed. ' +
+        'Fault latency = snap-pipe\'s own (--stats): from reading a page request off the return path to the return of the write ' +
+        'holding that page; it leaves out the time the page then spends in the pipe and in QEMU. Percentiles are upper bounds of ' +
+        'snap-pipe\'s log-linear histogram buckets (8 per power of two), pooled over the runs of a mode. QEMU blocktime = ' +
+        'query-migrate postcopy-blocktime (total time vCPUs were blocked on missing pages, from QEMU\'s side), next to the ' +
+        'sum of snap-pipe\'s fault latencies in the same run. "cont → first tick" = the guest\'s own time to its first tick once started. ' +
+        'Warm/cold: see perf/postcopy.ts (this VM hands freed memory back to its host; QEMU\'s huge-page RAM then has to be faulted in again by the host).',
+      '',
+      'Commands (IMG, FILE in a temporary directory under ' + args.dir + '):',
+      '',
+      '```',
+      `qemu-system-x86_64 -name pcbench-src -accel tcg -machine pc -m ${args.memMiB} -kernel vmlinuz -initrd initramfs.cpio.gz -append 'console=ttyS0 quiet panic=-1 fill=${args.fillMiB}' -display none -serial file:console.log -qmp unix:qmp.sock,server=on,wait=off -no-reboot`,
+      `  stop; migrate-set-parameters max-bandwidth=107374182400; migrate uri="exec:${bin} save IMG"`,
+      `sync; echo 3 > /proc/sys/vm/drop_caches; python3 pretouch.py ${args.memMiB + 256}   # warm runs (cold: sleep ${args.settleS} instead of python3)`,
+      `qemu-system-x86_64 … (same) … -S -incoming defer`,
+      `  [postcopy modes] migrate-set-capabilities postcopy-ram=on postcopy-blocktime=on`,
+      `  migrate-set-parameters max-bandwidth=107374182400`,
+      ...MODES.map((m) => `  migrate-incoming uri="${loadUri(bin, 'IMG', [...m.loadArgs, '--stats=FILE'])}"   # ${m.key}`),
+      `  poll query-migrate + console every ${POLL_MS} ms; cont at completed (precopy) / postcopy-active (postcopy)`,
+      '```',
+      '',
+    ].join('\n');
+    process.stdout.write(text);
+    if (args.results) {
+      appendFileSync(RESULTS, '\n' + text);
+      log(`appended to ${RESULTS}`);
+    }
+    log(`done in ${minutes} min; load average ${loadEnd}`);
+  } finally {
+    await cleanup();
+  }
+}
+
+main().catch(async (err) => {
+  process.stderr.write(`bench:postcopy: ${(err as Error).stack ?? (err as Error).message}\n`);
+  for (const g of [...guests]) await g.kill().catch(() => undefined);
+  process.exit(1);
+});
