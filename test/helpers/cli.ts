@@ -15,16 +15,26 @@ export interface RunResult {
   stderr: string;
 }
 
+/** A snap-pipe that has not exited by then is killed and the call fails (no process outlives a hung test). */
+const RUN_TIMEOUT_MS = 90_000;
+
 /** Feeds `input` to `snap-pipe ARGS` in random-sized pieces (or not at all when undefined: stdin closed at once). */
 export function runCli(args: string[], input?: Uint8Array, seed = 1): Promise<RunResult> {
   return new Promise((resolve, reject) => {
     const child = spawn(process.execPath, [BIN, ...args], { stdio: ['pipe', 'pipe', 'pipe'] });
     let stdout = '';
     let stderr = '';
+    const timer = setTimeout(() => {
+      child.kill('SIGKILL');
+      reject(new Error(`snap-pipe ${args.join(' ')} did not exit within ${RUN_TIMEOUT_MS} ms; killed. stderr: ${stderr}`));
+    }, RUN_TIMEOUT_MS);
     child.stdout.on('data', (d) => (stdout += d));
     child.stderr.on('data', (d) => (stderr += d));
     child.on('error', reject);
-    child.on('close', (code) => resolve({ code, stdout, stderr }));
+    child.on('close', (code) => {
+      clearTimeout(timer);
+      resolve({ code, stdout, stderr });
+    });
     child.stdin.on('error', () => undefined); // snap-pipe may exit before reading everything (error tests)
     if (!input) {
       child.stdin.end();
