@@ -476,7 +476,6 @@ async function main(): Promise<void> {
     const m = await src.waitMigration(600_000);
     if (m.status !== 'completed') throw src.failure(`save ${m.status}: ${m['error-desc'] ?? '?'}`);
     const saveMs = performance.now() - ts;
-    const saveLine = src.stderrText().split('\n').find((l) => l.startsWith('snap-pipe save:')) ?? '';
     await quitGuest(src);
     const imgBytes = statSync(img).size;
     log(`saved in ${sec(saveMs)} s: image ${(imgBytes / 1e9).toFixed(2)} GB; last tick before the save ${savedTick}`);

@@ -43,7 +43,8 @@ import { ImageReader } from '../image/reader.js';
 import { CLUSTER_BYTES, PAGE_BYTES, PAGES_PER_CHUNK, type SnapshotMeta } from '../image/types.js';
 import { openIoBackend, type IoBackend, type IoBackendName } from '../native/io.js';
 import { alignedShared } from '../ring/memory.js';
-import { RAM_EOS, SEC_COMMAND, SEC_END, SEC_EOF, SEC_FOOTER, SEC_VMDESCRIPTION } from '../stream/constants.js';
+import { RAM_EOS, SEC_COMMAND, SEC_END, SEC_EOF, SEC_FOOTER } from '../stream/constants.js';
+import { vmdescStart } from '../stream/parser.js';
 import { ReturnPathDecoder, type RpMessage } from '../stream/returnpath.js';
 import { LOAD_QUEUE_DEPTH_MAX, StreamOut, checkStreamParts, planReads, reapNamed, type Plan } from './load.js';
 
@@ -310,17 +311,8 @@ export function discardCommand(idstr: Uint8Array, ranges: [number, number][]): U
  */
 export function deviceSectionsEnd(dev: Uint8Array): number {
   const n = dev.length;
-  for (let k = n - 6; k >= 0; k--) {
-    if (dev[k] !== SEC_EOF || dev[k + 1] !== SEC_VMDESCRIPTION) continue;
-    const len = ((dev[k + 2] << 24) | (dev[k + 3] << 16) | (dev[k + 4] << 8) | dev[k + 5]) >>> 0;
-    if (len !== n - k - 6) continue;
-    try {
-      JSON.parse(new TextDecoder().decode(dev.subarray(k + 6)));
-      return k;
-    } catch {
-      continue;
-    }
-  }
+  const k = vmdescStart(dev);
+  if (k >= 0) return k;
   if (n > 0 && dev[n - 1] === SEC_EOF) return n - 1; // VM description suppressed
   throw new SnapPipeError('BAD_IMAGE', 'device state does not end with EOF (and a VM description)');
 }

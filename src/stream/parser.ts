@@ -342,11 +342,10 @@ function concatType(type: number, rest: Uint8Array): Uint8Array {
 }
 
 /**
- * The device state ends with EOF, then (unless the machine suppresses it) VMDESCRIPTION + be32 length + JSON.
- * A stream cut short inside the device state cannot end that way, so this is what tells a finished save from
- * an interrupted one.
+ * Where the trailing EOF of a device state lies when VMDESCRIPTION + be32 length + JSON follow it and fill the rest
+ * exactly (the JSON must parse); -1 if the device state does not end that way.
  */
-export function checkDeviceStateEnd(dev: Uint8Array, at: number): boolean {
+export function vmdescStart(dev: Uint8Array): number {
   const n = dev.length;
   for (let k = n - 6; k >= 0; k--) {
     if (dev[k] !== SEC_EOF || dev[k + 1] !== SEC_VMDESCRIPTION) continue;
@@ -354,11 +353,22 @@ export function checkDeviceStateEnd(dev: Uint8Array, at: number): boolean {
     if (len !== n - k - 6) continue;
     try {
       JSON.parse(new TextDecoder().decode(dev.subarray(k + 6)));
-      return true;
+      return k;
     } catch {
       continue;
     }
   }
+  return -1;
+}
+
+/**
+ * The device state ends with EOF, then (unless the machine suppresses it) VMDESCRIPTION + be32 length + JSON.
+ * A stream cut short inside the device state cannot end that way, so this is what tells a finished save from
+ * an interrupted one.
+ */
+export function checkDeviceStateEnd(dev: Uint8Array, at: number): boolean {
+  const n = dev.length;
+  if (vmdescStart(dev) >= 0) return true;
   // No VM description (the machine suppresses it): the stream has section footers (its RAM sections did), so a
   // whole device state is just EOF, or ends with the last FULL section's footer and EOF. A stream cut short almost
   // never ends that way by chance (a cut merely ending in a zero byte used to pass).
