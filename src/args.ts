@@ -79,3 +79,17 @@ export function formatHelp(usage: string, about: string, spec: Record<string, Fl
   const width = Math.max(...rows.map(([l]) => l.length)) + 2;
   return [`usage: ${usage}`, '', about, '', 'options:', ...rows.map(([l, h]) => `  ${l.padEnd(width)}${h}`), ''].join('\n');
 }
+
+/** The one IMG argument of a command. */
+export function onePath(command: string, positionals: string[]): string {
+  if (positionals.length === 0) throw new SnapPipeError('USAGE', `${command}: missing IMG (see snap-pipe ${command} --help)`);
+  if (positionals.length > 1) throw new SnapPipeError('USAGE', `${command}: unexpected argument '${positionals[1]}'`);
+  return positionals[0];
+}
+
+/** --io uring|sync; 'auto' (uring where io_uring works) when not given. */
+export function parseIo(command: string, value: string | true | undefined): 'uring' | 'sync' | 'auto' {
+  const io = value ?? 'auto';
+  if (io !== 'uring' && io !== 'sync' && io !== 'auto') throw new SnapPipeError('USAGE', `${command}: --io ${String(io)}: must be uring or sync`);
+  return io;
+}

@@ -2,7 +2,7 @@
 // Only --help prints to stdout; everything else for people goes to stderr (stdout is the stream).
 import { fstatSync, writeSync, writeFileSync } from 'node:fs';
 import { isatty } from 'node:tty';
-import { formatHelp, parseArgs, parseInteger, type FlagSpec } from './args.js';
+import { type FlagSpec, formatHelp, onePath, parseArgs, parseInteger, parseIo } from './args.js';
 import { SnapPipeError } from './errors.js';
 import { formatBytes } from './image/info.js';
 import { DEFAULT_LOAD_QUEUE_DEPTH, LOAD_QUEUE_DEPTH_MAX, runLoad, type LoadReport } from './pipeline/load.js';
@@ -109,15 +109,12 @@ async function load(argv: string[], progress: LoadProgressSeen): Promise<number>
     process.stdout.write(formatHelp('snap-pipe load IMG [options] > STREAM', LOAD_ABOUT, LOAD_FLAGS));
     return 0;
   }
-  if (positionals.length === 0) usage('load: missing IMG (see snap-pipe load --help)');
-  if (positionals.length > 1) usage(`load: unexpected argument '${positionals[1]}'`);
-  const path = positionals[0];
+  const path = onePath('load', positionals);
   const queueDepth = flags.has('queue-depth')
     ? parseInteger('load', 'queue-depth', flags.get('queue-depth') as string, 1, LOAD_QUEUE_DEPTH_MAX)
     : DEFAULT_LOAD_QUEUE_DEPTH;
   const stats = flags.get('stats');
-  const io = flags.get('io') ?? 'auto';
-  if (io !== 'uring' && io !== 'sync' && io !== 'auto') usage(`load: --io ${io}: must be uring or sync`);
+  const io = parseIo('load', flags.get('io'));
   const postcopy = flags.get('postcopy');
   const precopyPercent = postcopy === undefined ? undefined : postcopy === true ? 0 : parseInteger('load', 'postcopy', postcopy, 0, 100);
   // isatty, not process.stdout: touching process.stdout could switch fd 1 to non-blocking mode.

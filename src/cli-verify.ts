@@ -1,6 +1,6 @@
 // `snap-pipe verify IMG`: reads the whole image, checks its structure and every cluster checksum, prints a summary.
 // Exit 0 only for a sound image; otherwise the summary (when the structure allowed one) and one line on stderr.
-import { formatHelp, parseArgs, parseInteger, type FlagSpec } from './args.js';
+import { type FlagSpec, formatHelp, onePath, parseArgs, parseInteger, parseIo } from './args.js';
 import { SnapPipeError } from './errors.js';
 import { formatBytes } from './image/info.js';
 import {
@@ -32,10 +32,6 @@ const VERIFY_ABOUT = `Reads the whole of IMG (written by snap-pipe save) and che
 against the layout snap-pipe writes, the metadata and its checksums, the stream parts load would send, and the
 CRC-32 of every data cluster against the one recorded at save. Prints a summary; exits 0 only for a sound image.`;
 
-function usage(msg: string): never {
-  throw new SnapPipeError('USAGE', msg);
-}
-
 export function formatVerifyReport(r: VerifyReport): string {
   const lines = [
     `snap-pipe verify: ${r.path}: ${r.sound ? 'sound' : 'DAMAGED'}`,
@@ -60,17 +56,14 @@ export async function cmdVerify(argv: string[]): Promise<number> {
     process.stdout.write(formatHelp('snap-pipe verify IMG [options]', VERIFY_ABOUT, VERIFY_FLAGS));
     return 0;
   }
-  if (positionals.length === 0) usage('verify: missing IMG (see snap-pipe verify --help)');
-  if (positionals.length > 1) usage(`verify: unexpected argument '${positionals[1]}'`);
-  const path = positionals[0];
+  const path = onePath('verify', positionals);
   const threads = flags.has('threads')
     ? parseInteger('verify', 'threads', flags.get('threads') as string, 0, VERIFY_THREADS_MAX)
     : DEFAULT_VERIFY_THREADS;
   const queueDepth = flags.has('queue-depth')
     ? parseInteger('verify', 'queue-depth', flags.get('queue-depth') as string, 1, VERIFY_QUEUE_DEPTH_MAX)
     : DEFAULT_VERIFY_QUEUE_DEPTH;
-  const io = flags.get('io') ?? 'auto';
-  if (io !== 'uring' && io !== 'sync' && io !== 'auto') usage(`verify: --io ${io}: must be uring or sync`);
+  const io = parseIo('verify', flags.get('io'));
 
   const report = await runVerify({
     path,

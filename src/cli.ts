@@ -5,7 +5,7 @@
 //   verify IMG   structure and every checksum (cli-verify.ts)
 import { writeFileSync } from 'node:fs';
 import { isatty } from 'node:tty';
-import { formatHelp, parseArgs, parseInteger, parseSize, type FlagSpec } from './args.js';
+import { formatHelp, onePath, parseArgs, parseInteger, parseIo, parseSize, type FlagSpec } from './args.js';
 import { cmdLoad } from './cli-load.js';
 import { cmdVerify } from './cli-verify.js';
 import { SnapPipeError } from './errors.js';
@@ -56,12 +56,6 @@ function usage(msg: string): never {
   throw new SnapPipeError('USAGE', msg);
 }
 
-function onePath(command: string, positionals: string[]): string {
-  if (positionals.length === 0) usage(`${command}: missing IMG (see snap-pipe ${command} --help)`);
-  if (positionals.length > 1) usage(`${command}: unexpected argument '${positionals[1]}'`);
-  return positionals[0];
-}
-
 function formatReport(r: SaveReport): string {
   const s = r.stages;
   const ms = (x: number) => `${(x / 1000).toFixed(2)}s`;
@@ -88,8 +82,7 @@ async function cmdSave(argv: string[]): Promise<number> {
     ? parseInteger('save', 'queue-depth', flags.get('queue-depth') as string, 1, 4096)
     : DEFAULT_QUEUE_DEPTH;
   const stats = flags.get('stats');
-  const ioFlag = flags.get('io') ?? 'auto';
-  if (ioFlag !== 'uring' && ioFlag !== 'sync' && ioFlag !== 'auto') usage(`save: --io ${ioFlag}: must be uring or sync`);
+  const ioFlag = parseIo('save', flags.get('io'));
   // isatty, not process.stdin: touching process.stdin would put fd 0 in non-blocking mode under the reader.
   if (isatty(0)) usage('save: stdin is a terminal; pipe a QEMU migration stream into it (see snap-pipe save --help)');
 
