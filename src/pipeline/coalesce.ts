@@ -15,6 +15,7 @@
 // cluster holds zeros. Fresh clusters are written whole (absent pages zero-filled); clusters written before get
 // only the pages this publication carries (data, or zeros for pages re-sent as ZERO after data).
 import { PAGE_BYTES, PAGES_PER_CHUNK } from '../image/types.js';
+import { crc32 } from 'node:zlib';
 import {
   BLOCK_F64S,
   BLOCK_PAGES,
@@ -22,6 +23,8 @@ import {
   SLOT_BLOCK,
   SLOT_BYTES,
   SLOT_CHUNK,
+  SLOT_CRC,
+  SLOT_FIRST,
   SLOT_INTS,
   SLOT_PAGES_IN_CHUNK,
   SLOT_SEEN_BITS,
@@ -344,7 +347,17 @@ export class Coalescer {
         }
       }
     }
-    this.written[this.headers[h + SLOT_BLOCK]][this.headers[h + SLOT_CHUNK]] = 1;
+    // A first publication is written whole as a new cluster: its CRC is the chunk's checksum. Computing it here,
+    // on the thread that just filled the slot, reads it from this core's cache; the writer would read it cold.
+    const block = this.headers[h + SLOT_BLOCK];
+    const chunk = this.headers[h + SLOT_CHUNK];
+    const first = this.written[block][chunk] === 0;
+    this.headers[h + SLOT_FIRST] = first ? 1 : 0;
+    if (first) {
+      const base = slot * SLOT_BYTES;
+      this.headers[h + SLOT_CRC] = crc32(this.slots.subarray(base, base + SLOT_BYTES)) | 0;
+    }
+    this.written[block][chunk] = 1;
     this.counters.chunksPublished++;
     this.pool.publish(slot);
   }

@@ -1,6 +1,7 @@
 // Writer stage: takes filled chunk slots from the coalescer and writes them to the image with O_DIRECT through an
 // I/O backend (io_uring, or synchronous writes): 1 MiB per fresh cluster, only the carried pages for a cluster
-// written before, computing each cluster's CRC-32 on the way. At the end it writes the metadata and marks the image complete (ImageWriter.finish).
+// written before. Each new cluster's CRC-32 comes from the coalescer (computed while the slot was in its cache). At the end it writes the metadata and marks the image complete (ImageWriter.finish).
+import assert from 'node:assert/strict';
 import { readSync } from 'node:fs';
 import { crc32 } from 'node:zlib';
 import { ioError, SnapPipeError } from '../errors.js';
@@ -12,6 +13,8 @@ import {
   CTRL,
   END_OF_CHUNKS,
   SLOT_BYTES,
+  SLOT_CRC,
+  SLOT_FIRST,
   SLOT_INTS,
   SLOT_SEEN_BITS,
   SLOT_VIRT_CLUSTER,
@@ -113,8 +116,10 @@ function run(shared: SaveShared): WriterResult {
     slotCluster[slot] = vc;
     clusterBusy.add(vc);
     pendingWrites[slot] = 1;
+    // The coalescer and this writer agree on which publication of a chunk is its first (the cluster is new).
+    assert.equal(fresh, h[hdr + SLOT_FIRST] === 1, `cluster ${vc}: coalescer and writer disagree on its first write`);
     if (fresh) {
-      crcByVirtCluster.set(vc, crc32(v.slots.subarray(base, base + CLUSTER_BYTES)));
+      crcByVirtCluster.set(vc, h[hdr + SLOT_CRC] >>> 0);
       submit(slot, base, CLUSTER_BYTES, hostOffsetBytes);
     } else {
       rewritten.add(vc);
