@@ -288,8 +288,19 @@ function truncated(path: string, what: string): SnapPipeError {
   return new SnapPipeError('TRUNCATED', `${path}: the file is shorter than its ${what} (truncated image)`);
 }
 
-/** Reads up to `lengthBytes` at `positionBytes` into the start of `dst`; returns bytes read (short only at EOF). */
-function readAt(path: string, fd: number, dst: Uint8Array, lengthBytes: number, positionBytes: number, direct: boolean): number {
+/**
+ * Reads up to `lengthBytes` at `positionBytes` into the start of `dst`; returns bytes read (short only at EOF).
+ * `what` names the structure being read in I/O error messages.
+ */
+export function readAt(
+  path: string,
+  fd: number,
+  dst: Uint8Array,
+  lengthBytes: number,
+  positionBytes: number,
+  direct: boolean,
+  what?: string,
+): number {
   if (direct) assert(lengthBytes % 4096 === 0 && positionBytes % 4096 === 0, 'readAt: unaligned O_DIRECT read');
   let done = 0;
   // Bounded: each round reads at least one byte or stops at EOF.
@@ -301,7 +312,7 @@ function readAt(path: string, fd: number, dst: Uint8Array, lengthBytes: number, 
       if (direct && (err as NodeJS.ErrnoException).code === 'EINVAL') {
         throw new SnapPipeError('NO_DIRECT', `${path}: the file system refuses O_DIRECT; use --no-direct`);
       }
-      throw ioError(`read ${path} at byte ${positionBytes + done}`, err);
+      throw ioError(`read ${path} at byte ${positionBytes + done}${what ? ` (${what})` : ''}`, err);
     }
     if (n === 0) break;
     done += n;

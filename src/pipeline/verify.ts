@@ -29,7 +29,7 @@ import {
   type Qcow2Header,
   type TailLayout,
 } from '../image/qcow2.js';
-import { ImageReader } from '../image/reader.js';
+import { ImageReader, readAt } from '../image/reader.js';
 import { CLUSTER_BYTES } from '../image/types.js';
 import { openIoBackend, type IoBackend, type IoBackendName } from '../native/io.js';
 import { alignedShared } from '../ring/memory.js';
@@ -105,17 +105,9 @@ function damaged(path: string, what: string): SnapPipeError {
 
 /** Reads `lengthBytes` at `positionBytes` with plain reads (tables are few and small); short means truncated. */
 function readExact(path: string, fd: number, dst: Uint8Array, lengthBytes: number, positionBytes: number, what: string): void {
-  let done = 0;
-  // Bounded: each round reads at least one byte or stops.
-  while (done < lengthBytes) {
-    let n: number;
-    try {
-      n = fs.readSync(fd, dst, done, lengthBytes - done, positionBytes + done);
-    } catch (err) {
-      throw ioError(`read ${path} at byte ${positionBytes + done} (${what})`, err);
-    }
-    if (n === 0) throw new SnapPipeError('TRUNCATED', `${path}: the file ends inside the ${what} at byte ${positionBytes + done} (truncated image)`);
-    done += n;
+  const got = readAt(path, fd, dst, lengthBytes, positionBytes, false, what);
+  if (got < lengthBytes) {
+    throw new SnapPipeError('TRUNCATED', `${path}: the file ends inside the ${what} at byte ${positionBytes + got} (truncated image)`);
   }
 }
 
