@@ -46,7 +46,7 @@ import { alignedShared } from '../ring/memory.js';
 import { RAM_EOS, SEC_COMMAND, SEC_END, SEC_EOF, SEC_FOOTER } from '../stream/constants.js';
 import { vmdescStart } from '../stream/parser.js';
 import { ReturnPathDecoder, type RpMessage } from '../stream/returnpath.js';
-import { LOAD_QUEUE_DEPTH_MAX, StreamOut, checkStreamParts, planReads, reapNamed, type Plan } from './load.js';
+import { LOAD_QUEUE_DEPTH_MAX, StreamOut, checkStreamParts, planReads, reapNamed, type LoadReport, type Plan } from './load.js';
 
 // Commands (savevm.c enum qemu_vm_cmd).
 const CMD_OPEN_RETURN_PATH = 1;
@@ -194,18 +194,10 @@ export interface PostcopyOptions {
   onProgress?: (p: { bytesOut: number }) => void;
 }
 
-export interface PostcopyReport {
-  path: string;
+/** What a postcopy load did: the precopy report's figures (same meanings) plus the postcopy phases and requests. */
+export interface PostcopyReport extends LoadReport {
   mode: 'postcopy';
-  seconds: number;
-  bytesOut: number;
-  outMBps: number;
-  blocks: number;
-  dataPages: number;
-  zeroPages: number;
-  /** Pages the save never saw: sent as ZERO too (the destination wiped them at ADVISE). */
-  unsentPages: number;
-  dataClusters: number;
+  /** unsentPages (see LoadReport) are sent as ZERO here: the destination wiped all RAM at ADVISE. */
   precopyPercent: number;
   /** Pages sent before LISTEN (data, and ZERO records). */
   precopyDataPages: number;
@@ -213,7 +205,6 @@ export interface PostcopyReport {
   precopyClusters: number;
   discardCommands: number;
   discardRanges: number;
-  deviceStateBytes: number;
   packageBytes: number;
   /** Times from the start, ms: package written, PONG to the PING in the package (devices loaded), EOF written. */
   packageSentMs: number;
@@ -239,16 +230,6 @@ export interface PostcopyReport {
   /** Time spent waiting for clusters that requests needed, and writing answers to requests (a full pipe ahead). */
   requestReadWaitMs: number;
   requestWriteMs: number;
-  bytesRead: number;
-  readMs: number;
-  verifyMs: number;
-  writeMs: number;
-  writeCalls: number;
-  ramSections: number;
-  direct: boolean;
-  verified: boolean;
-  queueDepth: number;
-  readBackend: string;
 }
 
 // ---------------------------------------------------------------------------------------------------------------
