@@ -3,21 +3,24 @@
 import { isPowerOfTwo } from './layout.js';
 import { publish, waitChange, WaitClock } from './wait.js';
 
-export class IntQueueProducer {
-  private head: number;
-  private readonly mask: number;
+/** What both ends share: the control words, the entries, and the mask of a power-of-two capacity. */
+abstract class IntQueueEnd {
+  protected readonly mask: number;
   readonly waits = new WaitClock();
 
   constructor(
-    private readonly ctrl: Int32Array,
-    private readonly headIdx: number,
-    private readonly tailIdx: number,
-    private readonly entries: Int32Array,
+    protected readonly ctrl: Int32Array,
+    protected readonly headIdx: number,
+    protected readonly tailIdx: number,
+    protected readonly entries: Int32Array,
   ) {
     if (!isPowerOfTwo(entries.length)) throw new RangeError(`queue capacity ${entries.length} is not a power of two`);
     this.mask = entries.length - 1;
-    this.head = Atomics.load(ctrl, headIdx) >>> 0;
   }
+}
+
+export class IntQueueProducer extends IntQueueEnd {
+  private head = Atomics.load(this.ctrl, this.headIdx) >>> 0;
 
   push(value: number): void {
     let tail = Atomics.load(this.ctrl, this.tailIdx) >>> 0;
@@ -30,21 +33,8 @@ export class IntQueueProducer {
   }
 }
 
-export class IntQueueConsumer {
-  private tail: number;
-  private readonly mask: number;
-  readonly waits = new WaitClock();
-
-  constructor(
-    private readonly ctrl: Int32Array,
-    private readonly headIdx: number,
-    private readonly tailIdx: number,
-    private readonly entries: Int32Array,
-  ) {
-    if (!isPowerOfTwo(entries.length)) throw new RangeError(`queue capacity ${entries.length} is not a power of two`);
-    this.mask = entries.length - 1;
-    this.tail = Atomics.load(ctrl, tailIdx) >>> 0;
-  }
+export class IntQueueConsumer extends IntQueueEnd {
+  private tail = Atomics.load(this.ctrl, this.tailIdx) >>> 0;
 
   /** Values ready without waiting. */
   available(): number {
