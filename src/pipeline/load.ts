@@ -419,6 +419,22 @@ export function checkStreamParts(path: string, meta: SnapshotMeta): void {
 }
 
 /** A cluster to send: where it lies in the file and which block chunk it holds. */
+/**
+ * Throws CHECKSUM, naming block, offset and chunk, when a cluster's CRC-32 differs from the one recorded at save;
+ * `stoppedBefore` says what the stream stops short of.
+ */
+export function checkClusterCrc(path: string, meta: SnapshotMeta, ch: DataChunk, cluster: Uint8Array, stoppedBefore: string): void {
+  const got = crc32(cluster) >>> 0;
+  const want = meta.chunkCrc32[ch.block][ch.chunk] >>> 0;
+  if (got === want) return;
+  throw new SnapPipeError(
+    'CHECKSUM',
+    `${path}: block ${meta.blocks[ch.block].id} offset 0x${(ch.chunk * CLUSTER_BYTES).toString(16)} (1 MiB chunk ${ch.chunk}): ` +
+      `checksum mismatch (stored 0x${want.toString(16).padStart(8, '0')}, read 0x${got.toString(16).padStart(8, '0')}, ` +
+      `cluster at byte ${ch.hostOffsetBytes}); stream stopped before ${stoppedBefore} (--no-verify sends it anyway)`,
+  );
+}
+
 export interface DataChunk {
   hostOffsetBytes: number;
   block: number;
@@ -554,7 +570,6 @@ export async function runLoad(opts: LoadOptions): Promise<LoadReport> {
         readMs += performance.now() - t1;
         doneSlot[slot] = 0;
         const ch = chunks[next];
-        const block = meta.blocks[ch.block];
         if (gotBytes[slot] !== CLUSTER_BYTES) {
           throw new SnapPipeError('TRUNCATED', `${path}: the file ends inside the cluster at byte ${ch.hostOffsetBytes} (truncated image)`);
         }
@@ -562,18 +577,8 @@ export async function runLoad(opts: LoadOptions): Promise<LoadReport> {
         const cluster = slots.subarray(slot * CLUSTER_BYTES, (slot + 1) * CLUSTER_BYTES);
         if (opts.verify) {
           const t2 = performance.now();
-          const got = crc32(cluster) >>> 0;
-          const want = meta.chunkCrc32[ch.block][ch.chunk] >>> 0;
+          checkClusterCrc(path, meta, ch, cluster, 'this chunk and the device state, so the destination fails the migration');
           verifyMs += performance.now() - t2;
-          if (got !== want) {
-            throw new SnapPipeError(
-              'CHECKSUM',
-              `${path}: block ${block.id} offset 0x${(ch.chunk * CLUSTER_BYTES).toString(16)} (1 MiB chunk ${ch.chunk}): ` +
-                `checksum mismatch (stored 0x${want.toString(16).padStart(8, '0')}, read 0x${got.toString(16).padStart(8, '0')}, ` +
-                `cluster at byte ${ch.hostOffsetBytes}); stream stopped before this chunk and the device state, so the destination ` +
-                `fails the migration (--no-verify sends it anyway)`,
-            );
-          }
         }
         dataPagesOut += emitChunkPages(out, meta, ch, cluster, pageList);
         next++;

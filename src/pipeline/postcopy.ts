@@ -36,7 +36,6 @@
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import net from 'node:net';
-import { crc32 } from 'node:zlib';
 import { SnapPipeError, ioError } from '../errors.js';
 import { chunksOf, pagesOf } from '../image/metadata.js';
 import { ImageReader } from '../image/reader.js';
@@ -46,7 +45,7 @@ import { alignedShared } from '../ring/memory.js';
 import { RAM_EOS, SEC_COMMAND, SEC_END, SEC_EOF, SEC_FOOTER } from '../stream/constants.js';
 import { vmdescStart } from '../stream/parser.js';
 import { ReturnPathDecoder, type RpMessage } from '../stream/returnpath.js';
-import { LOAD_QUEUE_DEPTH_MAX, StreamOut, checkStreamParts, planReads, reapNamed, type LoadReport, type Plan } from './load.js';
+import { LOAD_QUEUE_DEPTH_MAX, StreamOut, checkClusterCrc, checkStreamParts, planReads, reapNamed, type LoadReport, type Plan } from './load.js';
 
 // Commands (savevm.c enum qemu_vm_cmd).
 const CMD_OPEN_RETURN_PATH = 1;
@@ -755,17 +754,8 @@ class PostcopySession {
       this.r.bytesRead += CLUSTER_BYTES;
       if (this.opts.verify) {
         const t2 = performance.now();
-        const got = crc32(this.slotView(slot)) >>> 0;
-        const want = this.meta.chunkCrc32[ch.block][ch.chunk] >>> 0;
+        checkClusterCrc(this.opts.path, this.meta, ch, this.slotView(slot), 'its pages');
         this.r.verifyMs += performance.now() - t2;
-        if (got !== want) {
-          throw new SnapPipeError(
-            'CHECKSUM',
-            `${this.opts.path}: block ${this.meta.blocks[ch.block].id} offset 0x${(ch.chunk * CLUSTER_BYTES).toString(16)} (1 MiB chunk ${ch.chunk}): ` +
-              `checksum mismatch (stored 0x${want.toString(16).padStart(8, '0')}, read 0x${got.toString(16).padStart(8, '0')}, ` +
-              `cluster at byte ${ch.hostOffsetBytes}); stream stopped before its pages (--no-verify sends it anyway)`,
-          );
-        }
       }
       this.slotState[slot] = SLOT_LOADED;
       if (!this.slotUrgent[slot]) this.bgReading--;
