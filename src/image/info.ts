@@ -1,5 +1,6 @@
 // `snap-pipe info`: what an image holds, for people (formatInfo) and scripts (JSON of ImageInfo).
 
+import { popcount8 } from './bits.js';
 import { ImageReader } from './reader.js';
 import { bitmapBytesOf, pagesOf } from './metadata.js';
 import { CLUSTER_BYTES, type SnapshotMeta } from './types.js';
@@ -39,12 +40,6 @@ export interface ImageInfo {
   writer?: string;
   sawRamEnd?: boolean;
   capabilities?: string[];
-}
-
-function popcount8(x: number): number {
-  x = x - ((x >> 1) & 0x55);
-  x = (x & 0x33) + ((x >> 2) & 0x33);
-  return (x + (x >> 4)) & 0x0f;
 }
 
 /** Counts set bits among the first `bits` bits (LSB-first within each byte). */

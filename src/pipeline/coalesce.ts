@@ -363,14 +363,3 @@ export class Coalescer {
   }
 }
 
-export function popcount8(bits: Uint8Array): number {
-  let n = 0;
-  for (let i = 0; i < bits.length; i++) {
-    let v = bits[i];
-    while (v) {
-      v &= v - 1;
-      n++;
-    }
-  }
-  return n;
-}

@@ -16,6 +16,7 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import { crc32 } from 'node:zlib';
 import { SnapPipeError, ioError } from '../errors.js';
+import { popcount8 } from '../image/bits.js';
 import { chunksOf, pagesOf } from '../image/metadata.js';
 import { ImageReader } from '../image/reader.js';
 import { CLUSTER_BYTES, PAGE_BYTES, PAGES_PER_CHUNK, type SnapshotMeta } from '../image/types.js';
@@ -440,12 +441,6 @@ export interface DataChunk {
   block: number;
   chunk: number;
   pages: number;
-}
-
-export function popcount8(x: number): number {
-  x = x - ((x >> 1) & 0x55);
-  x = (x & 0x33) + ((x >> 2) & 0x33);
-  return (x + (x >> 4)) & 0x0f;
 }
 
 /** Bits of page i's byte that are valid pages of the block (the last byte may be partial). */

@@ -9,7 +9,7 @@ import type { IoBackendName } from '../native/io.js';
 import { CTRL, FAIL_ABORT, FAIL_ERROR, SLOT_BYTES, type SaveRingSizes, type SaveShared } from '../ring/layout.js';
 import { signalFailure } from '../ring/wait.js';
 import { VERSION } from '../version.js';
-import { popcount8 } from './coalesce.js';
+import { countSetBits } from '../image/bits.js';
 import type { CoalescerApi, CoalescerResult } from '../workers/coalescer.js';
 import type { ReaderApi, ReaderResult } from '../workers/reader.js';
 import { startStage, type Outcome, type StageHandle } from '../workers/rpc.js';
@@ -211,8 +211,8 @@ export class SavePipeline {
     let dataPages = 0;
     let sentPages = 0;
     for (let b = 0; b < p.blocks.length; b++) {
-      dataPages += popcount8(cr.data[b]);
-      sentPages += popcount8(cr.sent[b]);
+      dataPages += countSetBits(cr.data[b]);
+      sentPages += countSetBits(cr.sent[b]);
     }
     return {
       formatVersion: FORMAT_VERSION,
