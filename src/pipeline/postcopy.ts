@@ -42,7 +42,8 @@ import { ImageReader } from '../image/reader.js';
 import { CLUSTER_BYTES, PAGE_BYTES, PAGES_PER_CHUNK, type SnapshotMeta } from '../image/types.js';
 import { openIoBackend, type IoBackend, type IoBackendName } from '../native/io.js';
 import { alignedShared } from '../ring/memory.js';
-import { RAM_EOS, SEC_COMMAND, SEC_END, SEC_EOF, SEC_FOOTER } from '../stream/constants.js';
+import { StreamBuilder } from '../stream/builder.js';
+import { SEC_EOF } from '../stream/constants.js';
 import { vmdescStart } from '../stream/parser.js';
 import { ReturnPathDecoder, type RpMessage } from '../stream/returnpath.js';
 import { LOAD_QUEUE_DEPTH_MAX, StreamOut, checkClusterCrc, checkStreamParts, planReads, reapNamed, type LoadReport, type Plan } from './load.js';
@@ -83,7 +84,6 @@ const URGENT_SLOTS = 16;
 export const SHUT_WAIT_MS_MAX = 60_000;
 /** Tests shorten the wait for SHUT through this variable (ms). */
 const SHUT_WAIT_ENV = 'SNAP_PIPE_TEST_SHUT_WAIT_MS';
-const TWO_32 = 0x1_0000_0000;
 
 // ---------------------------------------------------------------------------------------------------------------
 // Fault latency histogram: log-linear buckets (8 per power of two) over microseconds, exact min/max/mean.
@@ -234,55 +234,30 @@ export interface PostcopyReport extends LoadReport {
 // ---------------------------------------------------------------------------------------------------------------
 // Stream pieces
 
-function command(cmd: number, payload: Uint8Array = new Uint8Array(0)): Uint8Array {
-  assert(payload.length <= 0xffff, 'command payload too long');
-  const b = new Uint8Array(5 + payload.length);
-  b[0] = SEC_COMMAND;
-  b[1] = cmd >>> 8;
-  b[2] = cmd & 0xff;
-  b[3] = payload.length >>> 8;
-  b[4] = payload.length & 0xff;
-  b.set(payload, 5);
-  return b;
+/** A small piece of stream built with the shared encoder. */
+function piece(build: (b: StreamBuilder) => StreamBuilder): Uint8Array {
+  return build(new StreamBuilder(256)).build();
 }
 
-function be32(v: number): Uint8Array {
-  return new Uint8Array([v >>> 24, (v >>> 16) & 0xff, (v >>> 8) & 0xff, v & 0xff]);
-}
-
-function be64Into(b: Uint8Array, at: number, v: number): void {
-  const hi = Math.floor(v / TWO_32);
-  const lo = v >>> 0;
-  b.set(be32(hi), at);
-  b.set(be32(lo), at + 4);
+function command(cmd: number, payload?: Uint8Array): Uint8Array {
+  return piece((b) => b.command(cmd, payload));
 }
 
 export function pingCommand(value: number): Uint8Array {
-  return command(CMD_PING, be32(value));
+  return command(CMD_PING, piece((b) => b.be32(value)));
 }
 
 export function adviseCommand(): Uint8Array {
-  const p = new Uint8Array(16);
-  be64Into(p, 0, PAGE_BYTES); // page-size summary: plain RAM blocks only
-  be64Into(p, 8, PAGE_BYTES); // target page size
-  return command(CMD_POSTCOPY_ADVISE, p);
+  // page-size summary (plain RAM blocks only), then the target page size
+  return command(CMD_POSTCOPY_ADVISE, piece((b) => b.be64(PAGE_BYTES).be64(PAGE_BYTES)));
 }
 
 /** One POSTCOPY_RAM_DISCARD: version 0, name, 0, then (be64 start, be64 length) byte ranges. */
 export function discardCommand(idstr: Uint8Array, ranges: [number, number][]): Uint8Array {
   assert(ranges.length >= 1 && ranges.length <= DISCARDS_PER_COMMAND);
-  const p = new Uint8Array(3 + idstr.length + 16 * ranges.length);
-  p[0] = 0;
-  p[1] = idstr.length;
-  p.set(idstr, 2);
-  p[2 + idstr.length] = 0;
-  let at = 3 + idstr.length;
-  for (const [start, len] of ranges) {
-    be64Into(p, at, start);
-    be64Into(p, at + 8, len);
-    at += 16;
-  }
-  return command(CMD_POSTCOPY_RAM_DISCARD, p);
+  const p = new StreamBuilder(256).u8(0).u8(idstr.length).bytes(idstr).u8(0);
+  for (const [start, len] of ranges) p.be64(start).be64(len);
+  return command(CMD_POSTCOPY_RAM_DISCARD, p.build());
 }
 
 /**
@@ -1023,7 +998,7 @@ class PostcopySession {
       if (this.r.pagesOut < this.totalPages) this.sendDiscards();
 
       // 6: the package; from LISTEN on, QEMU may ask for pages.
-      out.raw(command(CMD_PACKAGED, be32(this.pkg.length)));
+      out.raw(command(CMD_PACKAGED, piece((b) => b.be32(this.pkg.length))));
       out.raw(this.pkg);
       this.listening = true;
       out.flush();
@@ -1070,14 +1045,7 @@ class PostcopySession {
       assert.equal(this.zeroLeft, 0);
 
       // 8: end of the RAM section, EOF.
-      const end = new Uint8Array(1 + 4 + 8 + 1 + 4);
-      end[0] = SEC_END;
-      end.set(be32(meta.ramSectionId), 1);
-      be64Into(end, 5, RAM_EOS);
-      end[13] = SEC_FOOTER;
-      end.set(be32(meta.ramSectionId), 14);
-      out.raw(end);
-      out.raw(new Uint8Array([SEC_EOF]));
+      out.raw(piece((b) => b.ramEnd(meta.ramSectionId).ramEos(meta.ramSectionId).u8(SEC_EOF)));
       out.flush();
       this.eofWritten = true;
       this.r.eofSentMs = this.now();

@@ -10,6 +10,7 @@ import {
   RAM_PAGE,
   RAM_VERSION,
   RAM_ZERO,
+  SEC_COMMAND,
   SEC_CONFIGURATION,
   SEC_END,
   SEC_EOF,
@@ -26,9 +27,14 @@ const encoder = new TextEncoder();
 
 export class StreamBuilder {
   private parts: Uint8Array[] = [];
-  private cur = new Uint8Array(1 << 16);
+  private cur: Uint8Array;
   private len = 0;
   private lastBlock: string | undefined;
+
+  /** `chunkBytes`: the first piece's size (it grows by pieces); small for a single command. */
+  constructor(chunkBytes = 1 << 16) {
+    this.cur = new Uint8Array(chunkBytes);
+  }
 
   private room(n: number): void {
     if (this.len + n <= this.cur.length) return;
@@ -92,6 +98,12 @@ export class StreamBuilder {
 
   sectionStart(type: number, id: number, idstr: string, instance: number, version: number): this {
     return this.u8(type).be32(id).str8(idstr).be32(instance).be32(version);
+  }
+
+  /** A COMMAND section: be16 command, be16 payload length, payload. */
+  command(cmd: number, payload: Uint8Array = new Uint8Array(0)): this {
+    if (payload.length > 0xffff) throw new RangeError(`command payload of ${payload.length} bytes`);
+    return this.u8(SEC_COMMAND).be16(cmd).be16(payload.length).bytes(payload);
   }
 
   footer(id: number): this {
