@@ -1,0 +1,117 @@
+// The fastmem addon (CRC-32C, batched copies) against independent implementations: the hardware path, the addon's
+// own table path and the JavaScript fallback must agree on every length, alignment and seed; copies must behave as
+// memmove and refuse ranges outside the buffer before copying anything. A missing addon fails these tests (the
+// project's setup builds it; it needs only a C compiler).
+import { execFileSync } from 'node:child_process';
+import { describe, expect, it } from 'vitest';
+import { crc32c, crc32cImplementation, crc32cJs, fastmemAddon, RangeCopier } from '../../src/native/fastmem.js';
+
+function addon(): NonNullable<typeof fastmemAddon> {
+  if (!fastmemAddon) throw new Error('build/Release/fastmem.node is not built (run node scripts/build-native.mjs)');
+  return fastmemAddon;
+}
+
+/** Deterministic bytes in shared memory (the pipelines' buffers are shared). */
+function bytes(n: number, seed: number): Uint8Array {
+  const u = new Uint8Array(new SharedArrayBuffer(n));
+  let x = seed >>> 0 || 1;
+  for (let i = 0; i < n; i++) {
+    x ^= x << 13;
+    x ^= x >>> 17;
+    x ^= x << 5;
+    u[i] = x & 0xff;
+  }
+  return u;
+}
+
+describe('crc32c', () => {
+  it('matches the published check values', () => {
+    const check = new TextEncoder().encode('123456789');
+    expect(crc32cJs(check)).toBe(0xe3069283);
+    expect(addon().crc32c(check, 0, 9)).toBe(0xe3069283);
+    expect(addon().crc32cSoftware(check, 0, 9)).toBe(0xe3069283);
+    // RFC 3720 (iSCSI) B.4: 32 bytes of zeros, of 0xff, ascending, descending.
+    const zeros = new Uint8Array(32);
+    const ones = new Uint8Array(32).fill(0xff);
+    const up = Uint8Array.from({ length: 32 }, (_, i) => i);
+    const down = Uint8Array.from({ length: 32 }, (_, i) => 31 - i);
+    expect([zeros, ones, up, down].map((b) => crc32c(b))).toEqual([0x8a9136aa, 0x62a8ab43, 0x46dd794e, 0x113fdb5c]);
+    expect(crc32c(new Uint8Array(0))).toBe(0);
+  });
+
+  it('this machine uses the CPU instruction (the speed the image format was chosen for)', () => {
+    const hasSse42 = execFileSync('grep', ['-c', 'sse4_2', '/proc/cpuinfo'], { encoding: 'utf8' }).trim() !== '0';
+    expect(crc32cImplementation).toBe(hasSse42 ? 'hardware' : 'native');
+  });
+
+  it('hardware, table and JavaScript paths agree on every length, offset and seed', () => {
+    const mem = bytes(3 * 1024 * 1024 + 4096, 7);
+    const a = addon();
+    // Lengths around the lane sizes (3 x 8192, 3 x 256, 8) and a whole cluster, at odd offsets.
+    const lengths = [0, 1, 7, 8, 9, 255, 767, 768, 769, 3 * 8192 - 1, 3 * 8192, 3 * 8192 + 769, 1 << 20, 3 << 20];
+    for (const n of lengths) {
+      for (const off of [0, 1, 3, 4096 - 5]) {
+        const view = mem.subarray(off, off + n);
+        const js = crc32cJs(view);
+        expect(a.crc32c(mem, off, n), `length ${n} offset ${off}`).toBe(js);
+        expect(a.crc32cSoftware(mem, off, n), `length ${n} offset ${off}`).toBe(js);
+      }
+    }
+    // Continuing from a seed equals checksumming the concatenation.
+    for (let k = 0; k < 200; k++) {
+      const n = (k * 7919) % 100_000;
+      const cut = (k * 104_729) % (n + 1);
+      const whole = a.crc32c(mem, 11, n);
+      expect(a.crc32c(mem, 11 + cut, n - cut, a.crc32c(mem, 11, cut))).toBe(whole);
+      expect(crc32cJs(mem.subarray(11 + cut, 11 + n), crc32cJs(mem.subarray(11, 11 + cut)))).toBe(whole);
+    }
+  });
+
+  it('refuses ranges outside the view and non-views', () => {
+    const a = addon();
+    const u = new Uint8Array(16);
+    expect(() => a.crc32c(u, 10, 7)).toThrow(/outside the view/);
+    expect(() => a.crc32c(u, -1, 1)).toThrow(/non-negative integers/);
+    expect(() => a.crc32c(u, 0.5, 1)).toThrow(/non-negative integers/);
+    expect(() => a.crc32c(u, 0, 1, 2 ** 32)).toThrow(/seed/);
+    expect(() => a.crc32c({} as Uint8Array, 0, 1)).toThrow(/TypedArray or DataView/);
+    // A view into the middle of a buffer: offsets count from the view, not the buffer.
+    const inner = bytes(64, 3);
+    expect(a.crc32c(inner.subarray(8, 40), 0, 32)).toBe(crc32cJs(inner.subarray(8, 40)));
+  });
+});
+
+describe('copyRanges / RangeCopier', () => {
+  it('performs queued copies in order, as memmove (overlap allowed)', () => {
+    const src = bytes(64 * 1024, 9);
+    const mem = new Uint8Array(new SharedArrayBuffer(src.length));
+    mem.set(src);
+    const want = src.slice();
+    const ops: [number, number, number][] = [
+      [32768, 0, 4096],
+      [100, 200, 1000], // overlapping, backwards
+      [300, 100, 1000], // overlapping, forwards, reading what the previous copy wrote
+      [0, 60000, 5536],
+    ];
+    for (const [d, s, n] of ops) want.copyWithin(d, s, s + n);
+    const c = new RangeCopier(mem, 3);
+    for (const [d, s, n] of ops) c.add(d, s, n);
+    // capacity 3: the first three went out when the third was added.
+    expect(c.pending).toBe(1);
+    c.flush();
+    expect(c.pending).toBe(0);
+    expect(Buffer.compare(mem, want)).toBe(0);
+  });
+
+  it('refuses a batch with any range outside the view, copying none of it', () => {
+    const a = addon();
+    const mem = bytes(8192, 4);
+    const before = mem.slice();
+    const ops = new Float64Array([0, 4096, 4096, 4096, 0, 4097]);
+    expect(() => a.copyRanges(mem, ops, 2)).toThrow(/outside the view/);
+    expect(Buffer.compare(mem, before)).toBe(0);
+    expect(() => a.copyRanges(mem, new Float64Array([0, 1.5, 1]), 1)).toThrow(/not an integer/);
+    expect(() => a.copyRanges(mem, ops, 3)).toThrow(/count exceeds ops/);
+    expect(() => a.copyRanges(mem, new Int32Array(3) as unknown as Float64Array, 1)).toThrow(/Float64Array/);
+  });
+});
