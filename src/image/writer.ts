@@ -23,6 +23,14 @@ import {
 } from './qcow2.js';
 import { CLUSTER_BYTES, FORMAT_VERSION, type SnapshotMeta } from './types.js';
 
+/**
+ * The file is sized (ftruncate, sparse) this far ahead of the data clusters handed out, and cut to its real length at
+ * finish. An O_DIRECT write past the end of file must extend it, which ext4 does under the inode's exclusive lock,
+ * one write at a time: measured here, 1 MiB writes at queue depth 16 ran at 1.1 GB/s into a growing file against
+ * 2.05 GB/s into one already sized.
+ */
+const SIZE_AHEAD_BYTES = 1024 * CLUSTER_BYTES;
+
 /** Virtual cluster indices must fit an Int32Array (2^31 MiB = 2 PiB of virtual disk). */
 const VIRT_CLUSTER_MAX = 0x7fff_ffff;
 
@@ -92,6 +100,10 @@ export class ImageWriter {
   /** Virtual cluster index per allocation, in allocation order. */
   private allocOrder: Int32Array;
   private allocCount = 0;
+  /** The file's length as last set by ftruncate (0: only what was written). */
+  private sizedBytes = 0;
+  /** End of the furthest byte written or handed out for writing. */
+  private endBytes = 0;
   private finished = false;
   private closed = false;
 
@@ -174,6 +186,9 @@ export class ImageWriter {
     this.allocOrder[this.allocCount] = virtCluster;
     this.allocCount++;
     this.hostClusterOfVirt[virtCluster] = hostCluster;
+    const endBytes = (hostCluster + 1) * CLUSTER_BYTES;
+    this.endBytes = Math.max(this.endBytes, endBytes);
+    if (endBytes > this.sizedBytes) this.resize(endBytes + SIZE_AHEAD_BYTES);
     return { hostOffsetBytes: hostCluster * CLUSTER_BYTES, fresh: true };
   }
 
@@ -249,6 +264,8 @@ export class ImageWriter {
       }
       this.writeFull(s, C, (layout.refcountTableFirstCluster + i) * C);
     }
+    // The file ends at its last cluster, not at the size set ahead of the data.
+    if (this.sizedBytes > this.endBytes) this.resize(this.endBytes);
     // Data, metadata and tables durable before the header can say "complete".
     this.sync();
     s.fill(0, 0, HEADER_AREA_BYTES);
@@ -262,6 +279,14 @@ export class ImageWriter {
   close(): void {
     if (this.closed) return;
     this.closed = true;
+    // An unfinished save ends at its last cluster too (best effort: it is already failing or abandoned).
+    if (this.sizedBytes > this.endBytes) {
+      try {
+        fs.ftruncateSync(this.fd, this.endBytes);
+      } catch {
+        // the file stays longer, still marked incomplete
+      }
+    }
     try {
       fs.closeSync(this.fd);
     } catch (err) {
@@ -310,6 +335,16 @@ export class ImageWriter {
       if (n <= 0) throw new SnapPipeError('IO', `write ${this.path} at byte ${positionBytes + done}: wrote nothing`);
       done += n;
     }
+    this.endBytes = Math.max(this.endBytes, positionBytes + lengthBytes);
+  }
+
+  private resize(bytes: number): void {
+    try {
+      fs.ftruncateSync(this.fd, bytes);
+    } catch (err) {
+      throw ioError(`ftruncate ${this.path}`, err);
+    }
+    this.sizedBytes = bytes;
   }
 
   private sync(): void {
