@@ -14,7 +14,7 @@ const STDOUT_FD = 1;
 export const LOAD_FLAGS: Record<string, FlagSpec> = {
   io: { kind: 'value', valueName: 'uring|sync', help: 'I/O backend (default: uring where io_uring works, else sync)' },
   'no-direct': { kind: 'bool', help: 'buffered reads, for file systems without O_DIRECT (tmpfs)' },
-  'no-verify': { kind: 'bool', help: 'send clusters even if their CRC-32 does not match the one stored at save' },
+  'no-verify': { kind: 'bool', help: 'send clusters even if their CRC-32C does not match the one stored at save' },
   'queue-depth': { kind: 'value', valueName: 'N', help: `cluster reads kept in flight (default ${DEFAULT_LOAD_QUEUE_DEPTH})` },
   postcopy: {
     kind: 'optional-value',
@@ -29,7 +29,7 @@ const LOAD_ABOUT = `Writes the migration stream stored in IMG (by snap-pipe save
 machine, memory size and devices plus -incoming defer:
   (qemu) migrate_incoming "exec:snap-pipe load /path/vm.qcow2"
 The image is checked before anything is written; zero pages go first, then the data clusters in file order, each
-checked against the CRC-32 recorded at save (a mismatch stops the stream before the device state, so QEMU fails
+checked against the CRC-32C recorded at save (a mismatch stops the stream before the device state, so QEMU fails
 the migration instead of running on damaged memory), then the device state. Then 'cont' resumes the guest.
 With --postcopy the destination needs the postcopy-ram capability (migrate_set_capability postcopy-ram on, before
 migrate_incoming): the device state goes first and the guest runs (at once unless QEMU was started with -S) while
@@ -44,7 +44,7 @@ function formatLoadReport(r: LoadReport): string {
   return [
     `snap-pipe load: ${r.path}: ${formatBytes(r.bytesOut)} of stream in ${r.seconds.toFixed(2)}s (${r.outMBps.toFixed(0)} MB/s)`,
     `  pages: ${r.dataPages} data, ${r.zeroPages} zero, ${r.unsentPages} never sent; ${r.blocks} RAM blocks; device state ${formatBytes(r.deviceStateBytes)}`,
-    `  read: ${formatBytes(r.bytesRead)} in ${r.dataClusters} clusters${r.direct ? '' : ' (buffered)'}, ${r.readBackend} reads, queue depth ${r.queueDepth}`,
+    `  read: ${formatBytes(r.bytesRead)} in ${r.dataClusters} clusters${r.direct ? '' : ' (buffered)'}, ${r.readBackend} reads, queue depth ${r.queueDepth}; CRC-32C by ${r.checksum}`,
     `  time: reading ${ms(r.readMs)}, ${r.verified ? `verifying ${ms(r.verifyMs)}` : 'not verified'}, writing to the pipe ${ms(r.writeMs)} (${r.writeCalls} writes, ${r.ramSections} ram sections)`,
   ].join('\n');
 }

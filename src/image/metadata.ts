@@ -109,11 +109,11 @@ function bytesOf(a: Uint8Array): Uint8Array {
 /** Encodes SnapshotMeta. Inconsistent input (bitmap or CRC arrays shorter than the blocks need) is a programmer error. */
 export function encodeMeta(meta: SnapshotMeta): Uint8Array {
   assert.equal(meta.pages.length, meta.blocks.length, 'encodeMeta: pages[] does not match blocks[]');
-  assert.equal(meta.chunkCrc32.length, meta.blocks.length, 'encodeMeta: chunkCrc32[] does not match blocks[]');
+  assert.equal(meta.chunkCrc32c.length, meta.blocks.length, 'encodeMeta: chunkCrc32c[] does not match blocks[]');
   meta.blocks.forEach((b, i) => {
     assert(bitmapBytesOf(b) <= meta.pages[i].sent.byteLength, `encodeMeta: sent bitmap of ${b.id} too short`);
     assert(bitmapBytesOf(b) <= meta.pages[i].data.byteLength, `encodeMeta: data bitmap of ${b.id} too short`);
-    assert(chunksOf(b) <= meta.chunkCrc32[i].length, `encodeMeta: chunk CRCs of ${b.id} too short`);
+    assert(chunksOf(b) <= meta.chunkCrc32c[i].length, `encodeMeta: chunk CRCs of ${b.id} too short`);
   });
   const json: MetaJson = {
     formatVersion: meta.formatVersion,
@@ -138,7 +138,7 @@ export function encodeMeta(meta: SnapshotMeta): Uint8Array {
     [MetaTag.DeviceState, bytesOf(meta.deviceState)],
     [MetaTag.SentBitmaps, encodeList(meta.pages.map((p) => bytesOf(p.sent)))],
     [MetaTag.DataBitmaps, encodeList(meta.pages.map((p) => bytesOf(p.data)))],
-    [MetaTag.ChunkCrcs, encodeList(meta.chunkCrc32.map(crcBytes))],
+    [MetaTag.ChunkCrcs, encodeList(meta.chunkCrc32c.map(crcBytes))],
   ];
   let total = CONTAINER_HEADER_BYTES;
   for (const [, data] of sections) total += SECTION_HEADER_BYTES + pad8(data.byteLength);
@@ -263,7 +263,7 @@ export function decodeMeta(src: Uint8Array): SnapshotMeta {
   const n = json.blocks.length;
   if (sent.length !== n || data.length !== n || crcLists.length !== n) throw damaged('per-block lists do not match');
   const pages: BlockPages[] = [];
-  const chunkCrc32: Uint32Array[] = [];
+  const chunkCrc32c: Uint32Array[] = [];
   for (let i = 0; i < n; i++) {
     const b = json.blocks[i];
     if (sent[i].byteLength < bitmapBytesOf(b) || data[i].byteLength < bitmapBytesOf(b)) {
@@ -275,7 +275,7 @@ export function decodeMeta(src: Uint8Array): SnapshotMeta {
     const crcs = new Uint32Array(raw.byteLength / 4);
     for (let k = 0; k < crcs.length; k++) crcs[k] = crcView.getUint32(k * 4, true);
     pages.push({ sent: sent[i], data: data[i] });
-    chunkCrc32.push(crcs);
+    chunkCrc32c.push(crcs);
   }
   const blocks: RamBlockInfo[] = json.blocks.map((b) => {
     const out: RamBlockInfo = { id: b.id, lengthBytes: b.lengthBytes, virtOffsetBytes: b.virtOffsetBytes };
@@ -294,7 +294,7 @@ export function decodeMeta(src: Uint8Array): SnapshotMeta {
     sawRamEnd: json.sawRamEnd,
     blocks,
     pages,
-    chunkCrc32,
+    chunkCrc32c,
     counters: {
       dataPages: json.counters.dataPages,
       zeroPages: json.counters.zeroPages,

@@ -114,6 +114,12 @@ export class ImageReader {
       if (decoded.kind === 'short') throw new SnapPipeError('TRUNCATED', `${path}: the file ends inside the QCOW2 header`);
       const snap = decoded.snap;
       if (snap === undefined) throw new SnapPipeError('BAD_IMAGE', `${path}: QCOW2 but not a snap-pipe image`);
+      if (snap.formatVersion === 1) {
+        throw new SnapPipeError(
+          'BAD_IMAGE',
+          `${path}: written by an older snap-pipe (format version 1, CRC-32 cluster checksums); this snap-pipe reads version ${FORMAT_VERSION}`,
+        );
+      }
       if (snap.formatVersion !== FORMAT_VERSION) {
         throw new SnapPipeError(
           'BAD_IMAGE',

@@ -9,8 +9,12 @@ export const PAGE_BYTES = 4096;
 export const PAGE_BITS = 12;
 export const PAGES_PER_CHUNK = CLUSTER_BYTES / PAGE_BYTES; // 256
 
-/** Version of snap-pipe's own metadata; a reader refuses versions it does not know. */
-export const FORMAT_VERSION = 1;
+/**
+ * Version of snap-pipe's own metadata; a reader refuses versions it does not know.
+ * 1: cluster checksums were CRC-32 (zlib). 2: cluster checksums are CRC-32C (Castagnoli), which the CPU computes
+ * ~7x faster here (native/fastmem.c); everything else is unchanged.
+ */
+export const FORMAT_VERSION = 2;
 
 export interface RamBlockInfo {
   /** QEMU's RAMBlock idstr, e.g. "pc.ram". */
@@ -63,10 +67,10 @@ export interface SnapshotMeta {
   blocks: RamBlockInfo[];
   pages: BlockPages[];
   /**
-   * CRC-32 (zlib) of each 1 MiB cluster's final content, per block, per chunk. Chunks with no data cluster hold 0
+   * CRC-32C of each 1 MiB cluster's final content, per block, per chunk. Chunks with no data cluster hold 0
    * and are not checked (the whole chunk reads as zeros).
    */
-  chunkCrc32: Uint32Array[];
+  chunkCrc32c: Uint32Array[];
   counters: SaveCounters;
   /** When the save finished (ISO 8601) and which snap-pipe version wrote it. */
   savedAt: string;

@@ -15,7 +15,7 @@
 // cluster holds zeros. Fresh clusters are written whole (absent pages zero-filled); clusters written before get
 // only the pages this publication carries (data, or zeros for pages re-sent as ZERO after data).
 import { PAGE_BYTES, PAGES_PER_CHUNK } from '../image/types.js';
-import { crc32 } from 'node:zlib';
+import { crc32c, RangeCopier } from '../native/fastmem.js';
 import {
   BLOCK_F64S,
   BLOCK_PAGES,
@@ -75,8 +75,8 @@ export class Coalescer {
   /** Per slot: which pages of the chunk hold data copied in this publication (8 x u32). */
   private readonly present: Uint32Array;
   private readonly presentCount: Int32Array;
-  /** The whole buffer behind `slots`, for copyWithin. */
-  private readonly whole: Uint8Array;
+  /** Page copies within the buffer behind `slots`, batched into one native call (see copy()). */
+  private readonly copier: RangeCopier;
   readonly counters: CoalesceCounters = {
     dataRecords: 0,
     zeroRecords: 0,
@@ -104,7 +104,7 @@ export class Coalescer {
     if (slots.length < slotCount * SLOT_BYTES) throw new RangeError('slot memory smaller than the slot count');
     if (maxOpen < 1 || maxOpen >= slotCount) throw new RangeError(`maxOpen ${maxOpen} must be in [1, ${slotCount - 1}]`);
     this.present = new Uint32Array(slotCount * 8);
-    this.whole = new Uint8Array(slots.buffer);
+    this.copier = new RangeCopier(new Uint8Array(slots.buffer));
     this.presentCount = new Int32Array(slotCount);
     this.parkBytes = new Uint8Array(parkPages * PAGE_BYTES);
     this.parkFree = new Int32Array(parkPages);
@@ -201,15 +201,21 @@ export class Coalescer {
 
   /**
    * Copies n bytes from src[from] to slots[to]. When both live in the same shared buffer (the pipeline's one data
-   * allocation), copyWithin moves them without creating a view per page (measured: 266 vs 452 ns per page here).
+   * allocation), the copy is queued and done with the others of the batch in one native memmove call: V8 copies
+   * shared memory word by word (2.3 GB/s here for 4 KiB pages, against 6.2 GB/s through the addon). Queued copies
+   * are flushed before a slot's bytes are read (publish, park) and before the caller releases input (flushCopies).
    */
   private copy(src: Uint8Array, from: number, to: number, n: number): void {
     if (src.buffer === this.slots.buffer) {
-      const a = src.byteOffset + from;
-      this.whole.copyWithin(this.slots.byteOffset + to, a, a + n);
+      this.copier.add(this.slots.byteOffset + to, src.byteOffset + from, n);
     } else {
       this.slots.set(src.subarray(from, from + n), to);
     }
+  }
+
+  /** Completes every queued page copy: call before the input the pages came from may be overwritten. */
+  flushCopies(): void {
+    this.copier.flush();
   }
 
   /** Publishes every chunk still open (end of stream). */
@@ -238,6 +244,7 @@ export class Coalescer {
 
   /** Moves the pages of an evicted chunk into the park pool; the slot is free again afterwards. */
   private park(slot: number, vc: number): void {
+    this.copier.flush();
     const h = slot * SLOT_INTS;
     const pk: Parked = { block: this.headers[h + SLOT_BLOCK], chunk: this.headers[h + SLOT_CHUNK], entries: new Int32Array(PAGES_PER_CHUNK).fill(-1), count: 0 };
     const base = slot * SLOT_BYTES;
@@ -329,6 +336,7 @@ export class Coalescer {
   }
 
   private publishSlot(slot: number): void {
+    this.copier.flush();
     const h = slot * SLOT_INTS;
     const vc = this.headers[h + SLOT_VIRT_CLUSTER];
     this.open.delete(vc);
@@ -355,7 +363,7 @@ export class Coalescer {
     this.headers[h + SLOT_FIRST] = first ? 1 : 0;
     if (first) {
       const base = slot * SLOT_BYTES;
-      this.headers[h + SLOT_CRC] = crc32(this.slots.subarray(base, base + SLOT_BYTES)) | 0;
+      this.headers[h + SLOT_CRC] = crc32c(this.slots.subarray(base, base + SLOT_BYTES)) | 0;
     }
     this.written[block][chunk] = 1;
     this.counters.chunksPublished++;

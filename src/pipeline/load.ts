@@ -5,7 +5,7 @@
 //   destination, so a zero page must be cleared explicitly),
 //   PAGE records for every data page, one PART section per 1 MiB cluster, clusters read in host-file order,
 //   the device state (FULL sections, EOF, VM description; verbatim).
-// Pages never sent are not sent. A cluster whose CRC-32 does not match stops the stream before its pages and before
+// Pages never sent are not sent. A cluster whose CRC-32C does not match stops the stream before its pages and before
 // the device state, so the destination fails the migration instead of running on bad memory.
 //
 // Runs on the main thread. Cluster reads go through the I/O backend (io_uring by default): the loop keeps up to
@@ -14,7 +14,7 @@
 
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
-import { crc32 } from 'node:zlib';
+import { crc32c, crc32cImplementation } from '../native/fastmem.js';
 import { SnapPipeError, ioError } from '../errors.js';
 import { popcount8 } from '../image/bits.js';
 import { chunksOf, pagesOf } from '../image/metadata.js';
@@ -101,6 +101,8 @@ export interface LoadReport {
   verified: boolean;
   queueDepth: number;
   readBackend: string;
+  /** How cluster checksums were computed (see SaveReport.checksum). */
+  checksum: typeof crc32cImplementation;
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -421,12 +423,12 @@ export function checkStreamParts(path: string, meta: SnapshotMeta): void {
 
 /** A cluster to send: where it lies in the file and which block chunk it holds. */
 /**
- * Throws CHECKSUM, naming block, offset and chunk, when a cluster's CRC-32 differs from the one recorded at save;
+ * Throws CHECKSUM, naming block, offset and chunk, when a cluster's CRC-32C differs from the one recorded at save;
  * `stoppedBefore` says what the stream stops short of.
  */
 export function checkClusterCrc(path: string, meta: SnapshotMeta, ch: DataChunk, cluster: Uint8Array, stoppedBefore: string): void {
-  const got = crc32(cluster) >>> 0;
-  const want = meta.chunkCrc32[ch.block][ch.chunk] >>> 0;
+  const got = crc32c(cluster) >>> 0;
+  const want = meta.chunkCrc32c[ch.block][ch.chunk] >>> 0;
   if (got === want) return;
   throw new SnapPipeError(
     'CHECKSUM',
@@ -611,6 +613,7 @@ export async function runLoad(opts: LoadOptions): Promise<LoadReport> {
       verified: opts.verify,
       queueDepth: depth,
       readBackend: reads.name,
+      checksum: crc32cImplementation,
     };
   } finally {
     reads?.close();

@@ -17,7 +17,7 @@
 //
 // Page requests (REQ_PAGES / REQ_PAGES_ID on stdin) are served ahead of the background stream: a data page's whole
 // 1 MiB cluster is read (random O_DIRECT read through the I/O backend, alongside the background read-ahead), its
-// CRC-32 checked, the requested page written and flushed at once, and the rest of that cluster sent right after the
+// CRC-32C checked, the requested page written and flushed at once, and the rest of that cluster sent right after the
 // pending requests (the guest tends to touch neighbours). A request for a zero page (or a page never saved) is
 // answered with a ZERO record; a request for a page already sent is ignored (it is in the pipe). Answers go
 // through their own small output, written ahead of background sections still buffered; once the guest runs, the
@@ -40,6 +40,7 @@ import { SnapPipeError, ioError } from '../errors.js';
 import { chunksOf, pagesOf } from '../image/metadata.js';
 import { ImageReader } from '../image/reader.js';
 import { CLUSTER_BYTES, PAGE_BYTES, PAGES_PER_CHUNK, type SnapshotMeta } from '../image/types.js';
+import { crc32cImplementation } from '../native/fastmem.js';
 import { openIoBackend, type IoBackend, type IoBackendName } from '../native/io.js';
 import { alignedShared } from '../ring/memory.js';
 import { StreamBuilder } from '../stream/builder.js';
@@ -1134,6 +1135,7 @@ class PostcopySession {
     return {
       path: this.opts.path,
       mode: 'postcopy',
+      checksum: crc32cImplementation,
       seconds,
       bytesOut: out.bytesOut,
       outMBps: out.bytesOut / 1e6 / seconds,

@@ -5,6 +5,7 @@ import { join } from 'node:path';
 import { pathToFileURL } from 'node:url';
 import { deserializeError, SnapPipeError } from '../errors.js';
 import { FORMAT_VERSION, type SnapshotMeta } from '../image/types.js';
+import { crc32cImplementation } from '../native/fastmem.js';
 import type { IoBackendName } from '../native/io.js';
 import { CTRL, FAIL_ABORT, FAIL_ERROR, SLOT_BYTES, type SaveRingSizes, type SaveShared } from '../ring/layout.js';
 import { signalFailure } from '../ring/wait.js';
@@ -60,6 +61,8 @@ export interface SaveReport {
   direct: boolean;
   io: IoBackendName;
   queueDepth: number;
+  /** How CRC-32C and page copies ran: the CPU instruction, C tables, or the JavaScript fallback (no addon). */
+  checksum: typeof crc32cImplementation;
   ring: { ringBytes: number; slots: number; inputBytes: number; maxOpenChunks: number };
   stages: { reader: StageStats; coalescer: StageStats; writer: StageStats };
 }
@@ -157,6 +160,7 @@ export class SavePipeline {
         direct: opened.value.direct,
         io: wr.io,
         queueDepth: wr.queueDepth,
+        checksum: crc32cImplementation,
         ring: { ringBytes: this.opts.ringBytes, slots: sizes.slotCount, inputBytes: sizes.inputBytes, maxOpenChunks: maxOpen },
         stages: {
           reader: { busyMs: rr.busyMs, upstreamWaitMs: rr.sourceWaitMs, downstreamWaitMs: rr.downstreamWaitMs },
@@ -207,7 +211,7 @@ export class SavePipeline {
     });
   }
 
-  private buildMeta(rr: ReaderResult, cr: CoalescerResult, wr: WriterResult): Omit<SnapshotMeta, 'chunkCrc32'> {
+  private buildMeta(rr: ReaderResult, cr: CoalescerResult, wr: WriterResult): Omit<SnapshotMeta, 'chunkCrc32c'> {
     const p = rr.parsed;
     let dataPages = 0;
     let sentPages = 0;

@@ -11,7 +11,7 @@
 
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
-import { crc32 } from 'node:zlib';
+import { crc32c } from '../native/fastmem.js';
 import { Piscina } from 'piscina';
 import { SnapPipeError, ioError } from '../errors.js';
 import { summarizeBlocks } from '../image/info.js';
@@ -118,7 +118,7 @@ function planChecks(path: string, reader: ImageReader): ClusterCheck[] {
   const checks: ClusterCheck[] = [];
   meta.blocks.forEach((b, bi) => {
     const chunks = chunksOf(b);
-    if (meta.chunkCrc32[bi].length < chunks) throw damaged(path, `metadata damaged: chunk CRCs of ${b.id}`);
+    if (meta.chunkCrc32c[bi].length < chunks) throw damaged(path, `metadata damaged: chunk CRCs of ${b.id}`);
     for (let c = 0; c < chunks; c++) {
       const host = reader.hostOffsetOf(b.virtOffsetBytes / CLUSTER_BYTES + c);
       if (host !== undefined) checks.push({ hostOffsetBytes: host, block: bi, chunk: c });
@@ -222,7 +222,7 @@ function checkLayout(path: string, fd: number, reader: ImageReader, checks: Clus
   return layout;
 }
 
-/** CRC-32 of clusters, on this thread or in a piscina pool; results come back through `onDone`. */
+/** CRC-32C of clusters, on this thread or in a piscina pool; results come back through `onDone`. */
 interface CrcEngine {
   readonly threads: number;
   start(slot: number, offsetBytes: number): void;
@@ -242,7 +242,7 @@ class InlineCrc implements CrcEngine {
   ) {}
   start(slot: number, offsetBytes: number): void {
     const t0 = performance.now();
-    const crc = crc32(this.mem.subarray(offsetBytes, offsetBytes + CLUSTER_BYTES)) >>> 0;
+    const crc = crc32c(this.mem.subarray(offsetBytes, offsetBytes + CLUSTER_BYTES)) >>> 0;
     this.ms += performance.now() - t0;
     this.onDone(slot, crc);
   }
@@ -358,7 +358,7 @@ export async function runVerify(opts: VerifyOptions): Promise<VerifyReport> {
     let checked = 0;
     const onDone = (slot: number, crc: number) => {
       const ch = checks[slotCheck[slot]];
-      const want = meta.chunkCrc32[ch.block][ch.chunk] >>> 0;
+      const want = meta.chunkCrc32c[ch.block][ch.chunk] >>> 0;
       if (crc !== want) {
         badClusters++;
         if (mismatches.length < BAD_LIST_MAX) {

@@ -61,7 +61,7 @@ export const SLOT_PAGES_IN_CHUNK = 3;
 export const SLOT_SEEN_COUNT = 4;
 /** 1 when this is the chunk's first publication (its cluster is new: written whole), else 0. */
 export const SLOT_FIRST = 5;
-/** CRC-32 of the whole slot, computed by the coalescer on a first publication while the slot is in its cache. */
+/** CRC-32C of the whole slot, computed by the coalescer on a first publication while the slot is in its cache. */
 export const SLOT_CRC = 6;
 export const SLOT_SEEN_BITS = 8; // 8 Int32 = 256 bits: pages of this chunk carried by this publication (data or zero)
 

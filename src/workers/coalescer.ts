@@ -73,6 +73,7 @@ function run(shared: SaveShared, maxOpen: number): CoalescerResult {
       }
     }
     descs.consumed(n);
+    co.flushCopies();
     if (release !== released) {
       released = release;
       publish(v.ctrl, CTRL.IN_RELEASED, released);

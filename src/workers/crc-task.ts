@@ -1,7 +1,7 @@
-// Piscina task for `snap-pipe verify`: the CRC-32 (zlib) of one cluster the main thread has read into shared memory.
+// Piscina task for `snap-pipe verify`: the CRC-32C of one cluster the main thread has read into shared memory.
 // The memory is shared, not copied: the task message carries only where the cluster lies.
 import assert from 'node:assert/strict';
-import { crc32 } from 'node:zlib';
+import { crc32c } from '../native/fastmem.js';
 
 export interface CrcTask {
   /** The verify pipeline's read slots (page-aligned shared memory). */
@@ -17,5 +17,5 @@ export default function crcTask(task: CrcTask): number {
       task.offsetBytes + task.lengthBytes <= task.mem.byteLength,
     `crcTask: range ${task.offsetBytes}+${task.lengthBytes} outside ${task.mem.byteLength} bytes`,
   );
-  return crc32(new Uint8Array(task.mem, task.offsetBytes, task.lengthBytes)) >>> 0;
+  return crc32c(new Uint8Array(task.mem, task.offsetBytes, task.lengthBytes)) >>> 0;
 }

@@ -1,9 +1,9 @@
 // Writer stage: takes filled chunk slots from the coalescer and writes them to the image with O_DIRECT through an
 // I/O backend (io_uring, or synchronous writes): 1 MiB per fresh cluster, only the carried pages for a cluster
-// written before. Each new cluster's CRC-32 comes from the coalescer (computed while the slot was in its cache). At the end it writes the metadata and marks the image complete (ImageWriter.finish).
+// written before. Each new cluster's CRC-32C comes from the coalescer (computed while the slot was in its cache). At the end it writes the metadata and marks the image complete (ImageWriter.finish).
 import assert from 'node:assert/strict';
 import { readSync } from 'node:fs';
-import { crc32 } from 'node:zlib';
+import { crc32c } from '../native/fastmem.js';
 import { ioError, SnapPipeError } from '../errors.js';
 import { ImageWriter } from '../image/writer.js';
 import { CLUSTER_BYTES, PAGE_BYTES, PAGES_PER_CHUNK, type SnapshotMeta } from '../image/types.js';
@@ -153,7 +153,7 @@ function run(shared: SaveShared): WriterResult {
 }
 
 /** CRCs of clusters written more than once come from reading them back; the rest were computed on the way. */
-function finish(meta: Omit<SnapshotMeta, 'chunkCrc32'>): void {
+function finish(meta: Omit<SnapshotMeta, 'chunkCrc32c'>): void {
   if (!image || !views) throw new Error('writer.finish before writer.run');
   const buf = views.slots.subarray(0, CLUSTER_BYTES);
   for (const vc of rewritten) {
@@ -166,15 +166,15 @@ function finish(meta: Omit<SnapshotMeta, 'chunkCrc32'>): void {
       throw ioError(`reading back cluster at offset ${host} of ${image.path}`, err);
     }
     if (got !== CLUSTER_BYTES) throw ioError(`reading back cluster at offset ${host} of ${image.path}`, new Error(`short read: ${got}`));
-    crcByVirtCluster.set(vc, crc32(buf));
+    crcByVirtCluster.set(vc, crc32c(buf));
   }
-  const chunkCrc32 = meta.blocks.map((b) => {
+  const chunkCrc32c = meta.blocks.map((b) => {
     const first = b.virtOffsetBytes / CLUSTER_BYTES;
     const out = new Uint32Array(Math.ceil(b.lengthBytes / CLUSTER_BYTES));
     for (let c = 0; c < out.length; c++) out[c] = crcByVirtCluster.get(first + c) ?? 0;
     return out;
   });
-  image.finish({ ...meta, chunkCrc32 });
+  image.finish({ ...meta, chunkCrc32c });
   image.close();
   io?.close();
 }
@@ -191,7 +191,7 @@ const api = {
   run(shared: SaveShared): Outcome<WriterResult> {
     return outcome(() => run(shared));
   },
-  finish(meta: Omit<SnapshotMeta, 'chunkCrc32'>): Outcome<void> {
+  finish(meta: Omit<SnapshotMeta, 'chunkCrc32c'>): Outcome<void> {
     return outcome(() => finish(meta));
   },
   close(): void {

@@ -18,10 +18,13 @@ export interface RunResult {
 /** A snap-pipe that has not exited by then is killed and the call fails (no process outlives a hung test). */
 const RUN_TIMEOUT_MS = 90_000;
 
-/** Feeds `input` to `snap-pipe ARGS` in random-sized pieces (or not at all when undefined: stdin closed at once). */
-export function runCli(args: string[], input?: Uint8Array, seed = 1): Promise<RunResult> {
+/**
+ * Feeds `input` to `snap-pipe ARGS` in random-sized pieces (or not at all when undefined: stdin closed at once).
+ * `env` adds variables to the child's environment.
+ */
+export function runCli(args: string[], input?: Uint8Array, seed = 1, env?: Record<string, string>): Promise<RunResult> {
   return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, [BIN, ...args], { stdio: ['pipe', 'pipe', 'pipe'] });
+    const child = spawn(process.execPath, [BIN, ...args], { stdio: ['pipe', 'pipe', 'pipe'], env: { ...process.env, ...env } });
     let stdout = '';
     let stderr = '';
     const timer = setTimeout(() => {

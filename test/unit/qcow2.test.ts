@@ -39,7 +39,7 @@ function sampleMeta(): SnapshotMeta {
       { sent: new Uint8Array(98).fill(0xff), data: new Uint8Array(98).fill(0x0f) },
       { sent: new Uint8Array([1]), data: new Uint8Array([0]) },
     ],
-    chunkCrc32: [new Uint32Array([1, 0xffffffff, 3, 4]), new Uint32Array([0])],
+    chunkCrc32c: [new Uint32Array([1, 0xffffffff, 3, 4]), new Uint32Array([0])],
     counters: { dataPages: 1, zeroPages: 2, resentPages: 3, streamBytes: 4, dataClusters: 5, rewrittenClusters: 6 },
     savedAt: '2024-01-01T00:00:00.000Z',
     writer: 'test',
