@@ -521,7 +521,9 @@ export async function runLoad(opts: LoadOptions): Promise<LoadReport> {
       throw ioError(`open ${path}${opts.direct ? ' with O_DIRECT' : ''}`, err);
     }
     const depth = Math.max(1, Math.min(opts.queueDepth, plan.chunks.length));
-    const slots = new Uint8Array(alignedShared(depth * CLUSTER_BYTES), 0, depth * CLUSTER_BYTES);
+    // One slot more than reads in flight: the cluster being sent keeps its slot while `depth` reads go on.
+    const slotCount = depth + 1;
+    const slots = new Uint8Array(alignedShared(slotCount * CLUSTER_BYTES), 0, slotCount * CLUSTER_BYTES);
     const opened = openIoBackend({ io: opts.io, queueDepth: depth });
     reads = opened.backend;
     if (opened.note) opts.onNote?.(opened.note);
@@ -533,10 +535,16 @@ export async function runLoad(opts: LoadOptions): Promise<LoadReport> {
       opts.onProgress?.({ bytesOut: out.bytesOut, dataPagesOut, dataPagesTotal: plan.dataPages }),
     );
 
-    // Data clusters: up to `depth` reads outstanding, consumed in submission order (chunk i uses slot i % depth).
+    // Data clusters: up to `depth` reads outstanding, consumed in submission order (chunk i uses slot i % slotCount).
     const chunks = plan.chunks;
-    const doneSlot = new Uint8Array(depth);
-    const gotBytes = new Float64Array(depth);
+    const doneSlot = new Uint8Array(slotCount);
+    const gotBytes = new Float64Array(slotCount);
+    const harvest = (min: number) => {
+      for (const c of reapNamed(reads!, path, min)) {
+        doneSlot[c.tag] = 1;
+        gotBytes[c.tag] = c.bytes;
+      }
+    };
     let submitted = 0;
     const pageList = new Int32Array(PAGES_PER_CHUNK);
     let bytesRead = 0;
@@ -550,19 +558,21 @@ export async function runLoad(opts: LoadOptions): Promise<LoadReport> {
 
       for (let next = 0; next < chunks.length; ) {
         const t1 = performance.now();
-        while (submitted < chunks.length && submitted - next < depth) {
-          const slot = submitted % depth;
+        let queued = 0;
+        while (submitted < chunks.length && submitted - next < slotCount && reads.inFlight < depth) {
+          const slot = submitted % slotCount;
           reads.read(fd, slots, slot * CLUSTER_BYTES, CLUSTER_BYTES, chunks[submitted].hostOffsetBytes, slot);
           submitted++;
+          queued++;
         }
-        const slot = next % depth;
+        // Hand new reads to the kernel now, not at the next wait: when the cluster we want is already here, no wait
+        // comes for a while and the disk would run with fewer reads than `depth`.
+        if (queued > 0) harvest(0);
+        const slot = next % slotCount;
         // Bounded: each reap returns at least one of the reads in flight, and the one we want is among them.
         while (doneSlot[slot] === 0) {
           assert(reads.inFlight > 0, 'waiting for a read that was never queued');
-          for (const c of reapNamed(reads, path)) {
-            doneSlot[c.tag] = 1;
-            gotBytes[c.tag] = c.bytes;
-          }
+          harvest(1);
         }
         readMs += performance.now() - t1;
         doneSlot[slot] = 0;
@@ -622,10 +632,10 @@ export async function runLoad(opts: LoadOptions): Promise<LoadReport> {
   }
 }
 
-/** Reaps at least one read; an I/O error names the image. */
-export function reapNamed(reads: IoBackend, path: string) {
+/** Reaps completed reads (at least `min`; 0 submits what is queued and takes what is done); errors name the image. */
+export function reapNamed(reads: IoBackend, path: string, min = 1) {
   try {
-    return reads.reap(1);
+    return reads.reap(min);
   } catch (err) {
     throw err instanceof SnapPipeError ? new SnapPipeError(err.code, `${path}: ${err.message}`) : err;
   }

@@ -34,7 +34,7 @@ import { CLUSTER_BYTES } from '../image/types.js';
 import { openIoBackend, type IoBackend, type IoBackendName } from '../native/io.js';
 import { alignedShared } from '../ring/memory.js';
 import type { CrcTask } from '../workers/crc-task.js';
-import { checkStreamParts } from './load.js';
+import { checkStreamParts, reapNamed } from './load.js';
 
 export const DEFAULT_VERIFY_QUEUE_DEPTH = 8;
 export const VERIFY_QUEUE_DEPTH_MAX = 256;
@@ -437,14 +437,5 @@ export async function runVerify(opts: VerifyOptions): Promise<VerifyReport> {
     reads?.close();
     if (fd >= 0) fs.closeSync(fd);
     reader.close();
-  }
-}
-
-/** Reaps completed reads (at least `min`); an I/O error names the image. */
-function reapNamed(reads: IoBackend, path: string, min: number) {
-  try {
-    return reads.reap(min);
-  } catch (err) {
-    throw err instanceof SnapPipeError ? new SnapPipeError(err.code, `${path}: ${err.message}`) : err;
   }
 }
