@@ -1,0 +1,61 @@
+#!/usr/bin/env node
+// A stream source that behaves like QEMU's migration thread, for perf/bench.ts:
+//
+//   node perf/feed.mjs STREAM RESULT.json 'consumer shell command'
+//
+// Reads STREAM into memory first (not timed), then starts the consumer with its stdin on a pipe (a FIFO) and writes
+// the stream into it from memory in 128 KiB writes: one copy per byte, as QEMU's writev() of guest RAM does, where
+// `cat STREAM |` makes two (page cache -> cat -> pipe) and takes a share of a 2-core machine's CPU for itself.
+// Writes { seconds, feedCpuSeconds, loadCpuSeconds, exitCode } to RESULT.json: seconds from starting the consumer to
+// its exit (its start-up included, as under QEMU), the CPU this process spent writing the stream, and the CPU it
+// spent reading STREAM beforehand (for the caller to subtract from a total that includes it).
+import { spawn, spawnSync } from 'node:child_process';
+import { closeSync, fstatSync, mkdtempSync, openSync, readSync, rmSync, writeFileSync, writeSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+
+const WRITE_BYTES = 128 * 1024;
+const [streamPath, resultPath, consumer] = process.argv.slice(2);
+if (!streamPath || !resultPath || !consumer) {
+  process.stderr.write('usage: node perf/feed.mjs STREAM RESULT.json \'consumer shell command\'\n');
+  process.exit(2);
+}
+
+const cpu0 = process.cpuUsage();
+const fd = openSync(streamPath, 'r');
+const size = fstatSync(fd).size;
+const stream = Buffer.allocUnsafe(size);
+for (let at = 0; at < size; ) {
+  const n = readSync(fd, stream, at, Math.min(1 << 30, size - at), at);
+  if (n <= 0) throw new Error(`${streamPath}: short read at ${at}`);
+  at += n;
+}
+closeSync(fd);
+// Touch every page so that the copy into the pipe never faults memory in.
+for (let i = 0; i < size; i += 4096) stream[i] |= 0;
+const loadCpu = process.cpuUsage(cpu0);
+
+const dir = mkdtempSync(join(tmpdir(), 'snap-pipe-feed-'));
+const fifo = join(dir, 'stream');
+if (spawnSync('mkfifo', [fifo]).status !== 0) throw new Error('mkfifo failed');
+
+const t0 = performance.now();
+const cpu1 = process.cpuUsage();
+const child = spawn('bash', ['-o', 'pipefail', '-c', `exec < ${fifo}; ${consumer}`], { stdio: ['ignore', 'inherit', 'inherit'] });
+const exited = new Promise((resolve) => child.on('exit', (code, signal) => resolve(code ?? 128 + (signal ? 1 : 0))));
+// Blocks until the consumer's shell opens the FIFO; blocking writes from here on.
+const out = openSync(fifo, 'w');
+let written = 0;
+try {
+  while (written < size) written += writeSync(out, stream, written, Math.min(WRITE_BYTES, size - written));
+} catch (err) {
+  if (err.code !== 'EPIPE') throw err;
+}
+closeSync(out);
+const feedCpu = process.cpuUsage(cpu1);
+const exitCode = await exited;
+const seconds = (performance.now() - t0) / 1000;
+rmSync(dir, { recursive: true, force: true });
+const s = (u) => (u.user + u.system) / 1e6;
+writeFileSync(resultPath, JSON.stringify({ seconds, feedCpuSeconds: s(feedCpu), loadCpuSeconds: s(loadCpu), exitCode, written }));
+process.exit(exitCode === 0 && written === size ? 0 : 1);
