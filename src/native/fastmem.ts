@@ -11,6 +11,8 @@ interface FastmemAddon {
   crc32c(view: ArrayBufferView, offset: number, length: number, seed?: number): number;
   crc32cSoftware(view: ArrayBufferView, offset: number, length: number, seed?: number): number;
   copyRanges(view: ArrayBufferView, ops: Float64Array, count: number): void;
+  zero(view: ArrayBufferView, offset: number, length: number): void;
+  crc32cZeros(seed: number, length: number): number;
   readonly hardwareCrc: boolean;
 }
 
@@ -71,6 +73,22 @@ export function crc32cJs(bytes: Uint8Array, seed = 0): number {
 export function crc32c(bytes: Uint8Array, seed = 0): number {
   if (fastmemAddon) return fastmemAddon.crc32c(bytes, 0, bytes.length, seed);
   return crc32cJs(bytes, seed);
+}
+
+const ZERO_PAGE = new Uint8Array(4096);
+
+/** CRC-32C of `length` zero bytes continuing from `seed`, without reading memory (a table shift per 4 KiB). */
+export function crc32cZeros(seed: number, length: number): number {
+  if (fastmemAddon) return fastmemAddon.crc32cZeros(seed, length);
+  let crc = seed;
+  for (; length >= ZERO_PAGE.length; length -= ZERO_PAGE.length) crc = crc32cJs(ZERO_PAGE, crc);
+  return crc32cJs(ZERO_PAGE.subarray(0, length), crc);
+}
+
+/** Sets bytes[start, end) to 0 (memset through the addon: V8 fills shared memory a byte at a time). */
+export function zeroFill(bytes: Uint8Array, start: number, end: number): void {
+  if (fastmemAddon && end > start) fastmemAddon.zero(bytes, start, end - start);
+  else bytes.fill(0, start, end);
 }
 
 /**

@@ -4,7 +4,7 @@
 // project's setup builds it; it needs only a C compiler).
 import { execFileSync } from 'node:child_process';
 import { describe, expect, it } from 'vitest';
-import { crc32c, crc32cImplementation, crc32cJs, fastmemAddon, RangeCopier } from '../../src/native/fastmem.js';
+import { crc32c, crc32cImplementation, crc32cJs, crc32cZeros, fastmemAddon, RangeCopier, zeroFill } from '../../src/native/fastmem.js';
 
 function addon(): NonNullable<typeof fastmemAddon> {
   if (!fastmemAddon) throw new Error('build/Release/fastmem.node is not built (run node scripts/build-native.mjs)');
@@ -67,6 +67,15 @@ describe('crc32c', () => {
     }
   });
 
+  it('crc32cZeros equals the CRC of that many zero bytes, from any seed', () => {
+    const zeros = new Uint8Array(3 * 4096 + 100);
+    for (const n of [0, 1, 4095, 4096, 4097, 3 * 4096 + 100]) {
+      for (const seed of [0, 0xe3069283, 0xffffffff]) {
+        expect(crc32cZeros(seed, n), `${n} zeros from ${seed}`).toBe(crc32cJs(zeros.subarray(0, n), seed));
+      }
+    }
+  });
+
   it('refuses ranges outside the view and non-views', () => {
     const a = addon();
     const u = new Uint8Array(16);
@@ -78,6 +87,25 @@ describe('crc32c', () => {
     // A view into the middle of a buffer: offsets count from the view, not the buffer.
     const inner = bytes(64, 3);
     expect(a.crc32c(inner.subarray(8, 40), 0, 32)).toBe(crc32cJs(inner.subarray(8, 40)));
+  });
+});
+
+describe('zeroFill', () => {
+  it('zeroes exactly the range, through the addon and without it', () => {
+    const mem = bytes(8192, 5);
+    const want = mem.slice();
+    want.fill(0, 100, 5000);
+    zeroFill(mem, 100, 5000);
+    expect(Buffer.compare(mem, want)).toBe(0);
+    zeroFill(mem, 10, 10); // empty range: nothing
+    expect(Buffer.compare(mem, want)).toBe(0);
+    expect(() => addon().zero(mem, 8000, 193)).toThrow(/outside the view/);
+    // A view into the middle of a buffer: offsets count from the view.
+    const inner = bytes(64, 6);
+    const innerWant = inner.slice();
+    innerWant.fill(0, 12, 20);
+    addon().zero(inner.subarray(8), 4, 8);
+    expect(Buffer.compare(inner, innerWant)).toBe(0);
   });
 });
 
