@@ -59,10 +59,15 @@ export const SLOT_CHUNK = 1;
 export const SLOT_VIRT_CLUSTER = 2;
 export const SLOT_PAGES_IN_CHUNK = 3;
 export const SLOT_SEEN_COUNT = 4;
-/** 1 when this is the chunk's first publication (its cluster is new: written whole), else 0. */
+/** 1 when this is the chunk's first publication (its cluster is new), else 0. */
 export const SLOT_FIRST = 5;
-/** CRC-32C of the whole slot, computed by the coalescer on a first publication while the slot is in its cache. */
+/** CRC-32C of the cluster, computed by the coalescer on a first publication while the slot is in its cache. */
 export const SLOT_CRC = 6;
+/**
+ * 1: write the whole 1 MiB slot (every page not carried is zero-filled). 0: write only the runs of carried pages
+ * (SLOT_SEEN_BITS; those carried as zero pages are zero-filled). Only a first publication is ever written whole.
+ */
+export const SLOT_WHOLE = 7;
 export const SLOT_SEEN_BITS = 8; // 8 Int32 = 256 bits: pages of this chunk carried by this publication (data or zero)
 
 /** Value pushed on the filled queue after the last chunk. */

@@ -1,14 +1,46 @@
 import { describe, expect, it } from 'vitest';
 import { Coalescer } from '../../src/pipeline/coalesce.js';
-import { BLOCK_F64S, SLOT_BLOCK, SLOT_BYTES, SLOT_CHUNK, SLOT_INTS, SLOT_SEEN_BITS, SLOT_SEEN_COUNT } from '../../src/ring/layout.js';
+import { crc32cJs } from '../../src/native/fastmem.js';
+import { SPARSE_FIRST_PAGES_MAX } from '../../src/pipeline/coalesce.js';
+import {
+  BLOCK_F64S,
+  SLOT_BLOCK,
+  SLOT_BYTES,
+  SLOT_CHUNK,
+  SLOT_CRC,
+  SLOT_FIRST,
+  SLOT_INTS,
+  SLOT_SEEN_BITS,
+  SLOT_SEEN_COUNT,
+  SLOT_WHOLE,
+} from '../../src/ring/layout.js';
 import { pageContent } from '../helpers/model.js';
+
+/**
+ * What the writer puts on disk for a published slot, over a cluster that reads as zeros before (a new cluster is a
+ * hole): the whole slot, or only its carried pages. Checks the coalescer's CRC of a first publication against it.
+ */
+function asWritten(slots: Uint8Array, headers: Int32Array, s: number): { seen: number[]; bytes: Uint8Array; whole: boolean } {
+  const h = s * SLOT_INTS;
+  const seen: number[] = [];
+  for (let p = 0; p < 256; p++) if (headers[h + SLOT_SEEN_BITS + (p >>> 5)] & (1 << (p & 31))) seen.push(p);
+  expect(seen.length).toBe(headers[h + SLOT_SEEN_COUNT]);
+  const slot = slots.subarray(s * SLOT_BYTES, (s + 1) * SLOT_BYTES);
+  const whole = headers[h + SLOT_WHOLE] === 1;
+  if (whole) expect(headers[h + SLOT_FIRST]).toBe(1);
+  if (headers[h + SLOT_FIRST] === 1) expect(whole).toBe(seen.length >= SPARSE_FIRST_PAGES_MAX);
+  const bytes = whole ? slot.slice() : new Uint8Array(SLOT_BYTES);
+  if (!whole) for (const p of seen) bytes.set(slot.subarray(p * 4096, (p + 1) * 4096), p * 4096);
+  if (headers[h + SLOT_FIRST] === 1) expect(headers[h + SLOT_CRC] >>> 0).toBe(crc32cJs(bytes));
+  return { seen, bytes, whole };
+}
 
 /** A coalescer over real slot memory; published slots are recorded and returned to the free list at once. */
 function setup(slotCount: number, maxOpen: number, blockPages: number[]) {
   const slots = new Uint8Array(slotCount * SLOT_BYTES);
   const headers = new Int32Array(slotCount * SLOT_INTS);
   const free = Array.from({ length: slotCount }, (_, i) => i);
-  const published: { block: number; chunk: number; seen: number[]; bytes: Uint8Array }[] = [];
+  const published: { block: number; chunk: number; seen: number[]; bytes: Uint8Array; whole: boolean }[] = [];
   const co = new Coalescer(slots, headers, {
     acquire: () => {
       const s = free.shift();
@@ -17,10 +49,7 @@ function setup(slotCount: number, maxOpen: number, blockPages: number[]) {
     },
     publish: (s) => {
       const h = s * SLOT_INTS;
-      const seen: number[] = [];
-      for (let p = 0; p < 256; p++) if (headers[h + SLOT_SEEN_BITS + (p >>> 5)] & (1 << (p & 31))) seen.push(p);
-      expect(seen.length).toBe(headers[h + SLOT_SEEN_COUNT]);
-      published.push({ block: headers[h + SLOT_BLOCK], chunk: headers[h + SLOT_CHUNK], seen, bytes: slots.slice(s * SLOT_BYTES, (s + 1) * SLOT_BYTES) });
+      published.push({ block: headers[h + SLOT_BLOCK], chunk: headers[h + SLOT_CHUNK], ...asWritten(slots, headers, s) });
       free.push(s);
     },
   }, maxOpen);
@@ -105,7 +134,7 @@ describe('Coalescer park pool', () => {
     const slots = new Uint8Array(slotCount * SLOT_BYTES);
     const headers = new Int32Array(slotCount * SLOT_INTS);
     const free = Array.from({ length: slotCount }, (_, i) => i);
-    const published: { chunk: number; seen: number[]; bytes: Uint8Array }[] = [];
+    const published: { chunk: number; seen: number[]; bytes: Uint8Array; whole: boolean }[] = [];
     const co = new Coalescer(
       slots,
       headers,
@@ -116,10 +145,7 @@ describe('Coalescer park pool', () => {
           return s;
         },
         publish: (s) => {
-          const h = s * SLOT_INTS;
-          const seen: number[] = [];
-          for (let p = 0; p < 256; p++) if (headers[h + SLOT_SEEN_BITS + (p >>> 5)] & (1 << (p & 31))) seen.push(p);
-          published.push({ chunk: headers[h + SLOT_CHUNK], seen, bytes: slots.slice(s * SLOT_BYTES, (s + 1) * SLOT_BYTES) });
+          published.push({ chunk: headers[s * SLOT_INTS + SLOT_CHUNK], ...asWritten(slots, headers, s) });
           free.push(s);
         },
       },
