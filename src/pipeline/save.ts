@@ -65,6 +65,8 @@ export interface SaveReport {
   checksum: typeof crc32cImplementation;
   ring: { ringBytes: number; slots: number; inputBytes: number; maxOpenChunks: number };
   stages: { reader: StageStats; coalescer: StageStats; writer: StageStats };
+  /** After the stream: reading back rewritten clusters for their checksums, metadata and tables, fdatasync. */
+  finishMs: number;
 }
 
 export function ringSizes(ringBytes: number): SaveRingSizes {
@@ -135,8 +137,10 @@ export class SavePipeline {
       const wr = w as WriterResult;
 
       const meta = this.buildMeta(rr, cr, wr);
+      const tFinish = performance.now();
       const finished = await settle(writer, writer.api.finish(meta));
       if (!finished.ok) throw deserializeError(finished.error);
+      const finishMs = performance.now() - tFinish;
 
       const seconds = (performance.now() - t0) / 1000;
       await this.stop();
@@ -162,6 +166,7 @@ export class SavePipeline {
         queueDepth: wr.queueDepth,
         checksum: crc32cImplementation,
         ring: { ringBytes: this.opts.ringBytes, slots: sizes.slotCount, inputBytes: sizes.inputBytes, maxOpenChunks: maxOpen },
+        finishMs,
         stages: {
           reader: { busyMs: rr.busyMs, upstreamWaitMs: rr.sourceWaitMs, downstreamWaitMs: rr.downstreamWaitMs },
           coalescer: { busyMs: cr.busyMs, upstreamWaitMs: cr.upstreamWaitMs, downstreamWaitMs: cr.downstreamWaitMs },
