@@ -67,8 +67,10 @@ function checkOverwrite(path: string, force: boolean): void {
     if ((err as NodeJS.ErrnoException).code === 'ENOENT') return;
     throw ioError(`stat ${path}`, err);
   }
+  // Even with --force: the writer relies on a regular file's holes reading as zeros (clusters written in part) and
+  // on ftruncate, neither of which a device gives.
+  if (!st.isFile()) throw new SnapPipeError('EXISTS', `${path} exists and is not a regular file; snap-pipe writes images to regular files only`);
   if (force) return;
-  if (!st.isFile()) throw new SnapPipeError('EXISTS', `${path} exists and is not a regular file; refusing to overwrite`);
   if (st.size === 0) return;
   const head = new Uint8Array(HEADER_AREA_BYTES);
   let got = 0;

@@ -167,5 +167,10 @@ describe('snap-pipe save: refusals and failures', () => {
     const r2 = await runCli(['save', other], m.bytes);
     expect(r2.code).toBe(1);
     expect(readFileSync(other, 'utf8')).toBe('precious');
+    // Not even --force writes to something that is not a regular file (a device keeps stale bytes where a file
+    // has holes, and cannot be sized).
+    const r3 = await runCli(['save', '/dev/null', '--force'], m.bytes);
+    expect(r3.code).toBe(1);
+    expect(r3.stderr.trim()).toBe('snap-pipe: /dev/null exists and is not a regular file; snap-pipe writes images to regular files only');
   });
 });
