@@ -16,7 +16,11 @@ import { VERSION } from './version.js';
 const EXIT_USAGE = 2;
 
 const SAVE_FLAGS: Record<string, FlagSpec> = {
-  'ring-size': { kind: 'value', valueName: 'SIZE', help: `memory for 1 MiB chunk slots, caps memory use (default ${DEFAULT_RING_BYTES >> 20}M)` },
+  'ring-size': {
+    kind: 'value',
+    valueName: 'SIZE',
+    help: `memory for 1 MiB chunk slots; the pipeline's buffers stay under 1.75x this whatever the VM's size (default ${DEFAULT_RING_BYTES >> 20}M)`,
+  },
   'queue-depth': { kind: 'value', valueName: 'N', help: `writes kept in flight (default ${DEFAULT_QUEUE_DEPTH})` },
   io: { kind: 'value', valueName: 'uring|sync', help: 'I/O backend (default: uring where io_uring works, else sync)' },
   'no-direct': { kind: 'bool', help: 'buffered writes, for file systems without O_DIRECT (tmpfs)' },
@@ -63,7 +67,7 @@ function formatReport(r: SaveReport): string {
     `snap-pipe save: ${r.path}: ${formatBytes(r.streamBytes)} of stream in ${r.seconds.toFixed(2)}s (${r.streamMBps.toFixed(0)} MB/s)`,
     `  pages: ${r.dataPages} data, ${r.zeroPages} zero, ${r.resentPages} re-sent; ${r.blocks} RAM blocks; device state ${formatBytes(r.deviceStateBytes)}`,
     `  written: ${formatBytes(r.bytesWritten)} in ${r.writeCalls} writes, ${r.dataClusters} data clusters (${r.rewrittenClusters} rewritten, ${r.partialChunks} partial chunks), file ${formatBytes(r.fileBytes)}, ${r.io} I/O at queue depth ${r.queueDepth}${r.direct ? '' : ', buffered'}`,
-    `  ring: ${r.ring.slots} x 1 MiB slots, ${formatBytes(r.ring.inputBytes)} input, up to ${r.ring.maxOpenChunks} open chunks; CRC-32C and copies by ${r.checksum}`,
+    `  ring: ${r.ring.slots} x 1 MiB slots, ${formatBytes(r.ring.inputBytes)} input, ${formatBytes(r.ring.parkBytes)} park pool, up to ${r.ring.maxOpenChunks} open chunks; CRC-32C and copies by ${r.checksum}`,
     `  reader:    busy ${ms(s.reader.busyMs)}, waiting on QEMU ${ms(s.reader.upstreamWaitMs)}, on coalescer ${ms(s.reader.downstreamWaitMs)}`,
     `  coalescer: busy ${ms(s.coalescer.busyMs)}, waiting on reader ${ms(s.coalescer.upstreamWaitMs)}, on writer ${ms(s.coalescer.downstreamWaitMs)}`,
     `  writer:    busy ${ms(s.writer.busyMs)}, waiting on coalescer ${ms(s.writer.upstreamWaitMs)}, in disk writes ${ms(s.writer.downstreamWaitMs)}`,

@@ -4,7 +4,7 @@ import { closeSync, constants, existsSync, fstatSync, openSync, statSync, writeS
 import { join } from 'node:path';
 import { pathToFileURL } from 'node:url';
 import { deserializeError, SnapPipeError } from '../errors.js';
-import { FORMAT_VERSION, type SnapshotMeta } from '../image/types.js';
+import { FORMAT_VERSION, PAGE_BYTES, type SnapshotMeta } from '../image/types.js';
 import { crc32cImplementation } from '../native/fastmem.js';
 import type { IoBackendName } from '../native/io.js';
 import { CTRL, FAIL_ABORT, FAIL_ERROR, SLOT_BYTES, type SaveRingSizes, type SaveShared } from '../ring/layout.js';
@@ -63,7 +63,7 @@ export interface SaveReport {
   queueDepth: number;
   /** How CRC-32C and page copies ran: the CPU instruction, C tables, or the JavaScript fallback (no addon). */
   checksum: typeof crc32cImplementation;
-  ring: { ringBytes: number; slots: number; inputBytes: number; maxOpenChunks: number };
+  ring: { ringBytes: number; slots: number; inputBytes: number; parkBytes: number; maxOpenChunks: number };
   stages: { reader: StageStats; coalescer: StageStats; writer: StageStats };
   /** After the stream: reading back rewritten clusters for their checksums, metadata and tables, fdatasync. */
   finishMs: number;
@@ -75,7 +75,9 @@ export function ringSizes(ringBytes: number): SaveRingSizes {
   }
   let inputBytes = 1 << 20;
   while (inputBytes * 2 <= Math.min(16 << 20, ringBytes / 4)) inputBytes *= 2;
-  return { slotCount: ringBytes / SLOT_BYTES, inputBytes, descCount: DESC_COUNT };
+  // The park pool is half the ring: a 4 GiB background stream rewrote 1078 clusters (read back at the end) with a
+  // quarter, 391 with half (2.41 s instead of 3.12 s), 1 with a whole ring; peak RSS 201 / 222 / 240 MiB.
+  return { slotCount: ringBytes / SLOT_BYTES, inputBytes, descCount: DESC_COUNT, parkPages: ringBytes / 2 / PAGE_BYTES };
 }
 
 function stageUrl(name: string): URL {
@@ -165,7 +167,7 @@ export class SavePipeline {
         io: wr.io,
         queueDepth: wr.queueDepth,
         checksum: crc32cImplementation,
-        ring: { ringBytes: this.opts.ringBytes, slots: sizes.slotCount, inputBytes: sizes.inputBytes, maxOpenChunks: maxOpen },
+        ring: { ringBytes: this.opts.ringBytes, slots: sizes.slotCount, inputBytes: sizes.inputBytes, parkBytes: sizes.parkPages * PAGE_BYTES, maxOpenChunks: maxOpen },
         finishMs,
         stages: {
           reader: { busyMs: rr.busyMs, upstreamWaitMs: rr.sourceWaitMs, downstreamWaitMs: rr.downstreamWaitMs },

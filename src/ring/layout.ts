@@ -80,6 +80,8 @@ export interface SaveRingSizes {
   inputBytes: number;
   /** Descriptor ring records (a power of two). */
   descCount: number;
+  /** Park pool entries (4 KiB pages, the coalescer's own memory) for pages that arrive far ahead of their chunk. */
+  parkPages: number;
 }
 
 /** Everything the save stages share, allocated once by the main thread before any stage starts. */

@@ -39,9 +39,8 @@ function run(shared: SaveShared, maxOpen: number): CoalescerResult {
   const descs = new DescriptorConsumer(v.ctrl, v.desc);
   const free = new IntQueueConsumer(v.ctrl, CTRL.FREE_HEAD, CTRL.FREE_TAIL, v.freeQueue);
   const filled = new IntQueueProducer(v.ctrl, CTRL.FILL_HEAD, CTRL.FILL_TAIL, v.fillQueue);
-  // The park pool holds a quarter of the ring's size in 4 KiB pages (memory stays bounded by the ring size).
-  const parkPages = (v.sizes.slotCount * SLOT_BYTES) / 4 / 4096;
-  const co = new Coalescer(v.slots, v.slotHeaders, { acquire: () => free.pop(), publish: (s) => filled.push(s) }, maxOpen, parkPages);
+  // The park pool's size comes with the ring's (ringSizes): memory stays bounded by the ring size.
+  const co = new Coalescer(v.slots, v.slotHeaders, { acquire: () => free.pop(), publish: (s) => filled.push(s) }, maxOpen, v.sizes.parkPages);
   const recs = descs.recs;
   const input = v.input;
   const mask = input.length - 1;
