@@ -162,7 +162,6 @@ function run(shared: SaveShared): WriterResult {
   };
 }
 
-/** CRCs of clusters written more than once come from reading them back; the rest were computed on the way. */
 /**
  * A cluster written more than once got its pages from several publications: its CRC comes from reading it back,
  * through the I/O backend with up to its queue depth of reads in flight (one at a time, 1078 clusters of a 4 GiB
@@ -202,6 +201,7 @@ function readBackRewritten(img: ImageWriter, v: SaveViews, backend: IoBackend): 
   }
 }
 
+/** CRCs of clusters written more than once come from reading them back; the rest were computed on the way. */
 function finish(meta: Omit<SnapshotMeta, 'chunkCrc32c'>): void {
   if (!image || !views || !io) throw new Error('writer.finish before writer.run');
   readBackRewritten(image, views, io);
@@ -213,7 +213,7 @@ function finish(meta: Omit<SnapshotMeta, 'chunkCrc32c'>): void {
   });
   image.finish({ ...meta, chunkCrc32c });
   image.close();
-  io?.close();
+  io.close();
 }
 
 const api = {
