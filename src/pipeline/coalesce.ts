@@ -109,6 +109,8 @@ export class Coalescer {
     private readonly maxOpen: number,
     /** Park pool capacity in pages (0: never park). */
     parkPages = 0,
+    /** Memory for the park pool (parkPages x 4 KiB); in the slots' buffer, its copies are batched native memmoves. */
+    parkMemory?: Uint8Array,
   ) {
     const slotCount = headers.length / SLOT_INTS;
     if (slots.length < slotCount * SLOT_BYTES) throw new RangeError('slot memory smaller than the slot count');
@@ -116,7 +118,8 @@ export class Coalescer {
     this.present = new Uint32Array(slotCount * 8);
     this.copier = new RangeCopier(new Uint8Array(slots.buffer));
     this.presentCount = new Int32Array(slotCount);
-    this.parkBytes = new Uint8Array(parkPages * PAGE_BYTES);
+    if (parkMemory && parkMemory.length < parkPages * PAGE_BYTES) throw new RangeError('park memory smaller than parkPages');
+    this.parkBytes = parkMemory ?? new Uint8Array(parkPages * PAGE_BYTES);
     this.parkFree = new Int32Array(parkPages);
     for (let i = 0; i < parkPages; i++) this.parkFree[i] = parkPages - 1 - i;
     this.parkFreeTop = parkPages;
@@ -209,17 +212,25 @@ export class Coalescer {
     return ++this.chunkSent[block][chunk] === pagesInChunk;
   }
 
-  /**
-   * Copies n bytes from src[from] to slots[to]. When both live in the same shared buffer (the pipeline's one data
-   * allocation), the copy is queued and done with the others of the batch in one native memmove call: V8 copies
-   * shared memory word by word (2.3 GB/s here for 4 KiB pages, against 6.2 GB/s through the addon). Queued copies
-   * are flushed before a slot's bytes are read (publish, park) and before the caller releases input (flushCopies).
-   */
+  /** Copies n bytes from src[from] to slots[to] (see move()). */
   private copy(src: Uint8Array, from: number, to: number, n: number): void {
-    if (src.buffer === this.slots.buffer) {
-      this.copier.add(this.slots.byteOffset + to, src.byteOffset + from, n);
+    this.move(this.slots, to, src, from, n);
+  }
+
+  /**
+   * Copies n bytes from src[srcAt] to dst[dstAt]. When both live in the slots' shared buffer (the pipeline's one data
+   * allocation: input ring, slots, park pool), the copy is queued and done with the others of the batch in one
+   * native memmove call: V8 copies shared memory word by word (2.3 GB/s here for 4 KiB pages, against 6.2 GB/s
+   * through the addon). Queued copies run in the order queued, so a page parked out of a slot is read before the
+   * slot's next chunk is copied over it; they are flushed before a slot's bytes are read (publish, park) and before
+   * the caller releases input (flushCopies).
+   */
+  private move(dst: Uint8Array, dstAt: number, src: Uint8Array, srcAt: number, n: number): void {
+    if (src.buffer === this.slots.buffer && dst.buffer === this.slots.buffer) {
+      this.copier.add(dst.byteOffset + dstAt, src.byteOffset + srcAt, n);
     } else {
-      this.slots.set(src.subarray(from, from + n), to);
+      this.copier.flush();
+      dst.set(src.subarray(srcAt, srcAt + n), dstAt);
     }
   }
 
@@ -254,14 +265,14 @@ export class Coalescer {
 
   /** Moves the pages of an evicted chunk into the park pool; the slot is free again afterwards. */
   private park(slot: number, vc: number): void {
-    this.copier.flush();
+    // No flush needed: the copies out of the slot queue behind any copies still pending into it.
     const h = slot * SLOT_INTS;
     const pk: Parked = { block: this.headers[h + SLOT_BLOCK], chunk: this.headers[h + SLOT_CHUNK], entries: new Int32Array(PAGES_PER_CHUNK).fill(-1), count: 0 };
     const base = slot * SLOT_BYTES;
     for (let p = 0; p < PAGES_PER_CHUNK; p++) {
       if (!(this.present[slot * 8 + (p >>> 5)] & (1 << (p & 31)))) continue;
       const e = this.parkFree[--this.parkFreeTop];
-      this.parkBytes.set(this.slots.subarray(base + p * PAGE_BYTES, base + (p + 1) * PAGE_BYTES), e * PAGE_BYTES);
+      this.move(this.parkBytes, e * PAGE_BYTES, this.slots, base + p * PAGE_BYTES, PAGE_BYTES);
       pk.entries[p] = e;
       pk.count++;
     }
@@ -325,7 +336,7 @@ export class Coalescer {
       for (let p = 0; p < PAGES_PER_CHUNK; p++) {
         const e = pk.entries[p];
         if (e < 0) continue;
-        this.slots.set(this.parkBytes.subarray(e * PAGE_BYTES, (e + 1) * PAGE_BYTES), base + p * PAGE_BYTES);
+        this.move(this.slots, base + p * PAGE_BYTES, this.parkBytes, e * PAGE_BYTES, PAGE_BYTES);
         this.present[slot * 8 + (p >>> 5)] |= 1 << (p & 31);
         this.presentCount[slot]++;
         this.markSeen(slot, p);

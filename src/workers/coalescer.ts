@@ -40,7 +40,7 @@ function run(shared: SaveShared, maxOpen: number): CoalescerResult {
   const free = new IntQueueConsumer(v.ctrl, CTRL.FREE_HEAD, CTRL.FREE_TAIL, v.freeQueue);
   const filled = new IntQueueProducer(v.ctrl, CTRL.FILL_HEAD, CTRL.FILL_TAIL, v.fillQueue);
   // The park pool's size comes with the ring's (ringSizes): memory stays bounded by the ring size.
-  const co = new Coalescer(v.slots, v.slotHeaders, { acquire: () => free.pop(), publish: (s) => filled.push(s) }, maxOpen, v.sizes.parkPages);
+  const co = new Coalescer(v.slots, v.slotHeaders, { acquire: () => free.pop(), publish: (s) => filled.push(s) }, maxOpen, v.sizes.parkPages, v.park);
   const recs = descs.recs;
   const input = v.input;
   const mask = input.length - 1;

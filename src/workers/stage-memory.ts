@@ -10,6 +10,7 @@ import {
   type SaveShared,
 } from '../ring/layout.js';
 import { alignedShared } from '../ring/memory.js';
+import { PAGE_BYTES } from '../image/types.js';
 
 export interface SaveViews {
   sizes: SaveRingSizes;
@@ -22,6 +23,8 @@ export interface SaveViews {
   /** slotCount x 1 MiB, page aligned. */
   slots: Uint8Array;
   input: Uint8Array;
+  /** The coalescer's park pool (parkPages x 4 KiB), in the same buffer so its copies batch with the others. */
+  park: Uint8Array;
 }
 
 /** Slot queues hold slot numbers: a power of two at least the slot count, so any whole number of MiB works. */
@@ -40,7 +43,7 @@ export function allocateSave(sizes: SaveRingSizes): SaveShared {
     freeQueue: new SharedArrayBuffer(queueEntries(sizes.slotCount) * 4),
     slotHeaders: new SharedArrayBuffer(sizes.slotCount * SLOT_INTS * 4),
     blocks: new SharedArrayBuffer(MAX_BLOCKS * BLOCK_F64S * 8),
-    data: alignedShared(sizes.slotCount * SLOT_BYTES + sizes.inputBytes),
+    data: alignedShared(sizes.slotCount * SLOT_BYTES + sizes.inputBytes + sizes.parkPages * PAGE_BYTES),
   };
 }
 
@@ -56,5 +59,6 @@ export function saveViews(s: SaveShared): SaveViews {
     blocks: new Float64Array(s.blocks),
     slots: new Uint8Array(s.data, 0, slotBytes),
     input: new Uint8Array(s.data, slotBytes, s.sizes.inputBytes),
+    park: new Uint8Array(s.data, slotBytes + s.sizes.inputBytes, s.sizes.parkPages * PAGE_BYTES),
   };
 }

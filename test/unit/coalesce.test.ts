@@ -129,9 +129,16 @@ describe('Coalescer', () => {
 });
 
 describe('Coalescer park pool', () => {
-  /** Like setup(), with a park pool of `parkPages` pages. */
+  /**
+   * Like setup(), with a park pool of `parkPages` pages. Slots, input ring and park pool share one buffer, as in the
+   * pipeline, so page and park copies go through the batched native memmove (setup() covers separate buffers).
+   */
   function withPark(slotCount: number, maxOpen: number, blockPages: number[], parkPages: number) {
-    const slots = new Uint8Array(slotCount * SLOT_BYTES);
+    const RING_BYTES = 65536;
+    const memory = new ArrayBuffer(slotCount * SLOT_BYTES + RING_BYTES + parkPages * 4096);
+    const slots = new Uint8Array(memory, 0, slotCount * SLOT_BYTES);
+    const ring = new Uint8Array(memory, slotCount * SLOT_BYTES, RING_BYTES);
+    const park = new Uint8Array(memory, slotCount * SLOT_BYTES + RING_BYTES, parkPages * 4096);
     const headers = new Int32Array(slotCount * SLOT_INTS);
     const free = Array.from({ length: slotCount }, (_, i) => i);
     const published: { chunk: number; seen: number[]; bytes: Uint8Array; whole: boolean }[] = [];
@@ -151,6 +158,7 @@ describe('Coalescer park pool', () => {
       },
       maxOpen,
       parkPages,
+      park,
     );
     const table = new Float64Array(blockPages.length * BLOCK_F64S);
     blockPages.forEach((pages, b) => {
@@ -158,8 +166,10 @@ describe('Coalescer park pool', () => {
       table[b * 2 + 1] = b * 1000;
     });
     co.setup(table, blockPages.length);
-    const ring = new Uint8Array(65536);
     const page = (p: number, seed: number) => {
+      // The coalescer may still hold a queued copy out of the ring: flush it before the ring is overwritten, as the
+      // coalescer worker does before it releases input.
+      co.flushCopies();
       ring.set(pageContent(seed), 0);
       co.page(0, p, ring, 0, ring.length - 1);
     };
