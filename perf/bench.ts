@@ -368,7 +368,7 @@ function statsLine(rows: Row[]): string[] {
           `reader busy ${f(st.reader.busyMs)} s / waits on stdin ${f(st.reader.upstreamWaitMs)} s / on coalescer ${f(st.reader.downstreamWaitMs)} s; ` +
           `coalescer busy ${f(st.coalescer.busyMs)} s / waits on reader ${f(st.coalescer.upstreamWaitMs)} s / on writer ${f(st.coalescer.downstreamWaitMs)} s; ` +
           `writer busy ${f(st.writer.busyMs)} s / waits on coalescer ${f(st.writer.upstreamWaitMs)} s / in disk writes ${f(st.writer.downstreamWaitMs)} s; ` +
-          `finish ${f(Number(s.finishMs))} s (${s.rewrittenClusters} rewritten clusters read back)`,
+          `finish ${f(Number(s.finishMs))} s (${s.readBackClusters} of ${s.rewrittenClusters} rewritten clusters read back)`,
       );
     } else {
       const ms = (k: string) => (Number(s[k]) / 1000).toFixed(2);

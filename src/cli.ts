@@ -71,7 +71,7 @@ function formatReport(r: SaveReport): string {
     `  reader:    busy ${ms(s.reader.busyMs)}, waiting on QEMU ${ms(s.reader.upstreamWaitMs)}, on coalescer ${ms(s.reader.downstreamWaitMs)}`,
     `  coalescer: busy ${ms(s.coalescer.busyMs)}, waiting on reader ${ms(s.coalescer.upstreamWaitMs)}, on writer ${ms(s.coalescer.downstreamWaitMs)}`,
     `  writer:    busy ${ms(s.writer.busyMs)}, waiting on coalescer ${ms(s.writer.upstreamWaitMs)}, in disk writes ${ms(s.writer.downstreamWaitMs)}`,
-    `  finish:    ${ms(r.finishMs)} (${r.rewrittenClusters} rewritten clusters read back for their checksums, metadata, fdatasync)`,
+    `  finish:    ${ms(r.finishMs)} (${r.readBackClusters} of the rewritten clusters read back for their checksums, metadata, fdatasync)`,
   ].join('\n');
 }
 

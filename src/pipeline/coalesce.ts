@@ -25,6 +25,7 @@ import {
   SLOT_BYTES,
   SLOT_CHUNK,
   SLOT_CRC,
+  SLOT_CRC_UPDATE,
   SLOT_FIRST,
   SLOT_INTS,
   SLOT_PAGES_IN_CHUNK,
@@ -97,6 +98,8 @@ export class Coalescer {
   };
   /** Per block, per chunk: the chunk's cluster has been published (written) at least once. */
   private written: Uint8Array[] = [];
+  /** Per block: the page holds data on disk (its last publication carried it as data). LSB-first bit order. */
+  private onDisk: Uint8Array[] = [];
   private readonly parkBytes: Uint8Array;
   private readonly parkFree: Int32Array;
   private parkFreeTop: number;
@@ -135,6 +138,7 @@ export class Coalescer {
       this.data.push(new Uint8Array(Math.ceil(pages / 8)));
       this.chunkSent.push(new Uint16Array(Math.ceil(pages / PAGES_PER_CHUNK)));
       this.written.push(new Uint8Array(Math.ceil(pages / PAGES_PER_CHUNK)));
+      this.onDisk.push(new Uint8Array(Math.ceil(pages / 8)));
     }
   }
 
@@ -389,28 +393,55 @@ export class Coalescer {
     // A first publication's CRC is the chunk's checksum. Computing it here, on the thread that just filled the slot,
     // reads it from this core's cache; the writer would read it cold. Pages a sparse write leaves as holes count as
     // zeros without being read.
+    //
+    // A later publication changes the cluster only where it writes. CRC-32C is affine over equal-length messages:
+    // crc(A ^ B) = crc(A) ^ crc(B) ^ crc(Z), Z all zeros. If every page it writes reads as zeros on disk before (never
+    // written, or last written as zeros: a background snapshot's walk reaching a chunk it parked or wrote sparse),
+    // the new cluster is old ^ N, N = the carried pages with zeros elsewhere, so new CRC = old CRC ^ crc(N) ^ crc(Z).
+    // The writer applies that instead of reading the cluster back at the end. Otherwise (a page re-sent over data on
+    // disk) the cluster is read back.
+    const firstPage = chunk * PAGES_PER_CHUNK;
+    const onDisk = this.onDisk[block];
+    let update = false;
     if (first) {
-      let crc = 0;
-      if (whole) {
-        crc = crc32c(this.slots.subarray(base, base + SLOT_BYTES));
-      } else {
-        let zeros = 0;
-        for (let p = 0; p < PAGES_PER_CHUNK; p++) {
-          if (!this.isPresent(slot, p)) {
-            zeros += PAGE_BYTES;
-            continue;
-          }
-          if (zeros > 0) crc = crc32cZeros(crc, zeros);
-          zeros = 0;
-          crc = crc32c(this.slots.subarray(base + p * PAGE_BYTES, base + (p + 1) * PAGE_BYTES), crc);
-        }
-        if (zeros > 0) crc = crc32cZeros(crc, zeros);
+      this.headers[h + SLOT_CRC] = (whole ? crc32c(this.slots.subarray(base, base + SLOT_BYTES)) : this.presentCrc(slot, base)) | 0;
+    } else {
+      update = true;
+      for (let p = 0; p < PAGES_PER_CHUNK && update; p++) {
+        const q = firstPage + p;
+        if (this.isSeen(h, p) && (onDisk[q >>> 3] & (1 << (q & 7))) !== 0) update = false;
       }
-      this.headers[h + SLOT_CRC] = crc | 0;
+      if (update) this.headers[h + SLOT_CRC] = this.presentCrc(slot, base) | 0;
+    }
+    this.headers[h + SLOT_CRC_UPDATE] = update ? 1 : 0;
+    // What is on disk after this write: data where it carries data, zeros where it carries zeros (a whole write
+    // carries every page of the cluster).
+    const pagesInChunk = this.headers[h + SLOT_PAGES_IN_CHUNK];
+    for (let p = 0; p < pagesInChunk; p++) {
+      if (!whole && !this.isSeen(h, p)) continue;
+      const q = firstPage + p;
+      if (this.isPresent(slot, p)) onDisk[q >>> 3] |= 1 << (q & 7);
+      else onDisk[q >>> 3] &= ~(1 << (q & 7));
     }
     this.written[block][chunk] = 1;
     this.counters.chunksPublished++;
     this.pool.publish(slot);
+  }
+
+  /** CRC-32C of the slot's cluster with only the pages holding data in this publication, zeros elsewhere. */
+  private presentCrc(slot: number, base: number): number {
+    let crc = 0;
+    let zeros = 0;
+    for (let p = 0; p < PAGES_PER_CHUNK; p++) {
+      if (!this.isPresent(slot, p)) {
+        zeros += PAGE_BYTES;
+        continue;
+      }
+      if (zeros > 0) crc = crc32cZeros(crc, zeros);
+      zeros = 0;
+      crc = crc32c(this.slots.subarray(base + p * PAGE_BYTES, base + (p + 1) * PAGE_BYTES), crc);
+    }
+    return zeros > 0 ? crc32cZeros(crc, zeros) : crc;
   }
 
   private isPresent(slot: number, p: number): boolean {

@@ -54,6 +54,8 @@ export interface SaveReport {
   writeCalls: number;
   dataClusters: number;
   rewrittenClusters: number;
+  /** Rewritten clusters read back at the end for their CRC (see WriterResult). */
+  readBackClusters: number;
   partialChunks: number;
   fileBytes: number;
   deviceStateBytes: number;
@@ -159,6 +161,7 @@ export class SavePipeline {
         writeCalls: wr.writeCalls,
         dataClusters: wr.clustersWritten,
         rewrittenClusters: wr.rewrittenClusters,
+        readBackClusters: wr.readBackClusters,
         partialChunks: cr.counters.partialChunks,
         fileBytes: statSync(this.opts.path).size,
         deviceStateBytes: rr.parsed.deviceState.length,

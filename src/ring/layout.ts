@@ -53,7 +53,7 @@ export const BLOCK_VIRT_CLUSTER = 1;
 export const MAX_BLOCKS = 1024;
 
 /** Per-slot chunk header (Int32 entries): what the coalescer put in the slot. Writer: coalescer, before publishing. */
-export const SLOT_INTS = 16;
+export const SLOT_INTS = 24;
 export const SLOT_BLOCK = 0;
 export const SLOT_CHUNK = 1;
 export const SLOT_VIRT_CLUSTER = 2;
@@ -61,7 +61,11 @@ export const SLOT_PAGES_IN_CHUNK = 3;
 export const SLOT_SEEN_COUNT = 4;
 /** 1 when this is the chunk's first publication (its cluster is new), else 0. */
 export const SLOT_FIRST = 5;
-/** CRC-32C of the cluster, computed by the coalescer on a first publication while the slot is in its cache. */
+/**
+ * First publication: CRC-32C of the cluster, computed by the coalescer while the slot is in its cache. Later
+ * publication with SLOT_CRC_UPDATE = 1: CRC-32C of a cluster holding only the carried pages (zeros elsewhere), from
+ * which the writer updates the cluster's CRC without reading it back (see Coalescer.publishSlot).
+ */
 export const SLOT_CRC = 6;
 /**
  * 1: write the whole 1 MiB slot (every page not carried is zero-filled). 0: write only the runs of carried pages
@@ -69,6 +73,11 @@ export const SLOT_CRC = 6;
  */
 export const SLOT_WHOLE = 7;
 export const SLOT_SEEN_BITS = 8; // 8 Int32 = 256 bits: pages of this chunk carried by this publication (data or zero)
+/**
+ * Later publication: 1 when every page it carries reads as zeros on disk before this write (never written, or last
+ * written as zeros), so new CRC = old CRC ^ CRC(zero cluster) ^ SLOT_CRC; 0 when the cluster must be read back.
+ */
+export const SLOT_CRC_UPDATE = 16;
 
 /** Value pushed on the filled queue after the last chunk. */
 export const END_OF_CHUNKS = -1;

@@ -4,7 +4,7 @@
 // which reads as zeros). Each new cluster's CRC-32C comes from the coalescer (computed while the slot was in its
 // cache). At the end it writes the metadata and marks the image complete (ImageWriter.finish).
 import assert from 'node:assert/strict';
-import { crc32c } from '../native/fastmem.js';
+import { crc32c, crc32cZeros } from '../native/fastmem.js';
 import { ioError, SnapPipeError } from '../errors.js';
 import { ImageWriter } from '../image/writer.js';
 import { CLUSTER_BYTES, PAGE_BYTES, PAGES_PER_CHUNK, type SnapshotMeta } from '../image/types.js';
@@ -15,6 +15,7 @@ import {
   END_OF_CHUNKS,
   SLOT_BYTES,
   SLOT_CRC,
+  SLOT_CRC_UPDATE,
   SLOT_FIRST,
   SLOT_INTS,
   SLOT_SEEN_BITS,
@@ -29,7 +30,10 @@ export interface WriterResult {
   bytesWritten: number;
   writeCalls: number;
   clustersWritten: number;
+  /** Clusters written more than once. */
   rewrittenClusters: number;
+  /** Of those, the ones whose CRC is read back at the end (the rest had theirs updated on the way). */
+  readBackClusters: number;
   io: IoBackendName;
   queueDepth: number;
   /** Waiting for filled chunks (the coalescer is behind). */
@@ -51,7 +55,12 @@ let image: ImageWriter | undefined;
 let io: IoBackend | undefined;
 let views: SaveViews | undefined;
 const crcByVirtCluster = new Map<number, number>();
+/** Clusters written more than once whose CRC must be read back at the end. */
 const rewritten = new Set<number>();
+/** Clusters written more than once whose CRC was updated from the coalescer's instead. */
+const updatedClusters = new Set<number>();
+/** CRC-32C of a cluster of zeros. */
+const ZERO_CLUSTER_CRC = crc32cZeros(0, CLUSTER_BYTES);
 
 /**
  * Writes chunks as they come, keeping up to the backend's queue depth of writes in flight. A slot goes back to the
@@ -142,7 +151,14 @@ function run(shared: SaveShared): WriterResult {
       if (h[hdr + SLOT_WHOLE] === 1) submit(slot, base, CLUSTER_BYTES, hostOffsetBytes);
       else submitRuns(slot, base, hdr, hostOffsetBytes);
     } else {
-      rewritten.add(vc);
+      // Its CRC follows from the coalescer's (see SLOT_CRC_UPDATE), or the cluster is read back at the end.
+      if (h[hdr + SLOT_CRC_UPDATE] === 1 && !rewritten.has(vc)) {
+        crcByVirtCluster.set(vc, (crcByVirtCluster.get(vc)! ^ ZERO_CLUSTER_CRC ^ (h[hdr + SLOT_CRC] >>> 0)) >>> 0);
+        updatedClusters.add(vc);
+      } else {
+        rewritten.add(vc);
+        updatedClusters.delete(vc);
+      }
       submitRuns(slot, base, hdr, hostOffsetBytes);
     }
     unref(slot);
@@ -153,7 +169,8 @@ function run(shared: SaveShared): WriterResult {
     bytesWritten,
     writeCalls,
     clustersWritten: img.dataClusters,
-    rewrittenClusters: rewritten.size,
+    rewrittenClusters: rewritten.size + updatedClusters.size,
+    readBackClusters: rewritten.size,
     io: backend.name,
     queueDepth: backend.queueDepth,
     upstreamWaitMs: filled.waits.ms,

@@ -8,6 +8,7 @@ import {
   SLOT_BYTES,
   SLOT_CHUNK,
   SLOT_CRC,
+  SLOT_CRC_UPDATE,
   SLOT_FIRST,
   SLOT_INTS,
   SLOT_SEEN_BITS,
@@ -16,23 +17,44 @@ import {
 } from '../../src/ring/layout.js';
 import { pageContent } from '../helpers/model.js';
 
+/** The clusters as the writer leaves them on disk, and the CRC it holds for each. */
+type Disk = Map<string, { bytes: Uint8Array; crc: number }>;
+const ZERO_CLUSTER_CRC = crc32cJs(new Uint8Array(SLOT_BYTES));
+
 /**
- * What the writer puts on disk for a published slot, over a cluster that reads as zeros before (a new cluster is a
- * hole): the whole slot, or only its carried pages. Checks the coalescer's CRC of a first publication against it.
+ * Applies a published slot to `disk` as the writer would: a new cluster (a hole: zeros) gets the whole slot or only
+ * its carried pages, a cluster written before gets its carried pages. Checks the coalescer's CRC of a first
+ * publication, and of a later one that says its CRC can be updated (SLOT_CRC_UPDATE), against the bytes on disk.
+ * Returns the cluster's content after this write.
  */
-function asWritten(slots: Uint8Array, headers: Int32Array, s: number): { seen: number[]; bytes: Uint8Array; whole: boolean } {
+function asWritten(disk: Disk, slots: Uint8Array, headers: Int32Array, s: number): { seen: number[]; bytes: Uint8Array; whole: boolean; crcUpdate: boolean } {
   const h = s * SLOT_INTS;
   const seen: number[] = [];
   for (let p = 0; p < 256; p++) if (headers[h + SLOT_SEEN_BITS + (p >>> 5)] & (1 << (p & 31))) seen.push(p);
   expect(seen.length).toBe(headers[h + SLOT_SEEN_COUNT]);
   const slot = slots.subarray(s * SLOT_BYTES, (s + 1) * SLOT_BYTES);
   const whole = headers[h + SLOT_WHOLE] === 1;
-  if (whole) expect(headers[h + SLOT_FIRST]).toBe(1);
-  if (headers[h + SLOT_FIRST] === 1) expect(whole).toBe(seen.length >= SPARSE_FIRST_PAGES_MAX);
-  const bytes = whole ? slot.slice() : new Uint8Array(SLOT_BYTES);
-  if (!whole) for (const p of seen) bytes.set(slot.subarray(p * 4096, (p + 1) * 4096), p * 4096);
-  if (headers[h + SLOT_FIRST] === 1) expect(headers[h + SLOT_CRC] >>> 0).toBe(crc32cJs(bytes));
-  return { seen, bytes, whole };
+  const first = headers[h + SLOT_FIRST] === 1;
+  const key = `${headers[h + SLOT_BLOCK]}:${headers[h + SLOT_CHUNK]}`;
+  expect(disk.has(key)).toBe(!first);
+  if (whole) expect(first).toBe(true);
+  if (first) expect(whole).toBe(seen.length >= SPARSE_FIRST_PAGES_MAX);
+  const cluster = disk.get(key) ?? { bytes: new Uint8Array(SLOT_BYTES), crc: ZERO_CLUSTER_CRC };
+  if (whole) cluster.bytes.set(slot);
+  else for (const p of seen) cluster.bytes.set(slot.subarray(p * 4096, (p + 1) * 4096), p * 4096);
+  const crcUpdate = headers[h + SLOT_CRC_UPDATE] === 1;
+  if (first) {
+    expect(crcUpdate).toBe(false);
+    cluster.crc = headers[h + SLOT_CRC] >>> 0;
+    expect(cluster.crc).toBe(crc32cJs(cluster.bytes));
+  } else if (crcUpdate) {
+    cluster.crc = (cluster.crc ^ ZERO_CLUSTER_CRC ^ (headers[h + SLOT_CRC] >>> 0)) >>> 0;
+    expect(cluster.crc).toBe(crc32cJs(cluster.bytes));
+  } else {
+    cluster.crc = crc32cJs(cluster.bytes); // read back at the end
+  }
+  disk.set(key, cluster);
+  return { seen, bytes: cluster.bytes.slice(), whole, crcUpdate };
 }
 
 /** A coalescer over real slot memory; published slots are recorded and returned to the free list at once. */
@@ -40,7 +62,8 @@ function setup(slotCount: number, maxOpen: number, blockPages: number[]) {
   const slots = new Uint8Array(slotCount * SLOT_BYTES);
   const headers = new Int32Array(slotCount * SLOT_INTS);
   const free = Array.from({ length: slotCount }, (_, i) => i);
-  const published: { block: number; chunk: number; seen: number[]; bytes: Uint8Array; whole: boolean }[] = [];
+  const published: { block: number; chunk: number; seen: number[]; bytes: Uint8Array; whole: boolean; crcUpdate: boolean }[] = [];
+  const disk: Disk = new Map();
   const co = new Coalescer(slots, headers, {
     acquire: () => {
       const s = free.shift();
@@ -49,7 +72,7 @@ function setup(slotCount: number, maxOpen: number, blockPages: number[]) {
     },
     publish: (s) => {
       const h = s * SLOT_INTS;
-      published.push({ block: headers[h + SLOT_BLOCK], chunk: headers[h + SLOT_CHUNK], ...asWritten(slots, headers, s) });
+      published.push({ block: headers[h + SLOT_BLOCK], chunk: headers[h + SLOT_CHUNK], ...asWritten(disk, slots, headers, s) });
       free.push(s);
     },
   }, maxOpen);
@@ -128,6 +151,29 @@ describe('Coalescer', () => {
   });
 });
 
+describe('Coalescer checksum updates', () => {
+  it('a later write over pages that read as zeros updates the CRC; one over data on disk asks for a read-back', () => {
+    const { co, published, page } = setup(4, 2, [256 * 4]);
+    page(0, 256 + 1, 1);
+    page(0, 256 + 2, 2);
+    page(0, 0, 3);
+    page(0, 512, 4); // evicts chunk 1 with its two pages: written sparse
+    expect(published.map((x) => [x.chunk, x.whole, x.crcUpdate])).toEqual([[1, false, false]]);
+    for (let p = 256; p < 512; p++) if (p !== 257 && p !== 258) page(0, p, 10 + p); // the walk completes chunk 1
+    const c1 = published.filter((x) => x.chunk === 1);
+    expect(c1).toHaveLength(2);
+    expect(c1[1].crcUpdate).toBe(true); // none of the 254 pages was on disk: CRC updated, checked by asWritten
+    page(0, 300, 999); // re-sent over data that is on disk
+    co.zero(0, 301); // and a data page re-sent as zero
+    co.finish();
+    const last = published.filter((x) => x.chunk === 1).pop()!;
+    expect(last.seen).toEqual([44, 45]);
+    expect(last.crcUpdate).toBe(false);
+    expect(Buffer.compare(last.bytes.subarray(44 * 4096, 45 * 4096), pageContent(999))).toBe(0);
+    expect(last.bytes.subarray(45 * 4096, 46 * 4096).every((x) => x === 0)).toBe(true);
+  });
+});
+
 describe('Coalescer park pool', () => {
   /**
    * Like setup(), with a park pool of `parkPages` pages. Slots, input ring and park pool share one buffer, as in the
@@ -141,7 +187,8 @@ describe('Coalescer park pool', () => {
     const park = new Uint8Array(memory, slotCount * SLOT_BYTES + RING_BYTES, parkPages * 4096);
     const headers = new Int32Array(slotCount * SLOT_INTS);
     const free = Array.from({ length: slotCount }, (_, i) => i);
-    const published: { chunk: number; seen: number[]; bytes: Uint8Array; whole: boolean }[] = [];
+    const published: { chunk: number; seen: number[]; bytes: Uint8Array; whole: boolean; crcUpdate: boolean }[] = [];
+    const disk: Disk = new Map();
     const co = new Coalescer(
       slots,
       headers,
@@ -152,7 +199,7 @@ describe('Coalescer park pool', () => {
           return s;
         },
         publish: (s) => {
-          published.push({ chunk: headers[s * SLOT_INTS + SLOT_CHUNK], ...asWritten(slots, headers, s) });
+          published.push({ chunk: headers[s * SLOT_INTS + SLOT_CHUNK], ...asWritten(disk, slots, headers, s) });
           free.push(s);
         },
       },
