@@ -476,7 +476,7 @@ function main(): void {
       `| ${(big[0] / 1e9).toFixed(2)} GB (${Math.max(...args.ramSizes) / GiB} GiB RAM) | ${(big[1] / 1024).toFixed(0)} | ${((big[1] * 1024 - ringBytes) / MiB).toFixed(0)} |`,
       '',
       `RSS grows by ${growthMiB.toFixed(0)} MiB for a ${(big[0] / small[0]).toFixed(1)}× bigger stream: ${Math.abs(growthMiB) <= 32 ? 'bounded (target met)' : '**MISSED**: memory grows with the stream'}. ` +
-        'The part that does grow is expected to be the per-page bitmaps (2 bits per 4 KiB page: 64 KiB per GiB of RAM) and the cluster table.',
+        'The part that does grow is expected to be the per-page bitmaps (3 bits per 4 KiB page in the coalescer: sent, data, on disk; 96 KiB per GiB of RAM) and the cluster table.',
       '',
     ];
     sections.push(memLines.join('\n'));
