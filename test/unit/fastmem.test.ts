@@ -5,6 +5,7 @@
 import { execFileSync } from 'node:child_process';
 import { describe, expect, it } from 'vitest';
 import { crc32c, crc32cImplementation, crc32cJs, crc32cZeros, fastmemAddon, RangeCopier, zeroFill } from '../../src/native/fastmem.js';
+import { alignedShared } from '../../src/ring/memory.js';
 
 function addon(): NonNullable<typeof fastmemAddon> {
   if (!fastmemAddon) throw new Error('build/Release/fastmem.node is not built (run node scripts/build-native.mjs)');
@@ -128,6 +129,25 @@ describe('copyRanges / RangeCopier', () => {
     expect(c.pending).toBe(1);
     c.flush();
     expect(c.pending).toBe(0);
+    expect(Buffer.compare(mem, want)).toBe(0);
+  });
+
+  it('copies whole pages into aligned memory (the non-temporal path) and odd ranges alike', () => {
+    const bytesTotal = 4 << 20;
+    const mem = new Uint8Array(alignedShared(bytesTotal), 0, bytesTotal); // page aligned, as the pipeline's
+    mem.set(bytes(1 << 20, 11), 0);
+    const want = mem.slice();
+    const c = new RangeCopier(mem, 64);
+    const ops: [number, number, number][] = [];
+    // Pages from unaligned sources (8 bytes past each record header) to aligned slots, as the coalescer does.
+    for (let i = 0; i < 200; i++) ops.push([(1 << 20) + i * 4096, 8 + i * 4104, 4096]);
+    ops.push([(3 << 20) + 4096, 100, 1000]); // not whole 128-byte blocks: plain memmove
+    ops.push([(3 << 20) + 3, 5000, 4096]); // unaligned destination: plain memmove
+    for (const [d, s, n] of ops) {
+      want.copyWithin(d, s, s + n);
+      c.add(d, s, n);
+    }
+    c.flush();
     expect(Buffer.compare(mem, want)).toBe(0);
   });
 
