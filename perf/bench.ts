@@ -297,7 +297,9 @@ function benchSize(args: Args, dir: string, ceiling: string, ramBytes: number, n
       return { direction: 'read', name: r.name, command: r.cmd, bytes: r.bytes, runs: [], rates: [], imageBytes: r.snap ? imgBytes : undefined };
     });
     // Interleaved like the writes.
-    for (let i = 0; i < args.runs; i++) {
+    // Reads take seconds each and this disk's read rate drifts more than its write rate: at least 5 rounds.
+    const readRuns = Math.max(args.runs, 5);
+    for (let i = 0; i < readRuns; i++) {
       for (let k = 0; k < reads.length; k++) {
         const j = (k + i) % reads.length;
         const r = reads[j];
@@ -418,7 +420,7 @@ function main(): void {
       const fw = fioW ? median(fioW.rates) : undefined;
       const fr = fioR ? median(fioR.rates) : undefined;
       const table = [
-        `### ${ram / GiB} GiB of RAM, ${args.runs} run(s) each`,
+        `### ${ram / GiB} GiB of RAM, ${args.runs} run(s) of each write command, ${Math.max(args.runs, 5)} of each read command, interleaved`,
         '',
         gen + '.',
         '',
