@@ -31,6 +31,18 @@ export interface IoBackend {
   close(): void;
 }
 
+/**
+ * backend.reap(min) (0 submits what is queued and takes what is done) with a failed request's error naming the file
+ * it was on: `<path>: <op> of N bytes at offset X: EIO (...)`.
+ */
+export function reapNamed(backend: IoBackend, path: string, min = 1): IoCompletion[] {
+  try {
+    return backend.reap(min);
+  } catch (err) {
+    throw err instanceof SnapPipeError ? new SnapPipeError(err.code, `${path}: ${err.message}`) : err;
+  }
+}
+
 export interface IoBackendOptions {
   io: IoBackendName | 'auto';
   queueDepth: number;

@@ -21,7 +21,7 @@ import { chunksOf, pagesOf } from '../image/metadata.js';
 import { ImageReader } from '../image/reader.js';
 import { CLUSTER_BYTES, PAGE_BYTES, PAGES_PER_CHUNK, type SnapshotMeta } from '../image/types.js';
 import { checkDeviceStateEnd } from '../stream/parser.js';
-import { openIoBackend, type IoBackend, type IoBackendName } from '../native/io.js';
+import { openIoBackend, reapNamed, type IoBackend, type IoBackendName } from '../native/io.js';
 import { enlargePipe } from '../native/uring.js';
 import { alignedShared } from '../ring/memory.js';
 import {
@@ -629,15 +629,6 @@ export async function runLoad(opts: LoadOptions): Promise<LoadReport> {
     reads?.close();
     if (fd >= 0) fs.closeSync(fd);
     reader.close();
-  }
-}
-
-/** Reaps completed reads (at least `min`; 0 submits what is queued and takes what is done); errors name the image. */
-export function reapNamed(reads: IoBackend, path: string, min = 1) {
-  try {
-    return reads.reap(min);
-  } catch (err) {
-    throw err instanceof SnapPipeError ? new SnapPipeError(err.code, `${path}: ${err.message}`) : err;
   }
 }
 

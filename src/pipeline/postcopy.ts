@@ -41,13 +41,13 @@ import { chunksOf, pagesOf } from '../image/metadata.js';
 import { ImageReader } from '../image/reader.js';
 import { CLUSTER_BYTES, PAGE_BYTES, PAGES_PER_CHUNK, type SnapshotMeta } from '../image/types.js';
 import { crc32cImplementation } from '../native/fastmem.js';
-import { openIoBackend, type IoBackend, type IoBackendName } from '../native/io.js';
+import { openIoBackend, reapNamed, type IoBackend, type IoBackendName } from '../native/io.js';
 import { alignedShared } from '../ring/memory.js';
 import { StreamBuilder } from '../stream/builder.js';
 import { SEC_EOF } from '../stream/constants.js';
 import { vmdescStart } from '../stream/parser.js';
 import { ReturnPathDecoder, type RpMessage } from '../stream/returnpath.js';
-import { LOAD_QUEUE_DEPTH_MAX, StreamOut, checkClusterCrc, checkStreamParts, planReads, reapNamed, type LoadReport, type Plan } from './load.js';
+import { LOAD_QUEUE_DEPTH_MAX, StreamOut, checkClusterCrc, checkStreamParts, planReads, type LoadReport, type Plan } from './load.js';
 
 // Commands (savevm.c enum qemu_vm_cmd).
 const CMD_OPEN_RETURN_PATH = 1;

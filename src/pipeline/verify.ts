@@ -31,10 +31,10 @@ import {
 } from '../image/qcow2.js';
 import { ImageReader, readAt } from '../image/reader.js';
 import { CLUSTER_BYTES } from '../image/types.js';
-import { openIoBackend, type IoBackend, type IoBackendName } from '../native/io.js';
+import { openIoBackend, reapNamed, type IoBackend, type IoBackendName } from '../native/io.js';
 import { alignedShared } from '../ring/memory.js';
 import type { CrcTask } from '../workers/crc-task.js';
-import { checkStreamParts, reapNamed } from './load.js';
+import { checkStreamParts } from './load.js';
 
 export const DEFAULT_VERIFY_QUEUE_DEPTH = 8;
 export const VERIFY_QUEUE_DEPTH_MAX = 256;

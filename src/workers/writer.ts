@@ -5,10 +5,10 @@
 // cache). At the end it writes the metadata and marks the image complete (ImageWriter.finish).
 import assert from 'node:assert/strict';
 import { crc32c, crc32cZeros } from '../native/fastmem.js';
-import { ioError, SnapPipeError } from '../errors.js';
+import { ioError } from '../errors.js';
 import { ImageWriter } from '../image/writer.js';
 import { CLUSTER_BYTES, PAGE_BYTES, PAGES_PER_CHUNK, type SnapshotMeta } from '../image/types.js';
-import { openIoBackend, type IoBackend, type IoBackendName } from '../native/io.js';
+import { openIoBackend, reapNamed, type IoBackend, type IoBackendName } from '../native/io.js';
 import { IntQueueConsumer, IntQueueProducer } from '../ring/queue.js';
 import {
   CTRL,
@@ -86,12 +86,7 @@ function run(shared: SaveShared): WriterResult {
 
   const complete = (min: number) => {
     const t1 = performance.now();
-    let done;
-    try {
-      done = backend.reap(min);
-    } catch (err) {
-      throw err instanceof SnapPipeError ? new SnapPipeError(err.code, `${img.path}: ${err.message}`) : err;
-    }
+    const done = reapNamed(backend, img.path, min);
     ioMs += performance.now() - t1;
     for (let i = 0; i < done.length; i++) {
       const slot = done[i].tag;
@@ -200,13 +195,7 @@ function readBackRewritten(img: ImageWriter, v: SaveViews, backend: IoBackend): 
       slotVc[slot] = vc;
       backend.read(img.fd, v.slots, slot * SLOT_BYTES, CLUSTER_BYTES, host, slot);
     }
-    let completions;
-    try {
-      completions = backend.reap(1);
-    } catch (err) {
-      throw err instanceof SnapPipeError ? new SnapPipeError(err.code, `${img.path}: reading back a rewritten cluster: ${err.message}`) : err;
-    }
-    for (const c of completions) {
+    for (const c of reapNamed(backend, img.path)) {
       const base = c.tag * SLOT_BYTES;
       if (c.bytes !== CLUSTER_BYTES) {
         throw ioError(`reading back cluster ${slotVc[c.tag]} of ${img.path}`, new Error(`short read: ${c.bytes} bytes`));
