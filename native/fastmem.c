@@ -26,6 +26,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "napi-bytes.h"
+
 #if defined(__x86_64__)
 #include <immintrin.h>
 #include <nmmintrin.h>
@@ -100,48 +102,42 @@ static inline uint32_t shift(uint32_t t[4][256], uint32_t crc) {
 // ---- hardware CRC-32C -------------------------------------------------------------------------------------------
 
 #if HAVE_X86
+// Whole rounds of three lanes of `lane` bytes each, interleaved, joined with that lane size's shift tables.
+__attribute__((target("sse4.2"))) static inline uint64_t hw_lanes(uint64_t c0, const uint8_t **pp, size_t *np, size_t lane,
+                                                                  uint32_t table[4][256]) {
+  const uint8_t *p = *pp;
+  size_t n = *np;
+  while (n >= 3 * lane) {
+    uint64_t c1 = 0, c2 = 0;
+    const uint8_t *end = p + lane;
+    do {
+      uint64_t a, b, c;
+      memcpy(&a, p, 8);
+      memcpy(&b, p + lane, 8);
+      memcpy(&c, p + 2 * lane, 8);
+      c0 = _mm_crc32_u64(c0, a);
+      c1 = _mm_crc32_u64(c1, b);
+      c2 = _mm_crc32_u64(c2, c);
+      p += 8;
+    } while (p < end);
+    c0 = shift(table, (uint32_t)c0) ^ c1;
+    c0 = shift(table, (uint32_t)c0) ^ c2;
+    p += 2 * lane;
+    n -= 3 * lane;
+  }
+  *pp = p;
+  *np = n;
+  return c0;
+}
+
 __attribute__((target("sse4.2"))) static uint32_t hw_update(uint32_t crc, const uint8_t *p, size_t n) {
   while (n && ((uintptr_t)p & 7)) {
     crc = _mm_crc32_u8(crc, *p++);
     n--;
   }
   uint64_t c0 = crc;
-  while (n >= 3 * LANE_LONG) {
-    uint64_t c1 = 0, c2 = 0;
-    const uint8_t *end = p + LANE_LONG;
-    do {
-      uint64_t a, b, c;
-      memcpy(&a, p, 8);
-      memcpy(&b, p + LANE_LONG, 8);
-      memcpy(&c, p + 2 * LANE_LONG, 8);
-      c0 = _mm_crc32_u64(c0, a);
-      c1 = _mm_crc32_u64(c1, b);
-      c2 = _mm_crc32_u64(c2, c);
-      p += 8;
-    } while (p < end);
-    c0 = shift(shift_long, (uint32_t)c0) ^ c1;
-    c0 = shift(shift_long, (uint32_t)c0) ^ c2;
-    p += 2 * LANE_LONG;
-    n -= 3 * LANE_LONG;
-  }
-  while (n >= 3 * LANE_SHORT) {
-    uint64_t c1 = 0, c2 = 0;
-    const uint8_t *end = p + LANE_SHORT;
-    do {
-      uint64_t a, b, c;
-      memcpy(&a, p, 8);
-      memcpy(&b, p + LANE_SHORT, 8);
-      memcpy(&c, p + 2 * LANE_SHORT, 8);
-      c0 = _mm_crc32_u64(c0, a);
-      c1 = _mm_crc32_u64(c1, b);
-      c2 = _mm_crc32_u64(c2, c);
-      p += 8;
-    } while (p < end);
-    c0 = shift(shift_short, (uint32_t)c0) ^ c1;
-    c0 = shift(shift_short, (uint32_t)c0) ^ c2;
-    p += 2 * LANE_SHORT;
-    n -= 3 * LANE_SHORT;
-  }
+  c0 = hw_lanes(c0, &p, &n, LANE_LONG, shift_long);
+  c0 = hw_lanes(c0, &p, &n, LANE_SHORT, shift_short);
   while (n >= 8) {
     uint64_t a;
     memcpy(&a, p, 8);
@@ -215,15 +211,8 @@ static bool view_bytes(napi_env env, napi_value v, uint8_t **data, size_t *len) 
     size_t n;
     void *d;
     if (napi_get_typedarray_info(env, v, &type, &n, &d, NULL, NULL) != napi_ok) return false;
-    size_t elem = 1;
-    switch (type) {
-      case napi_int16_array: case napi_uint16_array: elem = 2; break;
-      case napi_int32_array: case napi_uint32_array: case napi_float32_array: elem = 4; break;
-      case napi_float64_array: case napi_bigint64_array: case napi_biguint64_array: elem = 8; break;
-      default: elem = 1;
-    }
     *data = d;
-    *len = n * elem;
+    *len = n * element_bytes(type);
     return true;
   }
   if (napi_is_dataview(env, v, &is) == napi_ok && is) {

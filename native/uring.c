@@ -39,6 +39,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "napi-bytes.h"
+
 #define DEPTH_MAX 4096
 #define FILES_MAX 64
 #define BUFFERS_MAX 16
@@ -133,15 +135,6 @@ static bool arg_integer(napi_env env, napi_value v, const char *name, double min
 static bool arg_optional(napi_env env, napi_value v) {
   napi_valuetype t;
   return v != NULL && napi_typeof(env, v, &t) == napi_ok && t != napi_undefined;
-}
-
-static size_t element_bytes(napi_typedarray_type type) {
-  switch (type) {
-    case napi_int16_array: case napi_uint16_array: return 2;
-    case napi_int32_array: case napi_uint32_array: case napi_float32_array: return 4;
-    case napi_float64_array: case napi_bigint64_array: case napi_biguint64_array: return 8;
-    default: return 1;
-  }
 }
 
 // The bytes a view covers. A bare SharedArrayBuffer has no N-API accessor in Node 20: wrap it in a Uint8Array.

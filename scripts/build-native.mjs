@@ -12,7 +12,7 @@ const root = join(dirname(fileURLToPath(import.meta.url)), '..');
 const header = ['/usr/include/liburing.h', '/usr/local/include/liburing.h'].find((f) => existsSync(f));
 const addons = [join(root, 'build', 'Release', 'fastmem.node')];
 if (header) addons.push(join(root, 'build', 'Release', 'uring.node'));
-const sources = ['uring.c', 'fastmem.c'].map((f) => join(root, 'native', f));
+const sources = ['uring.c', 'fastmem.c', 'napi-bytes.h'].map((f) => join(root, 'native', f));
 sources.push(join(root, 'binding.gyp'), fileURLToPath(import.meta.url));
 
 function fail(msg) {
