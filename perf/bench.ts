@@ -229,23 +229,15 @@ function benchSize(args: Args, dir: string, ceiling: string, ramBytes: number, n
     commands.push(shown);
     return { direction: 'write', name: w.name, command: shown, bytes: w.fio ? fioMiB * MiB : stream.bytes, runs: [], rates: [] };
   });
-  // Round i runs every command once, starting one further along each round: the disk of this VM slows down and
-  // speeds up over minutes (the host's own caching), and a fixed order would hand that drift to the same rows.
-  for (let i = 0; i < args.runs; i++) {
-    for (let k = 0; k < writes.length; k++) {
-      const j = (k + i) % writes.length;
-      const w = writes[j];
-      const row = writeRows[j];
-      clean();
-      warm(stream.path);
-      const run = w.fio ? fioRun(w.cmd!, dir, 'write') : w.consumer ? timedFed(stream.path, w.consumer, dir) : timed(w.cmd!, dir);
-      if (existsSync(rss)) run.snapRssKiB = Number(readFileSync(rss, 'utf8').trim().split('\n').pop());
-      if (existsSync(st)) run.stats = JSON.parse(readFileSync(st, 'utf8')) as Record<string, unknown>;
-      row.runs.push(run);
-      row.rates.push(run.fioBps !== undefined ? run.fioBps / 1e6 : row.bytes / 1e6 / run.seconds);
-      log(`${w.name}: ${row.rates[i].toFixed(0)} MB/s, ${run.cpuSeconds.toFixed(2)} CPU s${run.snapRssKiB ? `, RSS ${(run.snapRssKiB / 1024).toFixed(0)} MiB` : ''}`);
-    }
-  }
+  interleaved(args.runs, writes.length, (j) => {
+    const w = writes[j];
+    clean();
+    warm(stream.path);
+    const run = w.fio ? fioRun(w.cmd!, dir, 'write') : w.consumer ? timedFed(stream.path, w.consumer, dir) : timed(w.cmd!, dir);
+    if (existsSync(rss)) run.snapRssKiB = Number(readFileSync(rss, 'utf8').trim().split('\n').pop());
+    if (existsSync(st)) run.stats = JSON.parse(readFileSync(st, 'utf8')) as Record<string, unknown>;
+    record(writeRows[j], run);
+  });
   for (const row of writeRows) {
     if (row.name.includes('save --io uring --queue-depth 16')) rssByStream.push([stream.bytes, Math.max(...row.runs.map((r) => r.snapRssKiB ?? 0))]);
     rows.push(row);
@@ -296,27 +288,19 @@ function benchSize(args: Args, dir: string, ceiling: string, ramBytes: number, n
       commands.push(r.cmd);
       return { direction: 'read', name: r.name, command: r.cmd, bytes: r.bytes, runs: [], rates: [], imageBytes: r.snap ? imgBytes : undefined };
     });
-    // Interleaved like the writes.
     // Reads take seconds each and this disk's read rate drifts more than its write rate: at least 5 rounds.
-    const readRuns = Math.max(args.runs, 5);
-    for (let i = 0; i < readRuns; i++) {
-      for (let k = 0; k < reads.length; k++) {
-        const j = (k + i) % reads.length;
-        const r = reads[j];
-        const row = readRows[j];
-        rmSync(rss, { force: true });
-        rmSync(st, { force: true });
-        if (!dropCaches()) notes.push('could not drop the page cache (not root?): read figures may come from memory');
-        const run = r.fio ? fioRun(r.cmd, dir, 'read') : timed(r.cmd, dir);
-        if (r.snap) {
-          run.snapRssKiB = Number(readFileSync(rss, 'utf8').trim().split('\n').pop());
-          run.stats = JSON.parse(readFileSync(st, 'utf8')) as Record<string, unknown>;
-        }
-        row.runs.push(run);
-        row.rates.push(run.fioBps !== undefined ? run.fioBps / 1e6 : r.bytes / 1e6 / run.seconds);
-        log(`${r.name}: ${row.rates[i].toFixed(0)} MB/s, ${run.cpuSeconds.toFixed(2)} CPU s`);
+    interleaved(Math.max(args.runs, 5), reads.length, (j) => {
+      const r = reads[j];
+      rmSync(rss, { force: true });
+      rmSync(st, { force: true });
+      if (!dropCaches()) notes.push('could not drop the page cache (not root?): read figures may come from memory');
+      const run = r.fio ? fioRun(r.cmd, dir, 'read') : timed(r.cmd, dir);
+      if (r.snap) {
+        run.snapRssKiB = Number(readFileSync(rss, 'utf8').trim().split('\n').pop());
+        run.stats = JSON.parse(readFileSync(st, 'utf8')) as Record<string, unknown>;
       }
-    }
+      record(readRows[j], run);
+    });
     rows.push(...readRows);
     notes.push(
       `Read side: image ${(imgBytes / 1e9).toFixed(2)} GB; snap-pipe load writes a ${(loadBytes / 1e9).toFixed(2)} GB stream (its MB/s are stream bytes; dd's and fio's are file bytes).`,
@@ -325,6 +309,22 @@ function benchSize(args: Args, dir: string, ceiling: string, ramBytes: number, n
   clean();
   rmSync(stream.path);
   return { rows, commands, gen, rssByStream };
+}
+
+/**
+ * Runs measure(j) for each of `commands` commands, `rounds` times. Round i starts one command further along: the
+ * disk of this VM slows down and speeds up over minutes (the host's own caching), and running each command's runs
+ * back to back would hand that drift to whole rows.
+ */
+function interleaved(rounds: number, commands: number, measure: (j: number) => void): void {
+  for (let i = 0; i < rounds; i++) for (let k = 0; k < commands; k++) measure((k + i) % commands);
+}
+
+/** Adds a run to its row (MB/s: fio's own figure, else the row's bytes over the wall-clock seconds) and logs it. */
+function record(row: Row, run: Run): void {
+  row.runs.push(run);
+  row.rates.push(run.fioBps !== undefined ? run.fioBps / 1e6 : row.bytes / 1e6 / run.seconds);
+  log(`${row.name}: ${row.rates[row.rates.length - 1].toFixed(0)} MB/s, ${run.cpuSeconds.toFixed(2)} CPU s${run.snapRssKiB ? `, RSS ${(run.snapRssKiB / 1024).toFixed(0)} MiB` : ''}`);
 }
 
 function fioRun(cmd: string, dir: string, dir2: 'read' | 'write'): Run {
