@@ -284,7 +284,7 @@ export class ImageWriter {
     // An unfinished save ends at its last cluster too (best effort: it is already failing or abandoned).
     if (this.sizedBytes > this.endBytes) {
       try {
-        fs.ftruncateSync(this.fd, this.endBytes);
+        this.resize(this.endBytes);
       } catch {
         // the file stays longer, still marked incomplete
       }
