@@ -70,6 +70,12 @@ export function parseInteger(command: string, flag: string, text: string, min: n
   return n;
 }
 
+/** The value of the whole-number flag --flag (checked as parseInteger does), or `fallback` when it was not given. */
+export function integerFlag(command: string, flags: Map<string, string | true>, flag: string, min: number, max: number, fallback: number): number {
+  const value = flags.get(flag);
+  return value === undefined ? fallback : parseInteger(command, flag, value as string, min, max);
+}
+
 export function formatHelp(usage: string, about: string, spec: Record<string, FlagSpec>): string {
   const rows = Object.entries(spec).map(([name, s]) => {
     const left =

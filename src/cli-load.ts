@@ -2,7 +2,7 @@
 // Only --help prints to stdout; everything else for people goes to stderr (stdout is the stream).
 import { fstatSync, writeSync, writeFileSync } from 'node:fs';
 import { isatty } from 'node:tty';
-import { type FlagSpec, formatHelp, onePath, parseArgs, parseInteger, parseIo } from './args.js';
+import { formatHelp, integerFlag, onePath, parseArgs, parseInteger, parseIo, type FlagSpec } from './args.js';
 import { SnapPipeError } from './errors.js';
 import { formatBytes } from './image/info.js';
 import { DEFAULT_LOAD_QUEUE_DEPTH, LOAD_QUEUE_DEPTH_MAX, runLoad, type LoadReport } from './pipeline/load.js';
@@ -110,9 +110,7 @@ async function load(argv: string[], progress: LoadProgressSeen): Promise<number>
     return 0;
   }
   const path = onePath('load', positionals);
-  const queueDepth = flags.has('queue-depth')
-    ? parseInteger('load', 'queue-depth', flags.get('queue-depth') as string, 1, LOAD_QUEUE_DEPTH_MAX)
-    : DEFAULT_LOAD_QUEUE_DEPTH;
+  const queueDepth = integerFlag('load', flags, 'queue-depth', 1, LOAD_QUEUE_DEPTH_MAX, DEFAULT_LOAD_QUEUE_DEPTH);
   const stats = flags.get('stats');
   const io = parseIo('load', flags.get('io'));
   const postcopy = flags.get('postcopy');

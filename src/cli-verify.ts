@@ -1,6 +1,6 @@
 // `snap-pipe verify IMG`: reads the whole image, checks its structure and every cluster checksum, prints a summary.
 // Exit 0 only for a sound image; otherwise the summary (when the structure allowed one) and one line on stderr.
-import { type FlagSpec, formatHelp, onePath, parseArgs, parseInteger, parseIo } from './args.js';
+import { formatHelp, integerFlag, onePath, parseArgs, parseIo, type FlagSpec } from './args.js';
 import { SnapPipeError } from './errors.js';
 import { formatBytes } from './image/info.js';
 import {
@@ -58,12 +58,8 @@ export async function cmdVerify(argv: string[]): Promise<number> {
     return 0;
   }
   const path = onePath('verify', positionals);
-  const threads = flags.has('threads')
-    ? parseInteger('verify', 'threads', flags.get('threads') as string, 0, VERIFY_THREADS_MAX)
-    : DEFAULT_VERIFY_THREADS;
-  const queueDepth = flags.has('queue-depth')
-    ? parseInteger('verify', 'queue-depth', flags.get('queue-depth') as string, 1, VERIFY_QUEUE_DEPTH_MAX)
-    : DEFAULT_VERIFY_QUEUE_DEPTH;
+  const threads = integerFlag('verify', flags, 'threads', 0, VERIFY_THREADS_MAX, DEFAULT_VERIFY_THREADS);
+  const queueDepth = integerFlag('verify', flags, 'queue-depth', 1, VERIFY_QUEUE_DEPTH_MAX, DEFAULT_VERIFY_QUEUE_DEPTH);
   const io = parseIo('verify', flags.get('io'));
 
   const report = await runVerify({

@@ -5,7 +5,7 @@
 //   verify IMG   structure and every checksum (cli-verify.ts)
 import { writeFileSync } from 'node:fs';
 import { isatty } from 'node:tty';
-import { formatHelp, onePath, parseArgs, parseInteger, parseIo, parseSize, type FlagSpec } from './args.js';
+import { formatHelp, integerFlag, onePath, parseArgs, parseIo, parseSize, type FlagSpec } from './args.js';
 import { cmdLoad } from './cli-load.js';
 import { cmdVerify } from './cli-verify.js';
 import { SnapPipeError } from './errors.js';
@@ -83,9 +83,7 @@ async function cmdSave(argv: string[]): Promise<number> {
   }
   const path = onePath('save', positionals);
   const ringBytes = flags.has('ring-size') ? parseSize('save', 'ring-size', flags.get('ring-size') as string) : DEFAULT_RING_BYTES;
-  const queueDepth = flags.has('queue-depth')
-    ? parseInteger('save', 'queue-depth', flags.get('queue-depth') as string, 1, 4096)
-    : DEFAULT_QUEUE_DEPTH;
+  const queueDepth = integerFlag('save', flags, 'queue-depth', 1, 4096, DEFAULT_QUEUE_DEPTH);
   const stats = flags.get('stats');
   const ioFlag = parseIo('save', flags.get('io'));
   // isatty, not process.stdin: touching process.stdin would put fd 0 in non-blocking mode under the reader.
