@@ -24,6 +24,7 @@
 #include <node_api.h>
 #include <stdbool.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <string.h>
 
 #include "napi-bytes.h"
@@ -232,20 +233,43 @@ static bool get_size(napi_env env, napi_value v, double max, size_t *out) {
   return true;
 }
 
+// Arguments (view, offset, length) of `fn`: the bytes view[offset, offset + length). Throws and returns false when
+// the view is not one, the numbers are not non-negative integers, or the range leaves the view.
+static bool view_range(napi_env env, napi_value *argv, const char *fn, uint8_t **at, size_t *length) {
+  char msg[96];
+  uint8_t *data;
+  size_t len, off, n;
+  if (!view_bytes(env, argv[0], &data, &len)) {
+    snprintf(msg, sizeof msg, "%s: view must be a TypedArray or DataView", fn);
+    throw_type(env, msg);
+    return false;
+  }
+  if (!get_size(env, argv[1], 9007199254740992.0, &off) || !get_size(env, argv[2], 9007199254740992.0, &n)) {
+    snprintf(msg, sizeof msg, "%s: offset and length must be non-negative integers", fn);
+    throw_range(env, msg);
+    return false;
+  }
+  if (off > len || n > len - off) {
+    snprintf(msg, sizeof msg, "%s: range is outside the view", fn);
+    throw_range(env, msg);
+    return false;
+  }
+  *at = data + off;
+  *length = n;
+  return true;
+}
+
 static napi_value crc32c_call(napi_env env, napi_callback_info info, bool software) {
   size_t argc = 4;
   napi_value argv[4];
   napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
   if (argc < 3) return throw_type(env, "crc32c(view, offset, length, seed?)");
-  uint8_t *data;
-  size_t len, off, n, seed = 0;
-  if (!view_bytes(env, argv[0], &data, &len)) return throw_type(env, "crc32c: view must be a TypedArray or DataView");
-  if (!get_size(env, argv[1], 9007199254740992.0, &off) || !get_size(env, argv[2], 9007199254740992.0, &n))
-    return throw_range(env, "crc32c: offset and length must be non-negative integers");
+  uint8_t *at;
+  size_t n, seed = 0;
+  if (!view_range(env, argv, "crc32c", &at, &n)) return NULL;
   if (argc > 3 && !get_size(env, argv[3], 4294967295.0, &seed)) return throw_range(env, "crc32c: seed must be a uint32");
-  if (off > len || n > len - off) return throw_range(env, "crc32c: range is outside the view");
   napi_value out;
-  uint32_t crc = software ? ~sw_update(~(uint32_t)seed, data + off, n) : crc32c((uint32_t)seed, data + off, n);
+  uint32_t crc = software ? ~sw_update(~(uint32_t)seed, at, n) : crc32c((uint32_t)seed, at, n);
   napi_create_uint32(env, crc, &out);
   return out;
 }
@@ -308,13 +332,10 @@ static napi_value js_zero(napi_env env, napi_callback_info info) {
   napi_value argv[3];
   napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
   if (argc < 3) return throw_type(env, "zero(view, offset, length)");
-  uint8_t *data;
-  size_t len, off, n;
-  if (!view_bytes(env, argv[0], &data, &len)) return throw_type(env, "zero: view must be a TypedArray or DataView");
-  if (!get_size(env, argv[1], 9007199254740992.0, &off) || !get_size(env, argv[2], 9007199254740992.0, &n))
-    return throw_range(env, "zero: offset and length must be non-negative integers");
-  if (off > len || n > len - off) return throw_range(env, "zero: range is outside the view");
-  memset(data + off, 0, n);
+  uint8_t *at;
+  size_t n;
+  if (!view_range(env, argv, "zero", &at, &n)) return NULL;
+  memset(at, 0, n);
   return NULL;
 }
 
