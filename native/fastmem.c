@@ -9,6 +9,8 @@
 //   crc32cSoftware(view, offset, length, seed = 0) -> the same, always by table (for tests of the fast path)
 //   zero(view, offset, length)            -> memset(view + offset, 0, length)
 //   crc32cZeros(seed, length)              -> CRC-32C of `length` zero bytes continuing from `seed` (no memory read)
+//   adviseHugePages(view, offset, length)  -> madvise(MADV_HUGEPAGE) over the whole 2 MiB areas inside the range;
+//                                              the bytes advised (0 when none fit or the kernel refused)
 //   hardwareCrc                            -> true when crc32c uses the CPU's CRC32 instruction
 //
 // Why: on this project's 2-core VM, V8 copies a SharedArrayBuffer with relaxed word-by-word moves (4 KiB pages at
@@ -26,6 +28,7 @@
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/mman.h>
 
 #include "napi-bytes.h"
 
@@ -339,6 +342,33 @@ static napi_value js_zero(napi_env env, napi_callback_info info) {
   return NULL;
 }
 
+
+// The pipelines' shared buffers (64 MiB and more of slots, input ring and park pool) are touched in 4 KiB pages at
+// random: every first touch is a page fault and every page a TLB entry, costly in a VM (two-level page walks).
+// Backed by 2 MiB pages where the kernel's transparent huge pages allow it ("madvise" mode, Debian's default), the
+// save coalescer's busy time for a 3.06 GB stream went from 1.65 s to 1.31 s. Populating the pages up front
+// (MADV_POPULATE_WRITE) was measured too: 0.12-0.3 s on the main thread, more than it saved.
+#define HUGE_PAGE_BYTES ((uintptr_t)2 << 20)
+
+static napi_value js_advise_huge_pages(napi_env env, napi_callback_info info) {
+  size_t argc = 3;
+  napi_value argv[3];
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  if (argc < 3) return throw_type(env, "adviseHugePages(view, offset, length)");
+  uint8_t *at;
+  size_t n;
+  if (!view_range(env, argv, "adviseHugePages", &at, &n)) return NULL;
+  double advised = 0;
+#ifdef MADV_HUGEPAGE
+  uintptr_t start = ((uintptr_t)at + HUGE_PAGE_BYTES - 1) & ~(HUGE_PAGE_BYTES - 1);
+  uintptr_t end = ((uintptr_t)at + n) & ~(HUGE_PAGE_BYTES - 1);
+  if (end > start && madvise((void *)start, end - start, MADV_HUGEPAGE) == 0) advised = (double)(end - start);
+#endif
+  napi_value out;
+  napi_create_double(env, advised, &out);
+  return out;
+}
+
 NAPI_MODULE_INIT() {
   init_tables();
   init_shift(shift_long, LANE_LONG);
@@ -359,6 +389,8 @@ NAPI_MODULE_INIT() {
   napi_set_named_property(env, exports, "zero", fn);
   napi_create_function(env, "copyRanges", NAPI_AUTO_LENGTH, js_copy_ranges, NULL, &fn);
   napi_set_named_property(env, exports, "copyRanges", fn);
+  napi_create_function(env, "adviseHugePages", NAPI_AUTO_LENGTH, js_advise_huge_pages, NULL, &fn);
+  napi_set_named_property(env, exports, "adviseHugePages", fn);
   napi_get_boolean(env, hw, &flag);
   napi_set_named_property(env, exports, "hardwareCrc", flag);
   return exports;

@@ -163,3 +163,23 @@ describe('copyRanges / RangeCopier', () => {
     expect(() => a.copyRanges(mem, new Int32Array(3) as unknown as Float64Array, 1)).toThrow(/Float64Array/);
   });
 });
+
+describe('adviseHugePages', () => {
+  it('advises the whole 2 MiB areas of a buffer, keeps its bytes, and the kernel records the advice', async () => {
+    const { readFileSync } = await import('node:fs');
+    const MiB = 1 << 20;
+    const mem = new Uint8Array(new WebAssembly.Memory({ initial: 160, maximum: 160, shared: true }).buffer); // 10 MiB
+    for (let i = 0; i < mem.length; i += 4096) mem[i] = (i >>> 12) & 0xff;
+    const advised = addon().adviseHugePages(mem, 0, mem.length);
+    // 10 MiB hold four or five whole 2 MiB areas, depending on where the buffer starts.
+    expect([8 * MiB, 10 * MiB]).toContain(advised);
+    for (let i = 0; i < mem.length; i += 4096) expect(mem[i]).toBe((i >>> 12) & 0xff);
+    // The advice shows as the "hg" flag on a mapping at least that large in /proc/self/smaps.
+    const areas = readFileSync('/proc/self/smaps', 'utf8').split(/\n(?=[0-9a-f]+-[0-9a-f]+ )/);
+    const flagged = areas.filter((a) => /\nVmFlags:.* hg/.test(a)).map((a) => Number(/\nSize:\s+(\d+) kB/.exec(a)![1]) * 1024);
+    expect(Math.max(0, ...flagged)).toBeGreaterThanOrEqual(advised);
+    // No whole 2 MiB area in 1 MiB, ranges outside the view refused.
+    expect(addon().adviseHugePages(mem, 0, MiB)).toBe(0);
+    expect(() => addon().adviseHugePages(mem, mem.length - 10, 11)).toThrow(/outside the view/);
+  });
+});
