@@ -370,7 +370,7 @@ function statsLine(rows: Row[]): string[] {
           `reader busy ${f(st.reader.busyMs)} s / waits on stdin ${f(st.reader.upstreamWaitMs)} s / on coalescer ${f(st.reader.downstreamWaitMs)} s; ` +
           `coalescer busy ${f(st.coalescer.busyMs)} s / waits on reader ${f(st.coalescer.upstreamWaitMs)} s / on writer ${f(st.coalescer.downstreamWaitMs)} s; ` +
           `writer busy ${f(st.writer.busyMs)} s / waits on coalescer ${f(st.writer.upstreamWaitMs)} s / in disk writes ${f(st.writer.downstreamWaitMs)} s; ` +
-          `finish ${f(Number(s.finishMs))} s (${s.readBackClusters} of ${s.rewrittenClusters} rewritten clusters read back)`,
+          `${s.rewrittenClusters} rewritten clusters, ${(Number(s.oldContentBytes) / 1e9).toFixed(2)} GB of old content read first; finish ${f(Number(s.finishMs))} s`,
       );
     } else {
       const ms = (k: string) => (Number(s[k]) / 1000).toFixed(2);
@@ -469,8 +469,9 @@ function main(): void {
     const big = rssPoints.sort((a, b) => b[0] - a[0])[0];
     const ringBytes = parseSize(args.ringSize);
     const growthMiB = (big[1] - small[1]) / 1024;
-    // The park pool (half the ring, src/pipeline/save.ts ringSizes) is allocated up front but only touched as pages
-    // are parked: a bigger stream of the same order parks more, up to the pool's size, and no further.
+    // The park pool and the writer's old-content units (together half the ring, src/pipeline/save.ts ringSizes) are
+    // allocated up front but only touched as pages are parked or overwritten: a bigger stream of the same order
+    // touches more of them, up to their size, and no further.
     const parkMiB = ringBytes / 2 / MiB;
     const slackMiB = parkMiB + 16;
     const memLines = [
@@ -482,7 +483,7 @@ function main(): void {
       `| ${(big[0] / 1e9).toFixed(2)} GB (${Math.max(...args.ramSizes) / GiB} GiB RAM) | ${(big[1] / 1024).toFixed(0)} | ${((big[1] * 1024 - ringBytes) / MiB).toFixed(0)} |`,
       '',
       `RSS grows by ${growthMiB.toFixed(0)} MiB for a ${(big[0] / small[0]).toFixed(1)}× bigger stream: ${growthMiB <= slackMiB ? 'bounded (target met)' : '**MISSED**: memory grows with the stream'} ` +
-        `(allowed: the ${parkMiB} MiB park pool, which a small stream touches less of, plus 16 MiB). ` +
+        `(allowed: the ${parkMiB} MiB of park pool and old-content units, which a small stream touches less of, plus 16 MiB). ` +
         'Besides the pool, what grows is the per-page bitmaps (3 bits per 4 KiB page in the coalescer: sent, data, on disk; 96 KiB per GiB of RAM) and the cluster table.',
       '',
     ];

@@ -65,11 +65,12 @@ function formatReport(r: SaveReport): string {
     `snap-pipe save: ${r.path}: ${formatBytes(r.streamBytes)} of stream in ${r.seconds.toFixed(2)}s (${r.streamMBps.toFixed(0)} MB/s)`,
     `  pages: ${r.dataPages} data, ${r.zeroPages} zero, ${r.resentPages} re-sent; ${r.blocks} RAM blocks; device state ${formatBytes(r.deviceStateBytes)}`,
     `  written: ${formatBytes(r.bytesWritten)} in ${r.writeCalls} writes, ${r.dataClusters} data clusters (${r.rewrittenClusters} rewritten, ${r.partialChunks} partial chunks), file ${formatBytes(r.fileBytes)}, ${r.io} I/O at queue depth ${r.queueDepth}${r.direct ? '' : ', buffered'}`,
-    `  ring: ${r.ring.slots} x 1 MiB slots, ${formatBytes(r.ring.inputBytes)} input, ${formatBytes(r.ring.parkBytes)} park pool, up to ${r.ring.maxOpenChunks} open chunks; CRC-32C and copies by ${r.checksum}`,
+    `  overwritten pages: ${formatBytes(r.oldContentBytes)} of old content read in ${r.oldContentReads} reads, for the checksums of rewritten clusters`,
+    `  ring: ${r.ring.slots} x 1 MiB slots, ${formatBytes(r.ring.inputBytes)} input, ${formatBytes(r.ring.parkBytes)} park pool, ${formatBytes(r.ring.oldContentBytes)} for old content, up to ${r.ring.maxOpenChunks} open chunks; CRC-32C and copies by ${r.checksum}`,
     `  reader:    busy ${ms(s.reader.busyMs)}, waiting on QEMU ${ms(s.reader.upstreamWaitMs)}, on coalescer ${ms(s.reader.downstreamWaitMs)}`,
     `  coalescer: busy ${ms(s.coalescer.busyMs)}, waiting on reader ${ms(s.coalescer.upstreamWaitMs)}, on writer ${ms(s.coalescer.downstreamWaitMs)}`,
     `  writer:    busy ${ms(s.writer.busyMs)}, waiting on coalescer ${ms(s.writer.upstreamWaitMs)}, in disk writes ${ms(s.writer.downstreamWaitMs)}`,
-    `  finish:    ${ms(r.finishMs)} (${r.readBackClusters} of the rewritten clusters read back for their checksums, metadata, fdatasync)`,
+    `  finish:    ${ms(r.finishMs)} (metadata, tables, fdatasync)`,
   ].join('\n');
 }
 

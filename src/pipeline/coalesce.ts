@@ -395,11 +395,12 @@ export class Coalescer {
     // zeros without being read.
     //
     // A later publication changes the cluster only where it writes. CRC-32C is affine over equal-length messages:
-    // crc(A ^ B) = crc(A) ^ crc(B) ^ crc(Z), Z all zeros. If every page it writes reads as zeros on disk before (never
-    // written, or last written as zeros: a background snapshot's walk reaching a chunk it parked or wrote sparse),
-    // the new cluster is old ^ N, N = the carried pages with zeros elsewhere, so new CRC = old CRC ^ crc(N) ^ crc(Z).
-    // The writer applies that instead of reading the cluster back at the end. Otherwise (a page re-sent over data on
-    // disk) the cluster is read back.
+    // crc(A ^ B) = crc(A) ^ crc(B) ^ crc(Z), Z all zeros, and so crc(A ^ B ^ C) = crc(A) ^ crc(B) ^ crc(C). With
+    // N = the carried pages as written (data; zero pages are zeros) and O = their old content on disk, zeros elsewhere
+    // in both, the new cluster is old ^ O ^ N: new CRC = old CRC ^ crc(O) ^ crc(N). The coalescer gives crc(N). If
+    // every page it writes reads as zeros on disk before (never written, or last written as zeros: a background
+    // snapshot's walk reaching a chunk it parked or wrote sparse), O is Z and the writer needs nothing more
+    // (SLOT_CRC_UPDATE); otherwise (a page re-sent over data on disk) it reads O before writing.
     const firstPage = chunk * PAGES_PER_CHUNK;
     const onDisk = this.onDisk[block];
     let update = false;
@@ -411,7 +412,7 @@ export class Coalescer {
         const q = firstPage + p;
         if (this.isSeen(h, p) && (onDisk[q >>> 3] & (1 << (q & 7))) !== 0) update = false;
       }
-      if (update) this.headers[h + SLOT_CRC] = this.presentCrc(slot, base) | 0;
+      this.headers[h + SLOT_CRC] = this.presentCrc(slot, base) | 0;
     }
     this.headers[h + SLOT_CRC_UPDATE] = update ? 1 : 0;
     // What is on disk after this write: data where it carries data, zeros where it carries zeros (a whole write

@@ -54,8 +54,9 @@ export interface SaveReport {
   writeCalls: number;
   dataClusters: number;
   rewrittenClusters: number;
-  /** Rewritten clusters read back at the end for their CRC (see WriterResult). */
-  readBackClusters: number;
+  /** Reads of the old content of overwritten pages, for their clusters' CRCs (see WriterResult), and their bytes. */
+  oldContentReads: number;
+  oldContentBytes: number;
   partialChunks: number;
   fileBytes: number;
   deviceStateBytes: number;
@@ -65,9 +66,9 @@ export interface SaveReport {
   queueDepth: number;
   /** How CRC-32C and page copies ran: the CPU instruction, C tables, or the JavaScript fallback (no addon). */
   checksum: typeof crc32cImplementation;
-  ring: { ringBytes: number; slots: number; inputBytes: number; parkBytes: number; maxOpenChunks: number };
+  ring: { ringBytes: number; slots: number; inputBytes: number; parkBytes: number; oldContentBytes: number; maxOpenChunks: number };
   stages: { reader: StageStats; coalescer: StageStats; writer: StageStats };
-  /** After the stream: reading back rewritten clusters for their checksums, metadata and tables, fdatasync. */
+  /** After the stream: metadata and tables, fdatasync. */
   finishMs: number;
 }
 
@@ -77,9 +78,13 @@ export function ringSizes(ringBytes: number): SaveRingSizes {
   }
   let inputBytes = 1 << 20;
   while (inputBytes * 2 <= Math.min(16 << 20, ringBytes / 4)) inputBytes *= 2;
-  // The park pool is half the ring: a 4 GiB background stream rewrote 1078 clusters (read back at the end) with a
-  // quarter, 391 with half (2.41 s instead of 3.12 s), 1 with a whole ring; peak RSS 201 / 222 / 240 MiB.
-  return { slotCount: ringBytes / SLOT_BYTES, inputBytes, descCount: DESC_COUNT, parkPages: ringBytes / 2 / PAGE_BYTES };
+  // The park pool is half the ring, less the writer's old-content units (a sixteenth of the ring, at least 1 MiB):
+  // a 4 GiB background stream rewrote 1078 clusters with a quarter, 391 with half (2.41 s instead of 3.12 s, when
+  // rewritten clusters were still read back whole at the end), 1 with a whole ring; peak RSS 201 / 222 / 240 MiB.
+  const slotCount = ringBytes / SLOT_BYTES;
+  const oldContentUnits = Math.max(1, Math.floor(slotCount / 16));
+  const parkPages = (ringBytes / 2 - oldContentUnits * SLOT_BYTES) / PAGE_BYTES;
+  return { slotCount, inputBytes, descCount: DESC_COUNT, parkPages, oldContentUnits };
 }
 
 function stageUrl(name: string): URL {
@@ -161,7 +166,8 @@ export class SavePipeline {
         writeCalls: wr.writeCalls,
         dataClusters: wr.clustersWritten,
         rewrittenClusters: wr.rewrittenClusters,
-        readBackClusters: wr.readBackClusters,
+        oldContentReads: wr.oldContentReads,
+        oldContentBytes: wr.oldContentBytes,
         partialChunks: cr.counters.partialChunks,
         fileBytes: statSync(this.opts.path).size,
         deviceStateBytes: rr.parsed.deviceState.length,
@@ -170,7 +176,7 @@ export class SavePipeline {
         io: wr.io,
         queueDepth: wr.queueDepth,
         checksum: crc32cImplementation,
-        ring: { ringBytes: this.opts.ringBytes, slots: sizes.slotCount, inputBytes: sizes.inputBytes, parkBytes: sizes.parkPages * PAGE_BYTES, maxOpenChunks: maxOpen },
+        ring: { ringBytes: this.opts.ringBytes, slots: sizes.slotCount, inputBytes: sizes.inputBytes, parkBytes: sizes.parkPages * PAGE_BYTES, oldContentBytes: sizes.oldContentUnits * SLOT_BYTES, maxOpenChunks: maxOpen },
         finishMs,
         stages: {
           reader: { busyMs: rr.busyMs, upstreamWaitMs: rr.sourceWaitMs, downstreamWaitMs: rr.downstreamWaitMs },

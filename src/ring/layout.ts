@@ -63,8 +63,8 @@ export const SLOT_SEEN_COUNT = 4;
 export const SLOT_FIRST = 5;
 /**
  * First publication: CRC-32C of the cluster, computed by the coalescer while the slot is in its cache. Later
- * publication with SLOT_CRC_UPDATE = 1: CRC-32C of a cluster holding only the carried pages (zeros elsewhere), from
- * which the writer updates the cluster's CRC without reading it back (see Coalescer.publishSlot).
+ * publication: CRC-32C of a cluster holding only the pages carried as data (zeros elsewhere), from which the writer
+ * updates the cluster's CRC (see Coalescer.publishSlot and SLOT_CRC_UPDATE).
  */
 export const SLOT_CRC = 6;
 /**
@@ -75,7 +75,9 @@ export const SLOT_WHOLE = 7;
 export const SLOT_SEEN_BITS = 8; // 8 Int32 = 256 bits: pages of this chunk carried by this publication (data or zero)
 /**
  * Later publication: 1 when every page it carries reads as zeros on disk before this write (never written, or last
- * written as zeros), so new CRC = old CRC ^ CRC(zero cluster) ^ SLOT_CRC; 0 when the cluster must be read back.
+ * written as zeros), so new CRC = old CRC ^ CRC(zero cluster) ^ SLOT_CRC. 0 when some carried page holds data on
+ * disk: the writer first reads the carried pages' old content O (zeros elsewhere), then writes, and new CRC =
+ * old CRC ^ CRC(O) ^ SLOT_CRC.
  */
 export const SLOT_CRC_UPDATE = 16;
 
@@ -91,6 +93,11 @@ export interface SaveRingSizes {
   descCount: number;
   /** Park pool entries (4 KiB pages, the coalescer's own memory) for pages that arrive far ahead of their chunk. */
   parkPages: number;
+  /**
+   * The writer's 1 MiB units for the old content of pages a publication overwrites (read before the write, for the
+   * cluster's checksum; see SLOT_CRC_UPDATE).
+   */
+  oldContentUnits: number;
 }
 
 /** Everything the save stages share, allocated once by the main thread before any stage starts. */
@@ -102,7 +109,7 @@ export interface SaveShared {
   freeQueue: SharedArrayBuffer; // Int32[slotCount]
   slotHeaders: SharedArrayBuffer; // Int32[slotCount * SLOT_INTS]
   blocks: SharedArrayBuffer; // Float64[MAX_BLOCKS * BLOCK_F64S]
-  /** Page-aligned: chunk slots (slotCount MiB) followed by the input ring. */
+  /** Page-aligned: chunk slots (slotCount MiB), the input ring, the park pool, the writer's old-content units. */
   data: SharedArrayBuffer;
 }
 

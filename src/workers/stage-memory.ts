@@ -25,6 +25,8 @@ export interface SaveViews {
   input: Uint8Array;
   /** The coalescer's park pool (parkPages x 4 KiB), in the same buffer so its copies batch with the others. */
   park: Uint8Array;
+  /** The writer's old-content units (oldContentUnits x 1 MiB, page aligned). */
+  oldContent: Uint8Array;
 }
 
 /** Slot queues hold slot numbers: a power of two at least the slot count, so any whole number of MiB works. */
@@ -43,7 +45,7 @@ export function allocateSave(sizes: SaveRingSizes): SaveShared {
     freeQueue: new SharedArrayBuffer(queueEntries(sizes.slotCount) * 4),
     slotHeaders: new SharedArrayBuffer(sizes.slotCount * SLOT_INTS * 4),
     blocks: new SharedArrayBuffer(MAX_BLOCKS * BLOCK_F64S * 8),
-    data: alignedShared(sizes.slotCount * SLOT_BYTES + sizes.inputBytes + sizes.parkPages * PAGE_BYTES),
+    data: alignedShared((sizes.slotCount + sizes.oldContentUnits) * SLOT_BYTES + sizes.inputBytes + sizes.parkPages * PAGE_BYTES),
   };
 }
 
@@ -60,5 +62,6 @@ export function saveViews(s: SaveShared): SaveViews {
     slots: new Uint8Array(s.data, 0, slotBytes),
     input: new Uint8Array(s.data, slotBytes, s.sizes.inputBytes),
     park: new Uint8Array(s.data, slotBytes + s.sizes.inputBytes, s.sizes.parkPages * PAGE_BYTES),
+    oldContent: new Uint8Array(s.data, slotBytes + s.sizes.inputBytes + s.sizes.parkPages * PAGE_BYTES, s.sizes.oldContentUnits * SLOT_BYTES),
   };
 }

@@ -85,6 +85,9 @@ export async function expectImageMatches(img: string, m: ModelStream, rawPath: s
   const raw = readFileSync(rawPath);
   const inf = await info(img);
   expect(inf.complete).toBe(true);
+  // Every cluster's recorded CRC-32C matches its bytes (snap-pipe verify reads them all).
+  const verified = await runCli(['verify', img]);
+  expect(verified.code, verified.stderr).toBe(0);
   expect(inf.blocks!.map((b) => [b.id, b.lengthBytes])).toEqual(m.blocks.map((b) => [b.id, b.lengthBytes]));
   inf.blocks!.forEach((b, i) => {
     const got = raw.subarray(b.virtOffsetBytes, b.virtOffsetBytes + b.lengthBytes);

@@ -24,8 +24,9 @@ const ZERO_CLUSTER_CRC = crc32cJs(new Uint8Array(SLOT_BYTES));
 /**
  * Applies a published slot to `disk` as the writer would: a new cluster (a hole: zeros) gets the whole slot or only
  * its carried pages, a cluster written before gets its carried pages. Checks the coalescer's CRC of a first
- * publication, and of a later one that says its CRC can be updated (SLOT_CRC_UPDATE), against the bytes on disk.
- * Returns the cluster's content after this write.
+ * publication against the bytes on disk, and updates the cluster's CRC for a later one as the writer does (from the
+ * zero cluster when SLOT_CRC_UPDATE says the carried pages read as zeros, which is checked, else from their old
+ * content), checking the result against the bytes on disk. Returns the cluster's content after this write.
  */
 function asWritten(disk: Disk, slots: Uint8Array, headers: Int32Array, s: number): { seen: number[]; bytes: Uint8Array; whole: boolean; crcUpdate: boolean } {
   const h = s * SLOT_INTS;
@@ -40,6 +41,9 @@ function asWritten(disk: Disk, slots: Uint8Array, headers: Int32Array, s: number
   if (whole) expect(first).toBe(true);
   if (first) expect(whole).toBe(seen.length >= SPARSE_FIRST_PAGES_MAX);
   const cluster = disk.get(key) ?? { bytes: new Uint8Array(SLOT_BYTES), crc: ZERO_CLUSTER_CRC };
+  // The old content of the carried pages, zeros elsewhere (what the writer reads before overwriting them).
+  const old = new Uint8Array(SLOT_BYTES);
+  for (const p of seen) old.set(cluster.bytes.subarray(p * 4096, (p + 1) * 4096), p * 4096);
   if (whole) cluster.bytes.set(slot);
   else for (const p of seen) cluster.bytes.set(slot.subarray(p * 4096, (p + 1) * 4096), p * 4096);
   const crcUpdate = headers[h + SLOT_CRC_UPDATE] === 1;
@@ -47,11 +51,11 @@ function asWritten(disk: Disk, slots: Uint8Array, headers: Int32Array, s: number
     expect(crcUpdate).toBe(false);
     cluster.crc = headers[h + SLOT_CRC] >>> 0;
     expect(cluster.crc).toBe(crc32cJs(cluster.bytes));
-  } else if (crcUpdate) {
-    cluster.crc = (cluster.crc ^ ZERO_CLUSTER_CRC ^ (headers[h + SLOT_CRC] >>> 0)) >>> 0;
-    expect(cluster.crc).toBe(crc32cJs(cluster.bytes));
   } else {
-    cluster.crc = crc32cJs(cluster.bytes); // read back at the end
+    if (crcUpdate) expect(old.every((b) => b === 0)).toBe(true);
+    const oldCrc = crcUpdate ? ZERO_CLUSTER_CRC : crc32cJs(old);
+    cluster.crc = (cluster.crc ^ oldCrc ^ (headers[h + SLOT_CRC] >>> 0)) >>> 0;
+    expect(cluster.crc).toBe(crc32cJs(cluster.bytes));
   }
   disk.set(key, cluster);
   return { seen, bytes: cluster.bytes.slice(), whole, crcUpdate };
