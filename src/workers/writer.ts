@@ -58,6 +58,12 @@ let views: SaveViews | undefined;
 const crcByVirtCluster = new Map<number, number>();
 /** Clusters written more than once. */
 const rewritten = new Set<number>();
+/**
+ * Runs of an overwrite at most this many pages apart are read, and then written, as one span (the pages between
+ * get their old content back). A 3.8 GB plain-migration stream: 85k reads and 106k writes, 5.1-5.5 s, one per run;
+ * 8.6k reads and 29k writes, 4.0-4.6 s, with 16 (4: 4.3 s; 64: 4.7 s, more bytes than requests saved).
+ */
+const OLD_CONTENT_GAP_PAGES = 16;
 /** CRC-32C of a cluster of zeros. */
 const ZERO_CLUSTER_CRC = crc32cZeros(0, CLUSTER_BYTES);
 
@@ -67,9 +73,9 @@ const ZERO_CLUSTER_CRC = crc32cZeros(0, CLUSTER_BYTES);
  * two publications in flight at once, so a re-sent page cannot race the earlier write of its chunk.
  *
  * A publication that overwrites pages holding data on disk (plain migration re-sending pages) is written in two
- * steps: first the carried runs are read into an old-content unit (their old bytes, at the same offsets), and only
- * when those reads have completed are the runs written; the cluster's CRC then moves by crc(old) ^ crc(new) (see
- * SLOT_CRC_UPDATE). Other publications go on meanwhile. Before, such clusters were read back whole at the end: a
+ * steps: first the carried runs are read into an old-content unit (their old bytes, at the same offsets; runs close
+ * together as one span), and only when those reads have completed are they written (a span whole, the pages between
+ * its runs restored from the unit); the cluster's CRC then moves by crc(old) ^ crc(new) (see SLOT_CRC_UPDATE). Other publications go on meanwhile. Before, such clusters were read back whole at the end: a
  * 3.8 GB plain-migration stream read 3.4 GB back in 1.5 s of its 5.8 s.
  */
 function run(shared: SaveShared): WriterResult {
@@ -138,22 +144,26 @@ function run(shared: SaveShared): WriterResult {
     oldContentReads++;
   };
 
-  // Calls each(run0, pages) for the runs of pages this publication carries (set bits of the slot's seen mask).
-  const forRuns = (hdr: number, each: (run0: number, pages: number) => void) => {
+  const carried = (hdr: number, p: number) => (h[hdr + SLOT_SEEN_BITS + (p >>> 5)] & (1 << (p & 31))) !== 0;
+  // Calls each(run0, pages) for the runs of pages this publication carries (set bits of the slot's seen mask);
+  // runs at most maxGap pages apart are reported as one span.
+  const forRuns = (hdr: number, maxGap: number, each: (run0: number, pages: number) => void) => {
     let run0 = -1;
-    for (let p = 0; p <= PAGES_PER_CHUNK; p++) {
-      const seen = p < PAGES_PER_CHUNK && (h[hdr + SLOT_SEEN_BITS + (p >>> 5)] & (1 << (p & 31))) !== 0;
-      if (seen) {
-        if (run0 < 0) run0 = p;
-      } else if (run0 >= 0) {
-        each(run0, p - run0);
+    let end = -1; // one past the last carried page of the open span
+    for (let p = 0; p < PAGES_PER_CHUNK; p++) {
+      if (!carried(hdr, p)) continue;
+      if (run0 >= 0 && p - end > maxGap) {
+        each(run0, end - run0);
         run0 = -1;
       }
+      if (run0 < 0) run0 = p;
+      end = p + 1;
     }
+    if (run0 >= 0) each(run0, end - run0);
   };
   const submitRuns = (slot: number, hdr: number) => {
     const base = slot * SLOT_BYTES;
-    forRuns(hdr, (run0, pages) => submit(slot, base + run0 * PAGE_BYTES, pages * PAGE_BYTES, slotHost[slot] + run0 * PAGE_BYTES));
+    forRuns(hdr, 0, (run0, pages) => submit(slot, base + run0 * PAGE_BYTES, pages * PAGE_BYTES, slotHost[slot] + run0 * PAGE_BYTES));
   };
   const updateCrc = (vc: number, oldContentCrc: number, newContentCrc: number) => {
     crcByVirtCluster.set(vc, (crcByVirtCluster.get(vc)! ^ oldContentCrc ^ newContentCrc) >>> 0);
@@ -166,16 +176,23 @@ function run(shared: SaveShared): WriterResult {
     const base = unit * CLUSTER_BYTES;
     let crc = 0;
     let at = 0;
-    forRuns(hdr, (run0, pages) => {
+    forRuns(hdr, 0, (run0, pages) => {
       crc = crc32cZeros(crc, run0 * PAGE_BYTES - at);
       crc = crc32c(v.oldContent.subarray(base + run0 * PAGE_BYTES, base + (run0 + pages) * PAGE_BYTES), crc);
       at = (run0 + pages) * PAGE_BYTES;
     });
     crc = crc32cZeros(crc, CLUSTER_BYTES - at);
     updateCrc(slotCluster[slot], crc, h[hdr + SLOT_CRC] >>> 0);
+    // One write per span read: the pages between its runs get their old content back (unchanged on disk).
+    const sb = slot * SLOT_BYTES;
+    forRuns(hdr, OLD_CONTENT_GAP_PAGES, (run0, pages) => {
+      for (let p = run0; p < run0 + pages; p++) {
+        if (!carried(hdr, p)) v.slots.set(v.oldContent.subarray(base + p * PAGE_BYTES, base + (p + 1) * PAGE_BYTES), sb + p * PAGE_BYTES);
+      }
+      submit(slot, sb + run0 * PAGE_BYTES, pages * PAGE_BYTES, slotHost[slot] + run0 * PAGE_BYTES);
+    });
     unitSlot[unit] = -1;
     freeUnits.push(unit);
-    submitRuns(slot, hdr);
     unref(slot);
   };
   // Waits for something to happen: writes whose old content is in go out first, else one completion.
@@ -220,7 +237,7 @@ function run(shared: SaveShared): WriterResult {
       unitSlot[unit] = slot;
       unitPending[unit] = 1;
       const ub = unit * CLUSTER_BYTES;
-      forRuns(hdr, (run0, pages) => submitRead(unit, ub + run0 * PAGE_BYTES, pages * PAGE_BYTES, hostOffsetBytes + run0 * PAGE_BYTES));
+      forRuns(hdr, OLD_CONTENT_GAP_PAGES, (run0, pages) => submitRead(unit, ub + run0 * PAGE_BYTES, pages * PAGE_BYTES, hostOffsetBytes + run0 * PAGE_BYTES));
       unitDone(unit);
       complete(0);
       continue; // the slot's reference is released once its writes are submitted (writeAfterOldContent)
