@@ -41,6 +41,19 @@ export class IntQueueConsumer extends IntQueueEnd {
     return (Atomics.load(this.ctrl, this.headIdx) - this.tail) >>> 0;
   }
 
+  /**
+   * Waits up to timeoutMs for a value to become available (counted as waiting); true when one is. For a consumer that
+   * also has other things to watch (the writer: its completions).
+   */
+  waitAvailable(timeoutMs: number): boolean {
+    const head = Atomics.load(this.ctrl, this.headIdx);
+    if (((head >>> 0) - this.tail) >>> 0) return true;
+    const t0 = performance.now();
+    Atomics.wait(this.ctrl, this.headIdx, head, timeoutMs);
+    this.waits.ms += performance.now() - t0;
+    return this.available() > 0;
+  }
+
   pop(): number {
     let head = Atomics.load(this.ctrl, this.headIdx) >>> 0;
     while (head === this.tail) {

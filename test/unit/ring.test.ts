@@ -48,6 +48,31 @@ describe('IntQueue', () => {
     expect(() => waitChange(ctrl, CTRL.DESC_HEAD, 0, new WaitClock(), 60)).toThrow(/exceeded 60 ms/);
   });
 
+  it('waitAvailable: false after its timeout on an empty queue, true at once when a value is there, woken by a push from another thread', async () => {
+    const ctrl = ctrlOf();
+    const entries = new Int32Array(new SharedArrayBuffer(8));
+    const c = new IntQueueConsumer(ctrl, CTRL.FILL_HEAD, CTRL.FILL_TAIL, entries);
+    expect(c.waitAvailable(5)).toBe(false);
+    expect(c.waits.ms).toBeGreaterThanOrEqual(4);
+    new IntQueueProducer(ctrl, CTRL.FILL_HEAD, CTRL.FILL_TAIL, entries).push(7);
+    expect(c.waitAvailable(60_000)).toBe(true);
+    expect(c.pop()).toBe(7);
+    // A push in another thread (as the coalescer does) ends a wait that would otherwise last a minute.
+    const { Worker } = await import('node:worker_threads');
+    const w = new Worker(
+      `const { workerData: { ctrl, entries, head } } = require('node:worker_threads');
+       const c = new Int32Array(ctrl), e = new Int32Array(entries);
+       Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, 50);
+       e[1] = 9; Atomics.store(c, head, 2); Atomics.notify(c, head);`,
+      { eval: true, workerData: { ctrl: ctrl.buffer, entries: entries.buffer, head: CTRL.FILL_HEAD } },
+    );
+    const t0 = performance.now();
+    expect(c.waitAvailable(60_000)).toBe(true);
+    expect(performance.now() - t0).toBeLessThan(30_000);
+    expect(c.pop()).toBe(9);
+    await w.terminate();
+  });
+
   it('refuses a capacity that is not a power of two', () => {
     expect(() => new IntQueueProducer(ctrlOf(), CTRL.FILL_HEAD, CTRL.FILL_TAIL, new Int32Array(3))).toThrow(/power of two/);
   });
