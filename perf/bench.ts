@@ -12,6 +12,7 @@ import { spawnSync } from 'node:child_process';
 import { appendFileSync, existsSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { cpus, totalmem } from 'node:os';
 import { join } from 'node:path';
+import { DEFAULT_QUEUE_DEPTH as QD } from '../src/pipeline/save.js';
 
 const ROOT = join(import.meta.dirname, '..');
 const BIN = join(ROOT, 'bin', 'snap-pipe');
@@ -213,8 +214,9 @@ function benchSize(args: Args, dir: string, ceiling: string, ramBytes: number, n
     { name: 'snap-pipe save --io uring --queue-depth 4', consumer: saver('--io uring --queue-depth 4') },
     { name: 'snap-pipe save --io uring --queue-depth 16', consumer: saver('--io uring --queue-depth 16') },
     { name: 'snap-pipe save --io uring --queue-depth 64', consumer: saver('--io uring --queue-depth 64') },
+    { name: 'snap-pipe save --io uring --queue-depth 128', consumer: saver('--io uring --queue-depth 128') },
     { name: 'snap-pipe save --io sync', consumer: saver('--io sync') },
-    { name: 'cat STREAM \| snap-pipe save --queue-depth 16 (fed by cat, not from memory)', cmd: `cat ${stream.path} | ${saver('--io uring --queue-depth 16')}` },
+    { name: `cat STREAM | snap-pipe save --queue-depth ${QD} (fed by cat, not from memory)`, cmd: `cat ${stream.path} | ${saver(`--io uring --queue-depth ${QD}`)}` },
     { name: 'dd oflag=direct', consumer: `${TIME} -f %M -o ${rss} dd of=${out} bs=1M iflag=fullblock oflag=direct status=none` },
     { name: 'cat > FILE; sync', consumer: `${TIME} -f %M -o ${rss} cat > ${out} && sync` },
     { name: 'pipe ceiling (perf/pipe-ceiling.c)', consumer: `${TIME} -f %M -o ${rss} ${ceiling} ${out}` },
@@ -239,7 +241,7 @@ function benchSize(args: Args, dir: string, ceiling: string, ramBytes: number, n
     record(writeRows[j], run);
   });
   for (const row of writeRows) {
-    if (row.name.includes('save --io uring --queue-depth 16')) rssByStream.push([stream.bytes, Math.max(...row.runs.map((r) => r.snapRssKiB ?? 0))]);
+    if (row.name === `snap-pipe save --io uring --queue-depth ${QD}`) rssByStream.push([stream.bytes, Math.max(...row.runs.map((r) => r.snapRssKiB ?? 0))]);
     rows.push(row);
   }
   clean();
@@ -247,7 +249,7 @@ function benchSize(args: Args, dir: string, ceiling: string, ramBytes: number, n
   // The other orders: one save each at the default queue depth (pages out of order, pages re-sent).
   for (const order of ['ascending', 'background', 'precopy'].filter((o) => o !== args.order)) {
     const s = generate(dir, ramBytes, args.zero, order, `stream-${ramBytes / GiB}G-${order}`);
-    const consumer = saver('--io uring --queue-depth 16');
+    const consumer = saver(`--io uring --queue-depth ${QD}`);
     const row: Row = { direction: 'write', name: `snap-pipe save, --order ${order} stream`, command: fedCommand(s.path, consumer, 'feed.json'), bytes: s.bytes, runs: [], rates: [], note: `(${(s.bytes / 1e9).toFixed(2)} GB stream, 1 run)` };
     clean();
     warm(s.path);
@@ -480,7 +482,7 @@ function main(): void {
     const parkMiB = ringBytes / 2 / MiB;
     const slackMiB = parkMiB + 16;
     const memLines = [
-      `### Memory bound (--ring-size ${args.ringSize}, uring, queue depth 16)`,
+      `### Memory bound (--ring-size ${args.ringSize}, uring, queue depth ${QD})`,
       '',
       '| stream | peak RSS MiB | RSS − ring MiB |',
       '|---|---:|---:|',

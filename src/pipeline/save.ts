@@ -19,7 +19,13 @@ import type { WriterApi, WriterResult } from '../workers/writer.js';
 
 export const DEFAULT_RING_BYTES = 64 << 20;
 export const MIN_RING_BYTES = 4 << 20;
-export const DEFAULT_QUEUE_DEPTH = 16;
+/**
+ * Writes in flight. Since the writer waits for the next chunk rather than the next completion while fewer than half
+ * are in flight, a deeper queue keeps it doing so: the 3.06 GB background stream, 4 interleaved rounds, medians
+ * 2.46 s at 16, 2.33 s at 32, 2.27 s at 64, 2.31 s at 128 (bench 04:05: 77% of fio at 16, 84% at 64). Memory does not
+ * depend on it (the slots are the ring).
+ */
+export const DEFAULT_QUEUE_DEPTH = 64;
 const DESC_COUNT = 1 << 16;
 
 export interface SaveOptions {
