@@ -24,15 +24,21 @@ if (!streamPath || !resultPath || !consumer) {
 const cpu0 = process.cpuUsage();
 const fd = openSync(streamPath, 'r');
 const size = fstatSync(fd).size;
-const stream = Buffer.allocUnsafe(size);
-for (let at = 0; at < size; ) {
-  const n = readSync(fd, stream, at, Math.min(1 << 30, size - at), at);
-  if (n <= 0) throw new Error(`${streamPath}: short read at ${at}`);
-  at += n;
+// In pieces of 1 GiB: one Buffer holds at most 4 GiB, and the --long bench's streams are 6 and 12 GB.
+const PIECE_BYTES = 1 << 30;
+const pieces = [];
+for (let at = 0; at < size; at += PIECE_BYTES) {
+  const piece = Buffer.allocUnsafe(Math.min(PIECE_BYTES, size - at));
+  for (let got = 0; got < piece.length; ) {
+    const n = readSync(fd, piece, got, piece.length - got, at + got);
+    if (n <= 0) throw new Error(`${streamPath}: short read at ${at + got}`);
+    got += n;
+  }
+  // Touch every page so that the copy into the pipe never faults memory in.
+  for (let i = 0; i < piece.length; i += 4096) piece[i] |= 0;
+  pieces.push(piece);
 }
 closeSync(fd);
-// Touch every page so that the copy into the pipe never faults memory in.
-for (let i = 0; i < size; i += 4096) stream[i] |= 0;
 const loadCpu = process.cpuUsage(cpu0);
 
 const dir = mkdtempSync(join(tmpdir(), 'snap-pipe-feed-'));
@@ -47,7 +53,14 @@ const exited = new Promise((resolve) => child.on('exit', (code, signal) => resol
 const out = openSync(fifo, 'w');
 let written = 0;
 try {
-  while (written < size) written += writeSync(out, stream, written, Math.min(WRITE_BYTES, size - written));
+  for (const piece of pieces) {
+    // 1 GiB is a multiple of WRITE_BYTES: writes never straddle two pieces.
+    for (let at = 0; at < piece.length; ) {
+      const n = writeSync(out, piece, at, Math.min(WRITE_BYTES, piece.length - at));
+      at += n;
+      written += n;
+    }
+  }
 } catch (err) {
   if (err.code !== 'EPIPE') throw err;
 }
