@@ -1,8 +1,8 @@
 // Shared pieces of the end-to-end tests: exec: URIs for snap-pipe; the dump comparison lives in src/qemu/compare.ts.
 import { shellQuote, snapPipeBin } from '../../src/qemu/guest.js';
 
-export function saveUri(img: string): string {
-  return `exec:${shellQuote(snapPipeBin())} save ${shellQuote(img)}`;
+export function saveUri(img: string, args: string[] = []): string {
+  return `exec:${[snapPipeBin(), 'save', img, ...args].map(shellQuote).join(' ')}`;
 }
 
 export function loadUri(img: string, args: string[] = []): string {
