@@ -284,7 +284,8 @@ describe(`stream reader fuzz (${FUZZ_SECONDS} s, seed ${FUZZ_SEED})`, () => {
     const deadline = Date.now() + FUZZ_SECONDS * 1000;
     const tally = { cases: 0, accepted: 0, byCode: {} as Record<string, number> };
     const failures: string[] = [];
-    const outDir = mkdtempSync(join(tmpdir(), 'snap-pipe-fuzz-'));
+    // Made on the first failure only, to keep its inputs for a look (a passing run leaves nothing in /tmp).
+    let outDir: string | undefined;
     while (Date.now() < deadline && failures.length < 5) {
       const si = Math.floor(r() * all.length);
       const m = mutate(all[si], dataRanges[si], r, all[Math.floor(r() * all.length)]);
@@ -301,6 +302,7 @@ describe(`stream reader fuzz (${FUZZ_SECONDS} s, seed ${FUZZ_SEED})`, () => {
       }
       tally.cases++;
       if (problem) {
+        outDir ??= mkdtempSync(join(tmpdir(), 'snap-pipe-fuzz-'));
         const file = join(outDir, `case-${tally.cases}.bin`);
         writeFileSync(file, m.bytes);
         failures.push(`${all[si].name}: ${m.what} (pieces of up to ${maxPiece}, feed seed ${feedSeed}; input in ${file}): ${problem}`);
