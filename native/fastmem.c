@@ -262,14 +262,25 @@ static bool view_range(napi_env env, napi_value *argv, const char *fn, uint8_t *
   return true;
 }
 
+// The call's arguments, at most max_args of them into argv, the first three being (view, offset, length) as in
+// view_range: false (with a TypeError saying `usage`) when there are fewer than three, or view_range's error.
+static bool range_call(napi_env env, napi_callback_info info, const char *fn, const char *usage, size_t max_args,
+                       napi_value *argv, size_t *argc, uint8_t **at, size_t *length) {
+  *argc = max_args;
+  napi_get_cb_info(env, info, argc, argv, NULL, NULL);
+  if (*argc < 3) {
+    throw_type(env, usage);
+    return false;
+  }
+  return view_range(env, argv, fn, at, length);
+}
+
 static napi_value crc32c_call(napi_env env, napi_callback_info info, bool software) {
-  size_t argc = 4;
+  size_t argc;
   napi_value argv[4];
-  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
-  if (argc < 3) return throw_type(env, "crc32c(view, offset, length, seed?)");
   uint8_t *at;
   size_t n, seed = 0;
-  if (!view_range(env, argv, "crc32c", &at, &n)) return NULL;
+  if (!range_call(env, info, "crc32c", "crc32c(view, offset, length, seed?)", 4, argv, &argc, &at, &n)) return NULL;
   if (argc > 3 && !get_size(env, argv[3], 4294967295.0, &seed)) return throw_range(env, "crc32c: seed must be a uint32");
   napi_value out;
   uint32_t crc = software ? ~sw_update(~(uint32_t)seed, at, n) : crc32c((uint32_t)seed, at, n);
@@ -331,13 +342,11 @@ static napi_value js_crc32c_zeros(napi_env env, napi_callback_info info) {
 }
 
 static napi_value js_zero(napi_env env, napi_callback_info info) {
-  size_t argc = 3;
+  size_t argc;
   napi_value argv[3];
-  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
-  if (argc < 3) return throw_type(env, "zero(view, offset, length)");
   uint8_t *at;
   size_t n;
-  if (!view_range(env, argv, "zero", &at, &n)) return NULL;
+  if (!range_call(env, info, "zero", "zero(view, offset, length)", 3, argv, &argc, &at, &n)) return NULL;
   memset(at, 0, n);
   return NULL;
 }
@@ -351,13 +360,11 @@ static napi_value js_zero(napi_env env, napi_callback_info info) {
 #define HUGE_PAGE_BYTES ((uintptr_t)2 << 20)
 
 static napi_value js_advise_huge_pages(napi_env env, napi_callback_info info) {
-  size_t argc = 3;
+  size_t argc;
   napi_value argv[3];
-  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
-  if (argc < 3) return throw_type(env, "adviseHugePages(view, offset, length)");
   uint8_t *at;
   size_t n;
-  if (!view_range(env, argv, "adviseHugePages", &at, &n)) return NULL;
+  if (!range_call(env, info, "adviseHugePages", "adviseHugePages(view, offset, length)", 3, argv, &argc, &at, &n)) return NULL;
   double advised = 0;
 #ifdef MADV_HUGEPAGE
   uintptr_t start = ((uintptr_t)at + HUGE_PAGE_BYTES - 1) & ~(HUGE_PAGE_BYTES - 1);
