@@ -98,6 +98,18 @@ function expectCompleteImage(info: Info, img: string, migration: MigrationStatus
   expect(ram!.dataPages).toBeGreaterThanOrEqual((fillMiB * MiB) / pageBytes);
 }
 
+/** The image's pc.ram, extracted with qemu-img, equals the pmemsave dump byte for byte (outside the legacy window). */
+async function expectPcRamMatches(img: string, info: Info, dump: string, raw: string): Promise<void> {
+  const ram = info.blocks.find((b) => b.id === 'pc.ram')!;
+  extractRegion(img, ram.virtOffsetBytes, ram.lengthBytes, raw);
+  expect(statSync(raw).size).toBe(ram.lengthBytes);
+  const diff = await firstDifference(dump, raw, ram.lengthBytes, [LEGACY_WINDOW]);
+  expect(
+    diff,
+    diff < 0 ? '' : `pc.ram differs from pmemsave at 0x${diff.toString(16)} (page 0x${(diff - (diff % pageBytes)).toString(16)})`,
+  ).toBe(-1);
+}
+
 describe('snap-pipe save behind a real QEMU migration', () => {
   let dir: string;
   let guest: Guest | null = null;
@@ -157,14 +169,7 @@ describe('snap-pipe save behind a real QEMU migration', () => {
     expect(info.sawRamEnd).toBe(true); // plain precopy ends RAM with a ram END section
     for (const b of info.blocks) expect(b.unsentPages, `${b.id} unsentPages`).toBe(0);
 
-    const ram = info.blocks.find((b) => b.id === 'pc.ram')!;
-    extractRegion(img, ram.virtOffsetBytes, ram.lengthBytes, raw);
-    expect(statSync(raw).size).toBe(ram.lengthBytes);
-    const diff = await firstDifference(dump, raw, ram.lengthBytes, [LEGACY_WINDOW]);
-    expect(
-      diff,
-      diff < 0 ? '' : `pc.ram differs from pmemsave at 0x${diff.toString(16)} (page 0x${(diff - (diff % pageBytes)).toString(16)})`,
-    ).toBe(-1);
+    await expectPcRamMatches(img, info, dump, raw);
   }, 420_000);
 
   test('a plain migration of a running guest: pages re-sent over data, the last version stored, every checksum sound', async () => {
@@ -201,13 +206,7 @@ describe('snap-pipe save behind a real QEMU migration', () => {
     // Every cluster's recorded CRC-32C matches its bytes, the rewritten ones included.
     run(process.execPath, [snapPipeBin(), 'verify', img], 120_000);
 
-    const ram = info.blocks.find((b) => b.id === 'pc.ram')!;
-    extractRegion(img, ram.virtOffsetBytes, ram.lengthBytes, raw);
-    const diff = await firstDifference(dump, raw, ram.lengthBytes, [LEGACY_WINDOW]);
-    expect(
-      diff,
-      diff < 0 ? '' : `pc.ram differs from pmemsave at 0x${diff.toString(16)} (page 0x${(diff - (diff % pageBytes)).toString(16)})`,
-    ).toBe(-1);
+    await expectPcRamMatches(img, info, dump, raw);
   }, 420_000);
 
   test('a background snapshot of a running guest: every page of every block stored exactly once', async () => {
