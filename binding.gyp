@@ -4,7 +4,7 @@
     {
       "target_name": "fastmem",
       "sources": ["native/fastmem.c"],
-      "defines": ["NAPI_VERSION=8"],
+      "defines": ["NAPI_VERSION=8", "_GNU_SOURCE"],
       "cflags_c": ["-std=gnu11", "-O2", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Werror=implicit-function-declaration"]
     }
   ],

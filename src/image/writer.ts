@@ -6,6 +6,7 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import { crc32 } from 'node:zlib';
 import { SnapPipeError, ioError } from '../errors.js';
+import { preallocate } from '../native/fastmem.js';
 import { alignedShared } from '../ring/memory.js';
 import { encodeMeta } from './metadata.js';
 import {
@@ -24,12 +25,14 @@ import {
 import { CLUSTER_BYTES, FORMAT_VERSION, type SnapshotMeta } from './types.js';
 
 /**
- * The file is sized (ftruncate, sparse) this far ahead of the data clusters handed out, and cut to its real length at
- * finish. An O_DIRECT write past the end of file must extend it, which ext4 does under the inode's exclusive lock,
- * one write at a time: measured here, 1 MiB writes at queue depth 16 ran at 1.1 GB/s into a growing file against
- * 2.05 GB/s into one already sized.
+ * The file's blocks are allocated (fallocate) this far ahead of the data clusters handed out, and the file is cut to
+ * its real length at finish. An O_DIRECT write past the end of file must extend it, which ext4 does under the inode's
+ * exclusive lock, one write at a time: measured here, 1 MiB writes at queue depth 16 ran at 1.1 GB/s into a growing
+ * file against 2.05 GB/s into one already sized. A write into a hole of a sized (sparse) file must still allocate its
+ * blocks first: fio measured 1400 MB/s into one against 1730 MB/s into a preallocated file. Where fallocate is refused
+ * (ENOSPC for this much, a file system without it), the file is sized sparse instead (ftruncate).
  */
-const SIZE_AHEAD_BYTES = 1024 * CLUSTER_BYTES;
+export const SIZE_AHEAD_BYTES = 1024 * CLUSTER_BYTES;
 
 /** Virtual cluster indices must fit an Int32Array (2^31 MiB = 2 PiB of virtual disk). */
 const VIRT_CLUSTER_MAX = 0x7fff_ffff;
@@ -102,8 +105,10 @@ export class ImageWriter {
   /** Virtual cluster index per allocation, in allocation order. */
   private allocOrder: Int32Array;
   private allocCount = 0;
-  /** The file's length as last set by ftruncate (0: only what was written). */
+  /** The file's length as last set ahead of the data (0: only what was written). */
   private sizedBytes = 0;
+  /** False once fallocate was refused: the file is then sized sparse. */
+  private preallocating = true;
   /** End of the furthest byte written or handed out for writing. */
   private endBytes = 0;
   private finished = false;
@@ -190,7 +195,7 @@ export class ImageWriter {
     this.hostClusterOfVirt[virtCluster] = hostCluster;
     const endBytes = (hostCluster + 1) * CLUSTER_BYTES;
     this.endBytes = Math.max(this.endBytes, endBytes);
-    if (endBytes > this.sizedBytes) this.resize(endBytes + SIZE_AHEAD_BYTES);
+    if (endBytes > this.sizedBytes) this.sizeAhead(endBytes + SIZE_AHEAD_BYTES);
     return { hostOffsetBytes: hostCluster * CLUSTER_BYTES, fresh: true };
   }
 
@@ -338,6 +343,18 @@ export class ImageWriter {
       done += n;
     }
     this.endBytes = Math.max(this.endBytes, positionBytes + lengthBytes);
+  }
+
+  /** Makes the file `bytes` long, its new part allocated where the file system allows. */
+  private sizeAhead(bytes: number): void {
+    if (this.preallocating && bytes > this.sizedBytes) {
+      if (preallocate(this.fd, this.sizedBytes, bytes - this.sizedBytes) === 0) {
+        this.sizedBytes = bytes;
+        return;
+      }
+      this.preallocating = false;
+    }
+    this.resize(bytes);
   }
 
   private resize(bytes: number): void {

@@ -14,6 +14,7 @@ interface FastmemAddon {
   zero(view: ArrayBufferView, offset: number, length: number): void;
   crc32cZeros(seed: number, length: number): number;
   adviseHugePages(view: ArrayBufferView, offset: number, length: number): number;
+  preallocate(fd: number, offset: number, length: number): number;
   readonly hardwareCrc: boolean;
 }
 
@@ -99,6 +100,16 @@ export function zeroFill(bytes: Uint8Array, start: number, end: number): void {
  */
 export function adviseHugePages(bytes: Uint8Array): number {
   return fastmemAddon ? fastmemAddon.adviseHugePages(bytes, 0, bytes.length) : 0;
+}
+
+/**
+ * Allocates the file's blocks for [offset, offset + length) and extends it that far (fallocate, mode 0), so that
+ * O_DIRECT writes there need no block allocation (see native/fastmem.c for what that is worth). Returns 0 when done,
+ * else the errno (ENOSPC, EOPNOTSUPP on file systems without fallocate, ...), or -1 without the addon: the caller
+ * decides what to do instead.
+ */
+export function preallocate(fd: number, offset: number, length: number): number {
+  return fastmemAddon ? fastmemAddon.preallocate(fd, offset, length) : -1;
 }
 
 /**

@@ -3,8 +3,11 @@
 // memmove and refuse ranges outside the buffer before copying anything. A missing addon fails these tests (the
 // project's setup builds it; it needs only a C compiler).
 import { execFileSync } from 'node:child_process';
+import { closeSync, fstatSync, mkdtempSync, openSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { crc32c, crc32cImplementation, crc32cJs, crc32cZeros, fastmemAddon, RangeCopier, zeroFill } from '../../src/native/fastmem.js';
+import { crc32c, crc32cImplementation, crc32cJs, crc32cZeros, fastmemAddon, preallocate, RangeCopier, zeroFill } from '../../src/native/fastmem.js';
 import { alignedShared } from '../../src/ring/memory.js';
 
 function addon(): NonNullable<typeof fastmemAddon> {
@@ -181,5 +184,37 @@ describe('adviseHugePages', () => {
     // No whole 2 MiB area in 1 MiB, ranges outside the view refused.
     expect(addon().adviseHugePages(mem, 0, MiB)).toBe(0);
     expect(() => addon().adviseHugePages(mem, mem.length - 10, 11)).toThrow(/outside the view/);
+  });
+});
+
+describe('preallocate', () => {
+  it('allocates the blocks of a range and extends the file to it; errors come back as errno values', () => {
+    const MiB = 1 << 20;
+    const dir = mkdtempSync(join(tmpdir(), 'snap-pipe-prealloc-'));
+    try {
+      const fd = openSync(join(dir, 'f'), 'w+');
+      try {
+        expect(preallocate(fd, 0, 8 * MiB)).toBe(0);
+        let st = fstatSync(fd);
+        expect(st.size).toBe(8 * MiB);
+        expect(st.blocks * 512).toBeGreaterThanOrEqual(8 * MiB); // allocated, not a sparse length
+        expect(preallocate(fd, 8 * MiB, 4 * MiB)).toBe(0);
+        st = fstatSync(fd);
+        expect(st.size).toBe(12 * MiB);
+        expect(st.blocks * 512).toBeGreaterThanOrEqual(12 * MiB);
+      } finally {
+        closeSync(fd);
+      }
+      const ro = openSync(join(dir, 'f'), 'r');
+      try {
+        expect(preallocate(ro, 0, 16 * MiB)).toBe(9); // EBADF: not open for writing
+      } finally {
+        closeSync(ro);
+      }
+      expect(() => addon().preallocate(-1, 0, MiB)).toThrow(/non-negative integers/);
+      expect(() => addon().preallocate(0, 0, 0)).toThrow(/length above 0/);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
   });
 });

@@ -12,7 +12,8 @@ import { formatInfo, readInfo } from '../../src/image/info.js';
 import { encodeMeta } from '../../src/image/metadata.js';
 import { ImageReader } from '../../src/image/reader.js';
 import { CLUSTER_BYTES, FORMAT_VERSION, PAGE_BYTES, type RamBlockInfo, type SnapshotMeta } from '../../src/image/types.js';
-import { ImageWriter, layoutBlocks } from '../../src/image/writer.js';
+import { ImageWriter, layoutBlocks, SIZE_AHEAD_BYTES } from '../../src/image/writer.js';
+import { mountSmallFs } from '../helpers/smallfs.js';
 import { alignedShared } from '../../src/ring/memory.js';
 
 const C = CLUSTER_BYTES;
@@ -282,6 +283,67 @@ describe.each([
     expect(text).toContain('vga.vram');
     expect(text.split('\n').length).toBeGreaterThan(6);
     expect(JSON.parse(JSON.stringify(info))).toEqual(info);
+  });
+});
+
+describe('file blocks ahead of the data', () => {
+  /** Allocates and writes virtual clusters 0..n-1, returning the file's length and allocated bytes before finish. */
+  function writeClusters(img: string, n: number): { writer: ImageWriter; clusterCrc: Map<number, number>; size: number; allocated: number } {
+    const writer = ImageWriter.create(img, { direct: true, force: false });
+    const buf = new Uint8Array(alignedShared(C), 0, C);
+    const clusterCrc = new Map<number, number>();
+    for (let v = 0; v < n; v++) {
+      const { hostOffsetBytes } = writer.allocate(v);
+      fillCluster(buf, v, 1);
+      fs.writeSync(writer.fd, buf, 0, C, hostOffsetBytes);
+      clusterCrc.set(v, crc32cJs(buf));
+    }
+    const st = fs.fstatSync(writer.fd);
+    return { writer, clusterCrc, size: st.size, allocated: st.blocks * 512 };
+  }
+
+  const blocks = [
+    { id: 'pc.ram', lengthBytes: 4 * MiB },
+    { id: 'vga.vram', lengthBytes: 1 * MiB },
+  ];
+
+  it('are allocated (fallocate) while the save runs, and the finished file keeps only its clusters', () => {
+    const img = tmp('ahead.qcow2');
+    const { writer, clusterCrc, size, allocated } = writeClusters(img, 4);
+    expect(size).toBeGreaterThanOrEqual(2 * C + SIZE_AHEAD_BYTES);
+    expect(allocated).toBeGreaterThanOrEqual(size);
+    writer.finish(makeMeta(blocks, clusterCrc));
+    writer.close();
+    const st = fs.statSync(img);
+    expect(st.size).toBeLessThan(16 * C);
+    expect(st.blocks * 512).toBeLessThanOrEqual(st.size + 64 * 1024);
+    expect(qemuImg(['check', img]).status).toBe(0);
+  });
+
+  it('are left sparse where fallocate is refused (no room for that much), and the save goes on', () => {
+    const small = mountSmallFs(16);
+    let writer: ImageWriter | undefined;
+    try {
+      const img = path.join(small.dir, 'sparse-ahead.qcow2');
+      const w = writeClusters(img, 4);
+      writer = w.writer;
+      expect(w.size).toBeGreaterThanOrEqual(2 * C + SIZE_AHEAD_BYTES);
+      expect(w.allocated).toBeLessThan(16 * MiB);
+      writer.finish(makeMeta(blocks, w.clusterCrc));
+      writer.close();
+      const clusterCrc = w.clusterCrc;
+      expect(fs.statSync(img).size).toBeLessThan(16 * C);
+      const reader = ImageReader.open(img, { direct: false });
+      const dst = new Uint8Array(alignedShared(C), 0, C);
+      for (const [v, crc] of clusterCrc) {
+        reader.readCluster(v, dst);
+        expect(crc32cJs(dst)).toBe(crc);
+      }
+      reader.close();
+    } finally {
+      writer?.close();
+      small.unmount();
+    }
   });
 });
 
