@@ -4,7 +4,7 @@ import { fstatSync, writeSync, writeFileSync } from 'node:fs';
 import { isatty } from 'node:tty';
 import { formatHelp, integerFlag, onePath, parseArgs, parseInteger, parseIo, type FlagSpec } from './args.js';
 import { SnapPipeError } from './errors.js';
-import { formatBytes } from './image/info.js';
+import { formatBytes } from './format.js';
 import { DEFAULT_LOAD_QUEUE_DEPTH, LOAD_QUEUE_DEPTH_MAX, runLoad, type LoadReport } from './pipeline/load.js';
 import type { PostcopyReport } from './pipeline/postcopy.js';
 

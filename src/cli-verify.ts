@@ -2,7 +2,7 @@
 // Exit 0 only for a sound image; otherwise the summary (when the structure allowed one) and one line on stderr.
 import { formatHelp, integerFlag, onePath, parseArgs, parseIo, type FlagSpec } from './args.js';
 import { SnapPipeError } from './errors.js';
-import { formatBytes } from './image/info.js';
+import { formatBytes } from './format.js';
 import {
   DEFAULT_VERIFY_QUEUE_DEPTH,
   VERIFY_QUEUE_DEPTH_MAX,

@@ -7,7 +7,7 @@ import { writeFileSync } from 'node:fs';
 import { isatty } from 'node:tty';
 import { formatHelp, integerFlag, onePath, parseArgs, parseIo, parseSize, type FlagSpec } from './args.js';
 import { SnapPipeError } from './errors.js';
-import { formatBytes, formatInfo, readInfo } from './image/info.js';
+import { formatBytes } from './format.js';
 import { DEFAULT_QUEUE_DEPTH, DEFAULT_RING_BYTES, SavePipeline, type SaveReport } from './pipeline/save.js';
 import { VERSION } from './version.js';
 
@@ -110,18 +110,19 @@ async function cmdSave(argv: string[]): Promise<number> {
   return 0;
 }
 
-function cmdInfo(argv: string[]): number {
+async function cmdInfo(argv: string[]): Promise<number> {
   const { flags, positionals } = parseArgs('info', argv, INFO_FLAGS);
   if (flags.has('help')) {
     process.stdout.write(formatHelp('snap-pipe info IMG [--json]', 'Shows what a snap-pipe image holds: RAM blocks, pages stored as data and as zero, clusters, device state, whether the save completed.', INFO_FLAGS));
     return 0;
   }
+  const { formatInfo, readInfo } = await import('./image/info.js');
   const info = readInfo(onePath('info', positionals));
   process.stdout.write(flags.has('json') ? JSON.stringify(info, null, 2) + '\n' : formatInfo(info) + '\n');
   return 0;
 }
 
-// load and verify are imported when run: save (under QEMU, whose migration waits for it) starts ~30 ms sooner
+// load, verify and info are imported when run: save (under QEMU, whose migration waits for it) starts ~30 ms sooner
 // without compiling their modules.
 async function cmdLoad(argv: string[]): Promise<number> {
   return (await import('./cli-load.js')).cmdLoad(argv);

@@ -1,6 +1,7 @@
 // `snap-pipe info`: what an image holds, for people (formatInfo) and scripts (JSON of ImageInfo).
 
 import { popcount8 } from './bits.js';
+import { formatBytes } from '../format.js';
 import { ImageReader } from './reader.js';
 import { bitmapBytesOf, pagesOf } from './metadata.js';
 import { CLUSTER_BYTES, type SnapshotMeta } from './types.js';
@@ -113,17 +114,6 @@ export function readInfo(path: string): ImageInfo {
 }
 
 /** 1536 → "1.5 KiB", 5242880 → "5 MiB", with up to two decimals. */
-export function formatBytes(bytes: number): string {
-  const units = ['bytes', 'KiB', 'MiB', 'GiB', 'TiB'];
-  let v = bytes;
-  let u = 0;
-  while (v >= 1024 && u < units.length - 1) {
-    v /= 1024;
-    u++;
-  }
-  if (u === 0) return `${bytes} bytes`;
-  return `${Number(v.toFixed(2))} ${units[u]}`;
-}
 
 export function formatInfo(info: ImageInfo): string {
   const lines: string[] = [];
