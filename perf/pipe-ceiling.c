@@ -4,8 +4,9 @@
 //   pipe-ceiling OUT        (built by the bench: cc -O2 pipe-ceiling.c -luring)
 //
 // It grows the pipe to 1 MiB, reads stdin in 1 MiB pieces into 32 page-aligned buffers, and keeps up to 16 O_DIRECT
-// writes of them in flight through io_uring, with OUT sized ahead (ftruncate) and cut to length at the end. No
-// parsing, no checksums, no second copy: one read() copy per byte, as snap-pipe's reader also pays.
+// writes of them in flight through io_uring. OUT's blocks are allocated ahead (fallocate, as snap-pipe save does;
+// where refused, OUT is sized sparse with ftruncate) and the file is cut to length at the end. No parsing, no
+// checksums, no second copy: one read() copy per byte, as snap-pipe's reader also pays.
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
@@ -77,8 +78,9 @@ int main(int argc, char **argv) {
     size_t len = (got + 4095) & ~(size_t)4095; // the tail is padded, like an image cluster
     memset(buf + got, 0, len - got);
     if (offset + (long)len > sized) {
-      sized = offset + (long)len + SIZE_AHEAD;
-      if (ftruncate(fd, sized) < 0) die("ftruncate", errno);
+      long ahead = offset + (long)len + SIZE_AHEAD;
+      if (fallocate(fd, 0, sized, ahead - sized) < 0 && ftruncate(fd, ahead) < 0) die("ftruncate", errno);
+      sized = ahead;
     }
     while (in_flight >= DEPTH) in_flight -= reap(&ring, 1);
     struct io_uring_sqe *sqe = io_uring_get_sqe(&ring);
