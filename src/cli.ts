@@ -71,6 +71,7 @@ function formatReport(r: SaveReport): string {
     `  coalescer: busy ${ms(s.coalescer.busyMs)}, waiting on reader ${ms(s.coalescer.upstreamWaitMs)}, on writer ${ms(s.coalescer.downstreamWaitMs)}`,
     `  writer:    busy ${ms(s.writer.busyMs)}, waiting on coalescer ${ms(s.writer.upstreamWaitMs)}, in disk writes ${ms(s.writer.downstreamWaitMs)}`,
     `  finish:    ${ms(r.finishMs)} (metadata, tables, fdatasync)`,
+    `  start-up:  stage threads ready ${ms(r.startup.stagesReadyMs)}, first byte read ${ms(r.startup.firstReadMs)}, first write ${ms(r.startup.firstWriteMs)} after the process started`,
   ].join('\n');
 }
 

@@ -76,6 +76,12 @@ export interface SaveReport {
   stages: { reader: StageStats; coalescer: StageStats; writer: StageStats };
   /** After the stream: metadata and tables, fdatasync. */
   finishMs: number;
+  /**
+   * Milliseconds from the process's start (node's own start-up included) until the last of the three stage threads
+   * had loaded, the first bytes of the stream were read, and the first write was submitted (0: nothing written).
+   * QEMU's stream waits in the pipe until then. `seconds` counts from the stages' start, later than the process's.
+   */
+  startup: { stagesReadyMs: number; firstReadMs: number; firstWriteMs: number };
 }
 
 export function ringSizes(ringBytes: number): SaveRingSizes {
@@ -184,6 +190,11 @@ export class SavePipeline {
         checksum: crc32cImplementation,
         ring: { ringBytes: this.opts.ringBytes, slots: sizes.slotCount, inputBytes: sizes.inputBytes, parkBytes: sizes.parkPages * PAGE_BYTES, oldContentBytes: sizes.oldContentUnits * SLOT_BYTES, maxOpenChunks: maxOpen },
         finishMs,
+        startup: {
+          stagesReadyMs: Math.max(rr.readyAtMs, cr.readyAtMs, wr.readyAtMs) - performance.timeOrigin,
+          firstReadMs: rr.firstReadAtMs > 0 ? rr.firstReadAtMs - performance.timeOrigin : 0,
+          firstWriteMs: wr.firstWriteAtMs > 0 ? wr.firstWriteAtMs - performance.timeOrigin : 0,
+        },
         stages: {
           reader: { busyMs: rr.busyMs, upstreamWaitMs: rr.sourceWaitMs, downstreamWaitMs: rr.downstreamWaitMs },
           coalescer: { busyMs: cr.busyMs, upstreamWaitMs: cr.upstreamWaitMs, downstreamWaitMs: cr.downstreamWaitMs },

@@ -19,7 +19,7 @@ import {
   type SaveShared,
 } from '../ring/layout.js';
 import { publish } from '../ring/wait.js';
-import { exposeStage, outcome, type Outcome } from './rpc.js';
+import { exposeStage, outcome, stageReadyAtMs, type Outcome } from './rpc.js';
 import { saveViews } from './stage-memory.js';
 
 export interface CoalescerResult {
@@ -31,6 +31,8 @@ export interface CoalescerResult {
   /** Waiting for a free slot (the writer is behind). */
   downstreamWaitMs: number;
   busyMs: number;
+  /** When the stage's modules had loaded (epochMs()). */
+  readyAtMs: number;
 }
 
 function run(shared: SaveShared, maxOpen: number): CoalescerResult {
@@ -87,6 +89,7 @@ function run(shared: SaveShared, maxOpen: number): CoalescerResult {
     upstreamWaitMs: descs.waits.ms,
     downstreamWaitMs: free.waits.ms + filled.waits.ms,
     busyMs: performance.now() - t0 - descs.waits.ms - free.waits.ms - filled.waits.ms,
+    readyAtMs: stageReadyAtMs,
   };
 }
 

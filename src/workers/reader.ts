@@ -21,7 +21,7 @@ import {
 } from '../ring/layout.js';
 import { Aborted, failed } from '../ring/wait.js';
 import { StreamParser, type ParsedBlock, type ParsedStream } from '../stream/parser.js';
-import { exposeStage, outcome, type Outcome } from './rpc.js';
+import { epochMs, exposeStage, outcome, stageReadyAtMs, type Outcome } from './rpc.js';
 import { saveViews } from './stage-memory.js';
 
 export interface ReaderResult {
@@ -36,6 +36,9 @@ export interface ReaderResult {
   /** Time blocked on a full input or descriptor ring (waiting on the coalescer). */
   downstreamWaitMs: number;
   busyMs: number;
+  /** When the stage's modules had loaded, and when the first bytes of the stream were read (epochMs()). */
+  readyAtMs: number;
+  firstReadAtMs: number;
 }
 
 /**
@@ -46,6 +49,8 @@ export interface ReaderResult {
  */
 export class StdinInput implements ByteInput {
   waitMs = 0;
+  /** When the first bytes came (epochMs()), 0 before. */
+  firstDataAtMs = 0;
   private readonly nap = new Int32Array(new SharedArrayBuffer(4));
   constructor(private readonly ctrl?: Int32Array) {}
   read(dst: Uint8Array, off: number, len: number): number {
@@ -54,7 +59,9 @@ export class StdinInput implements ByteInput {
       for (;;) {
         if (this.ctrl && failed(this.ctrl)) throw new Aborted();
         try {
-          return readSync(0, dst, off, len, null);
+          const n = readSync(0, dst, off, len, null);
+          if (n > 0 && this.firstDataAtMs === 0) this.firstDataAtMs = epochMs();
+          return n;
         } catch (err) {
           const code = (err as NodeJS.ErrnoException).code;
           if (code === 'EAGAIN') {
@@ -113,6 +120,8 @@ function run(shared: SaveShared): ReaderResult {
     sourceWaitMs: input.waitMs,
     downstreamWaitMs: producer.waits.ms,
     busyMs: totalMs - input.waitMs - producer.waits.ms,
+    readyAtMs: stageReadyAtMs,
+    firstReadAtMs: input.firstDataAtMs,
   };
 }
 

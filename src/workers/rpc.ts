@@ -6,6 +6,14 @@ import { parentPort, Worker } from 'node:worker_threads';
 import { serializeError, type SerializedError } from '../errors.js';
 import { Aborted } from '../ring/wait.js';
 
+/** Wall-clock time in ms (epoch), comparable between threads: each thread's performance.now() has its own origin. */
+export function epochMs(): number {
+  return performance.timeOrigin + performance.now();
+}
+
+/** When this thread's stage module had loaded (set by exposeStage), as epochMs(). */
+export let stageReadyAtMs = 0;
+
 export type Outcome<T> = { ok: true; value: T } | { ok: false; aborted: boolean; error: SerializedError };
 
 /** Runs a stage body, turning any throw into a serialisable outcome (comlink would drop the error's code). */
@@ -19,6 +27,7 @@ export function outcome<T>(body: () => T): Outcome<T> {
 
 export function exposeStage(api: object): void {
   if (!parentPort) throw new Error('a stage module must run in a worker thread');
+  stageReadyAtMs = epochMs();
   Comlink.expose(api, nodeEndpoint(parentPort as unknown as Parameters<typeof nodeEndpoint>[0]));
 }
 

@@ -23,7 +23,7 @@ import {
   SLOT_WHOLE,
   type SaveShared,
 } from '../ring/layout.js';
-import { exposeStage, outcome, type Outcome } from './rpc.js';
+import { epochMs, exposeStage, outcome, stageReadyAtMs, type Outcome } from './rpc.js';
 import { saveViews, type SaveViews } from './stage-memory.js';
 
 export interface WriterResult {
@@ -42,6 +42,9 @@ export interface WriterResult {
   /** Time waiting for write completions (the disk). */
   ioMs: number;
   busyMs: number;
+  /** When the stage's modules had loaded, and when the first write was submitted (epochMs(); 0: none). */
+  readyAtMs: number;
+  firstWriteAtMs: number;
 }
 
 export interface WriterOpenOptions {
@@ -134,7 +137,9 @@ function run(shared: SaveShared): WriterResult {
   const unitDone = (unit: number) => {
     if (--unitPending[unit] === 0) ready.push(unit);
   };
+  let firstWriteAtMs = 0;
   const submit = (slot: number, off: number, len: number, pos: number) => {
+    if (firstWriteAtMs === 0) firstWriteAtMs = epochMs();
     while (backend.inFlight >= backend.queueDepth) complete(1);
     backend.write(img.fd, v.slots, off, len, pos, slot);
     pendingWrites[slot]++;
@@ -266,6 +271,8 @@ function run(shared: SaveShared): WriterResult {
     upstreamWaitMs: filled.waits.ms,
     ioMs,
     busyMs: performance.now() - t0 - filled.waits.ms - free.waits.ms - ioMs,
+    readyAtMs: stageReadyAtMs,
+    firstWriteAtMs,
   };
 }
 

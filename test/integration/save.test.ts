@@ -30,6 +30,8 @@ interface Stats {
   dataClusters: number;
   streamBytes: number;
   io: string;
+  seconds: number;
+  startup: { stagesReadyMs: number; firstReadMs: number; firstWriteMs: number };
 }
 
 async function saveAndCheck(name: string, ops: Op[], args: string[] = [], opts: { ramEnd?: boolean; perSection?: number } = {}) {
@@ -53,6 +55,12 @@ describe('snap-pipe save (generated streams, real workers and files)', () => {
     expect(stats.rewrittenClusters).toBe(0);
     expect(stats.writeCalls).toBe(stats.dataClusters); // one write per cluster
     expect(stats.partialChunks).toBe(0);
+    // Start-up, from the process's start: the stage threads load, then the stream is read, then written.
+    const { stagesReadyMs, firstReadMs, firstWriteMs } = stats.startup;
+    expect(stagesReadyMs).toBeGreaterThan(0);
+    expect(firstReadMs).toBeGreaterThan(stagesReadyMs);
+    expect(firstWriteMs).toBeGreaterThan(firstReadMs);
+    expect(firstWriteMs).toBeLessThan(stagesReadyMs + stats.seconds * 1000);
   });
 
   it('keeps writes whole when background-snapshot pages arrive out of order, with a 4 MiB ring (2 open chunks)', async () => {
@@ -106,6 +114,7 @@ describe('snap-pipe save (generated streams, real workers and files)', () => {
     expect(r.stderr).toMatch(/writer: +busy .* in disk writes/);
     expect(r.stderr).toMatch(/overwritten pages: .* read in 0 reads/);
     expect(r.stderr).toMatch(/finish: +[\d.]+s \(metadata/);
+    expect(r.stderr).toMatch(/start-up: +stage threads ready [\d.]+s, first byte read [\d.]+s, first write [\d.]+s after the process started/);
   });
 });
 
