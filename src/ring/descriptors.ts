@@ -18,7 +18,8 @@ export class DescriptorProducer implements ReleaseChannel {
   private head: number;
   private published: number;
   private readonly mask: number;
-  private lastReleaseMark = -1;
+  /** The cursor last sent as a release mark (NaN: none yet; a cursor may be any int32). */
+  private lastReleaseMark = NaN;
   /** Waiting for the coalescer: descriptor ring full, or input ring full. */
   readonly waits = new WaitClock();
 
@@ -29,16 +30,16 @@ export class DescriptorProducer implements ReleaseChannel {
     const count = recs.length / DESC_INTS;
     if (!isPowerOfTwo(count)) throw new RangeError(`descriptor ring of ${count} records is not a power of two`);
     this.mask = count - 1;
-    this.head = this.published = Atomics.load(ctrl, CTRL.DESC_HEAD) >>> 0;
+    this.head = this.published = Atomics.load(ctrl, CTRL.DESC_HEAD) | 0;
   }
 
   push(kind: number, block: number, page: number, pos: number): void {
     const cap = this.mask + 1;
-    let tail = Atomics.load(this.ctrl, CTRL.DESC_TAIL) >>> 0;
-    if (((this.head - tail) >>> 0) >= cap) {
+    let tail = Atomics.load(this.ctrl, CTRL.DESC_TAIL) | 0;
+    if (((this.head - tail) | 0) >= cap) {
       this.flush();
-      while (((this.head - tail) >>> 0) >= cap) {
-        tail = waitChange(this.ctrl, CTRL.DESC_TAIL, tail | 0, this.waits) >>> 0;
+      while (((this.head - tail) | 0) >= cap) {
+        tail = waitChange(this.ctrl, CTRL.DESC_TAIL, tail | 0, this.waits) | 0;
       }
     }
     const at = (this.head & this.mask) * DESC_INTS;
@@ -46,7 +47,7 @@ export class DescriptorProducer implements ReleaseChannel {
     this.recs[at + DESC_BLOCK] = block;
     this.recs[at + DESC_PAGE] = page;
     this.recs[at + DESC_POS] = pos | 0;
-    this.head = (this.head + 1) >>> 0;
+    this.head = (this.head + 1) | 0;
   }
 
   flush(): void {
@@ -80,14 +81,14 @@ export class DescriptorConsumer {
     const count = recs.length / DESC_INTS;
     if (!isPowerOfTwo(count)) throw new RangeError(`descriptor ring of ${count} records is not a power of two`);
     this.mask = count - 1;
-    this.tail = Atomics.load(ctrl, CTRL.DESC_TAIL) >>> 0;
+    this.tail = Atomics.load(ctrl, CTRL.DESC_TAIL) | 0;
   }
 
   /** Waits for at least one record; returns how many are ready (read them with at(i), then call consumed(n)). */
   waitBatch(): number {
-    let head = Atomics.load(this.ctrl, CTRL.DESC_HEAD) >>> 0;
-    while (head === this.tail) head = waitChange(this.ctrl, CTRL.DESC_HEAD, head | 0, this.waits) >>> 0;
-    return (head - this.tail) >>> 0;
+    let head = Atomics.load(this.ctrl, CTRL.DESC_HEAD) | 0;
+    while (head === this.tail) head = waitChange(this.ctrl, CTRL.DESC_HEAD, head | 0, this.waits) | 0;
+    return (head - this.tail) | 0;
   }
 
   /** Int32 index of the i-th ready record. */
@@ -96,7 +97,7 @@ export class DescriptorConsumer {
   }
 
   consumed(n: number): void {
-    this.tail = (this.tail + n) >>> 0;
+    this.tail = (this.tail + n) | 0;
     publish(this.ctrl, CTRL.DESC_TAIL, this.tail);
   }
 }

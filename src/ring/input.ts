@@ -1,6 +1,13 @@
 // The input ring: the reader thread reads stdin straight into it, the parser walks it, and page data stays in place
 // until the coalescer has copied it into its chunk (so a page is copied once on its way to its chunk).
-// Positions are free-running u32 counters; the ring's capacity is a power of two.
+// Positions are free-running counters wrapping at 2^32, kept as int32 (`| 0`); the ring's capacity is a power of two.
+//
+// Why int32 and not u32 (`>>> 0`): V8 keeps an object's number fields as small integers (Smi: int32 on this build)
+// until one is stored outside that range; the field then changes representation, the object's map is replaced,
+// and every optimized function relying on it is thrown away. With u32 positions and a small-integer byte count,
+// that happened to the whole parser when the stream passed 2 GiB, and TurboFan compiled it all again. Distances
+// between positions are taken with `| 0` too (they lie within the ring): `>>> 0` of a difference that leaves the int32
+// range makes the optimized code bail out ("overflow") once the positions wrap.
 import { SnapPipeError } from '../errors.js';
 import { CTRL, isPowerOfTwo } from './layout.js';
 
@@ -22,12 +29,15 @@ const READ_MAX_BYTES = 1 << 20;
 export class InputRing {
   readonly bytes: Uint8Array;
   readonly mask: number;
-  /** Bytes read into the ring (u32). */
+  /** Bytes read into the ring (int32, wrapping). */
   private written = 0;
-  /** Parser position (u32). */
+  /** Parser position (int32, wrapping). */
   cursor = 0;
-  /** Absolute stream offset of `cursor`, for messages and counters. */
-  consumedBytes = 0;
+  /**
+   * Absolute stream offset of `cursor`, for messages and counters. Starts as -0, a heap number, so that V8 gives the
+   * field its floating-point representation at once (see the top of the file); -0 counts and prints as 0.
+   */
+  consumedBytes = -0;
   private eof = false;
   /** While capturing, consumed bytes are also copied here (header, configuration, RAM setup, device state). */
   private capture: Uint8Array[] | undefined;
@@ -44,10 +54,12 @@ export class InputRing {
     }
     this.bytes = bytes;
     this.mask = bytes.length - 1;
+    // Positions continue from where the consumer's release mark stands (0 in a save; tests start near the wraps).
+    this.written = this.cursor = Atomics.load(ctrl, CTRL.IN_RELEASED) | 0;
   }
 
   get available(): number {
-    return (this.written - this.cursor) >>> 0;
+    return (this.written - this.cursor) | 0;
   }
 
   /** True when at least n bytes follow the cursor; false only if the input ended first. */
@@ -71,10 +83,10 @@ export class InputRing {
 
   private fill(): void {
     const cap = this.bytes.length;
-    let free = cap - ((this.written - (Atomics.load(this.ctrl, CTRL.IN_RELEASED) >>> 0)) >>> 0);
+    let free = cap - ((this.written - Atomics.load(this.ctrl, CTRL.IN_RELEASED)) | 0);
     while (free === 0) {
       this.channel.waitForSpace(this.cursor);
-      free = cap - ((this.written - (Atomics.load(this.ctrl, CTRL.IN_RELEASED) >>> 0)) >>> 0);
+      free = cap - ((this.written - Atomics.load(this.ctrl, CTRL.IN_RELEASED)) | 0);
     }
     const at = this.written & this.mask;
     const len = Math.min(free, cap - at, READ_MAX_BYTES);
@@ -85,12 +97,12 @@ export class InputRing {
       this.eof = true;
       return;
     }
-    this.written = (this.written + got) >>> 0;
+    this.written = (this.written + got) | 0;
   }
 
   private advance(n: number): void {
     if (this.capture) this.capture.push(this.copyOut(this.cursor, n));
-    this.cursor = (this.cursor + n) >>> 0;
+    this.cursor = (this.cursor + n) | 0;
     this.consumedBytes += n;
   }
 
@@ -153,7 +165,7 @@ export class InputRing {
   skipInPlace(n: number, what: string): number {
     this.need(n, what);
     const pos = this.cursor;
-    this.cursor = (this.cursor + n) >>> 0;
+    this.cursor = (this.cursor + n) | 0;
     this.consumedBytes += n;
     return pos;
   }
@@ -174,7 +186,7 @@ export class InputRing {
     while (this.ensure(1)) {
       const n = this.available;
       parts.push(this.copyOut(this.cursor, n));
-      this.cursor = (this.cursor + n) >>> 0;
+      this.cursor = (this.cursor + n) | 0;
       this.consumedBytes += n;
     }
     return concat(parts);

@@ -1,5 +1,6 @@
 // The save pipeline's shared memory, declared once. Every field names its single writer; the other side waits on it.
-// Counters are free-running u32 (stored in Int32 slots; compare with `(a - b) >>> 0`), masked by power-of-two sizes.
+// Counters are free-running, wrapping at 2^32 in Int32 slots, masked by power-of-two sizes. Input ring and descriptor
+// positions are also kept as int32 in JavaScript (`| 0`, distances `(a - b) | 0`; ring/input.ts says why).
 // Hot fields sit 64 bytes (16 Int32 slots) apart so two threads never share a cache line.
 
 const LINE = 16; // Int32 slots per 64-byte cache line
@@ -38,7 +39,7 @@ export const DESC_INTS = 4;
 export const DESC_KIND = 0;
 export const DESC_BLOCK = 1;
 export const DESC_PAGE = 2;
-export const DESC_POS = 3; // input ring position (u32, unmasked) of the page data, or the release position
+export const DESC_POS = 3; // input ring position (int32, unmasked) of the page data, or the release position
 
 export const KIND_PAGE = 1; // data page at DESC_POS in the input ring
 export const KIND_ZERO = 2; // zero page

@@ -31,9 +31,13 @@ export interface Collected {
   kindRuns: string[];
 }
 
-/** Runs the parser in one thread; the sink copies pages at once, so the ring can be released up to the cursor. */
-export function parseAll(bytes: Uint8Array, seed = 1, ringBytes = 65536, maxPiece?: number): Collected {
+/**
+ * Runs the parser in one thread; the sink copies pages at once, so the ring can be released up to the cursor.
+ * `startPosition`: the ring's first position (an int32), to cross the sign flip and the 2^32 wrap of positions.
+ */
+export function parseAll(bytes: Uint8Array, seed = 1, ringBytes = 65536, maxPiece?: number, startPosition = 0): Collected {
   const ctrl = new Int32Array(new SharedArrayBuffer(CTRL_INTS * 4));
+  Atomics.store(ctrl, CTRL.IN_RELEASED, startPosition);
   const ringMem = new Uint8Array(ringBytes);
   const ring: InputRing = new InputRing(ringMem, ctrl, piecewise(bytes, seed, maxPiece), {
     flush() {},

@@ -25,8 +25,10 @@ const BLOCKS: BlockSpec[] = [
 describe('StreamParser', () => {
   it('reconstructs RAM, block list and verbatim parts from a stream read in random pieces through a wrapping ring', () => {
     const m = buildStream(BLOCKS, sequentialOps(BLOCKS), { ramEnd: true });
-    for (const seed of [1, 2, 3]) {
-      const c = parseAll(m.bytes, seed, 65536, 9000);
+    expect(m.bytes.length).toBeGreaterThan(100_000);
+    // Ring positions are int32 that wrap: start at 0, just below the sign flip (2^31), and just below 2^32.
+    for (const [seed, start] of [[1, 0], [2, 0x7fff_0000], [3, -50_000]]) {
+      const c = parseAll(m.bytes, seed, 65536, 9000, start);
       expect(c.parsed.blocks).toEqual(BLOCKS);
       expect(c.parsed.machineType).toBe('pc-i440fx-7.2');
       expect(c.parsed.sawRamEnd).toBe(true);

@@ -102,6 +102,29 @@ describe('descriptor ring', () => {
   });
 });
 
+describe('descriptor ring positions', () => {
+  it('keep working across the int32 sign flip and the 2^32 wrap', () => {
+    for (const start of [0x7fff_fffe, -2]) {
+      const ctrl = ctrlOf();
+      Atomics.store(ctrl, CTRL.DESC_HEAD, start);
+      Atomics.store(ctrl, CTRL.DESC_TAIL, start);
+      const recs = new Int32Array(new SharedArrayBuffer(4 * DESC_INTS * 4));
+      const p = new DescriptorProducer(ctrl, recs);
+      const c = new DescriptorConsumer(ctrl, recs);
+      for (let i = 0; i < 12; i++) {
+        p.push(KIND_PAGE, 0, i, i);
+        p.push(KIND_PAGE, 0, i + 100, i);
+        p.flush();
+        expect(c.waitBatch()).toBe(2);
+        expect(c.recs[c.at(0) + DESC_PAGE]).toBe(i);
+        expect(c.recs[c.at(1) + DESC_PAGE]).toBe(i + 100);
+        c.consumed(2);
+      }
+      expect(Atomics.load(ctrl, CTRL.DESC_HEAD)).toBe((start + 24) | 0);
+    }
+  });
+});
+
 describe('alignedShared', () => {
   it('rounds up to 64 KiB pages and is shareable', () => {
     expect(alignedShared(1).byteLength).toBe(65536);
