@@ -52,16 +52,19 @@ function run(shared: SaveShared, maxOpen: number): CoalescerResult {
     let release = released;
     for (let i = 0; i < n; i++) {
       const r = descs.at(i);
+      // Read for every record: the release marks come only once the input ring has filled, long after V8 optimized
+      // this loop, and a load first reached then would throw the optimized code away.
+      const pos = recs[r + DESC_POS];
       switch (recs[r + DESC_KIND]) {
         case KIND_PAGE:
-          co.page(recs[r + DESC_BLOCK], recs[r + DESC_PAGE], input, recs[r + DESC_POS], mask);
-          release = (recs[r + DESC_POS] + 4096) | 0;
+          co.page(recs[r + DESC_BLOCK], recs[r + DESC_PAGE], input, pos, mask);
+          release = (pos + 4096) | 0;
           break;
         case KIND_ZERO:
           co.zero(recs[r + DESC_BLOCK], recs[r + DESC_PAGE]);
           break;
         case KIND_RELEASE:
-          release = recs[r + DESC_POS];
+          release = pos;
           break;
         case KIND_SETUP:
           co.setup(v.blocks, Atomics.load(v.ctrl, CTRL.BLOCK_COUNT));
