@@ -55,11 +55,11 @@ describe('snap-pipe save (generated streams, real workers and files)', () => {
     expect(stats.rewrittenClusters).toBe(0);
     expect(stats.writeCalls).toBe(stats.dataClusters); // one write per cluster
     expect(stats.partialChunks).toBe(0);
-    // Start-up, from the process's start: the stage threads load, then the stream is read, then written.
+    // Start-up, from the process's start: the stream is read once the reader has loaded (maybe before the last of
+    // the three stage threads), and written once every stage has loaded and the first bytes have been read.
     const { stagesReadyMs, firstReadMs, firstWriteMs } = stats.startup;
-    expect(stagesReadyMs).toBeGreaterThan(0);
-    expect(firstReadMs).toBeGreaterThan(stagesReadyMs);
-    expect(firstWriteMs).toBeGreaterThan(firstReadMs);
+    expect(firstReadMs).toBeGreaterThan(0);
+    expect(firstWriteMs).toBeGreaterThan(Math.max(stagesReadyMs, firstReadMs));
     expect(firstWriteMs).toBeLessThan(stagesReadyMs + stats.seconds * 1000);
   });
 
