@@ -1,7 +1,7 @@
 // Writer stage: takes filled chunk slots from the coalescer and writes them to the image with O_DIRECT through an
 // I/O backend (io_uring, or synchronous writes): 1 MiB per fresh cluster, only the carried pages for a cluster
-// written before or for a fresh cluster that carries few pages (the rest of a fresh cluster is a hole in the file,
-// which reads as zeros). Each new cluster's CRC-32C comes from the coalescer (computed while the slot was in its
+// written before or for a fresh cluster that carries few pages (the rest of a fresh cluster reads as zeros: blocks
+// allocated ahead but never written, or a hole). Each new cluster's CRC-32C comes from the coalescer (computed while the slot was in its
 // cache); a later write updates it, after reading the old content of the pages it overwrites when those hold data.
 // At the end it writes the metadata and marks the image complete (ImageWriter.finish).
 import assert from 'node:assert/strict';
@@ -234,8 +234,9 @@ function run(shared: SaveShared): WriterResult {
     assert(fresh || h[hdr + SLOT_WHOLE] === 0, `cluster ${vc}: only a new cluster is written whole`);
     if (fresh) {
       crcByVirtCluster.set(vc, h[hdr + SLOT_CRC] >>> 0);
-      // A fresh cluster lies past everything written so far, in the part of the file sized ahead (a hole): pages
-      // not written read as zeros, which is what the coalescer checksummed them as.
+      // A fresh cluster lies past everything written so far, in the part of the file allocated ahead (unwritten
+      // extents) or sized ahead (a hole): either way pages not written read as zeros, which is what the coalescer
+      // checksummed them as.
       if (h[hdr + SLOT_WHOLE] === 1) submit(slot, base, CLUSTER_BYTES, hostOffsetBytes);
       else submitRuns(slot, hdr);
     } else if (h[hdr + SLOT_CRC_UPDATE] === 1) {
