@@ -87,6 +87,27 @@ export function crc32cZeros(seed: number, length: number): number {
   return crc32cJs(ZERO_PAGE.subarray(0, length), crc);
 }
 
+/**
+ * CRC-32C of `pages` pages of `pageBytes` each from bytes[base], where only the pages for which has(p) holds count
+ * with their bytes and the others as zeros (not read): a cluster as it is on disk when only some of its pages are
+ * written (the coalescer's carried pages, the writer's old content).
+ */
+export function crc32cOfPages(bytes: Uint8Array, base: number, pageBytes: number, pages: number, has: (p: number) => boolean): number {
+  let crc = 0;
+  let zeros = 0;
+  for (let p = 0; p < pages; p++) {
+    if (!has(p)) {
+      zeros += pageBytes;
+      continue;
+    }
+    if (zeros > 0) crc = crc32cZeros(crc, zeros);
+    zeros = 0;
+    const at = base + p * pageBytes;
+    crc = crc32c(bytes.subarray(at, at + pageBytes), crc);
+  }
+  return zeros > 0 ? crc32cZeros(crc, zeros) : crc;
+}
+
 /** Sets bytes[start, end) to 0 (memset through the addon: V8 fills shared memory a byte at a time). */
 export function zeroFill(bytes: Uint8Array, start: number, end: number): void {
   if (fastmemAddon && end > start) fastmemAddon.zero(bytes, start, end - start);

@@ -16,7 +16,7 @@
 // only those pages (the rest is a hole in the file, read as zeros); clusters written before get only the pages this
 // publication carries (data, or zeros for pages re-sent as ZERO after data).
 import { PAGE_BYTES, PAGES_PER_CHUNK } from '../image/types.js';
-import { crc32c, crc32cZeros, RangeCopier, zeroFill } from '../native/fastmem.js';
+import { crc32c, crc32cOfPages, RangeCopier, zeroFill } from '../native/fastmem.js';
 import {
   BLOCK_F64S,
   BLOCK_PAGES,
@@ -435,18 +435,7 @@ export class Coalescer {
 
   /** CRC-32C of the slot's cluster with only the pages holding data in this publication, zeros elsewhere. */
   private presentCrc(slot: number, base: number): number {
-    let crc = 0;
-    let zeros = 0;
-    for (let p = 0; p < PAGES_PER_CHUNK; p++) {
-      if (!this.isPresent(slot, p)) {
-        zeros += PAGE_BYTES;
-        continue;
-      }
-      if (zeros > 0) crc = crc32cZeros(crc, zeros);
-      zeros = 0;
-      crc = crc32c(this.slots.subarray(base + p * PAGE_BYTES, base + (p + 1) * PAGE_BYTES), crc);
-    }
-    return zeros > 0 ? crc32cZeros(crc, zeros) : crc;
+    return crc32cOfPages(this.slots, base, PAGE_BYTES, PAGES_PER_CHUNK, (p) => this.isPresent(slot, p));
   }
 
   private isPresent(slot: number, p: number): boolean {

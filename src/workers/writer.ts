@@ -1,11 +1,12 @@
 // Writer stage: takes filled chunk slots from the coalescer and writes them to the image with O_DIRECT through an
 // I/O backend (io_uring, or synchronous writes): 1 MiB per fresh cluster, only the carried pages for a cluster
 // written before or for a fresh cluster that carries few pages (the rest of a fresh cluster reads as zeros: blocks
-// allocated ahead but never written, or a hole). Each new cluster's CRC-32C comes from the coalescer (computed while the slot was in its
-// cache); a later write updates it, after reading the old content of the pages it overwrites when those hold data.
+// allocated ahead but never written, or a hole). Each new cluster's CRC-32C comes from the coalescer (computed while
+// the slot was in its cache); a later write updates it, after reading the old content of the pages it overwrites
+// when those hold data.
 // At the end it writes the metadata and marks the image complete (ImageWriter.finish).
 import assert from 'node:assert/strict';
-import { crc32c, crc32cZeros } from '../native/fastmem.js';
+import { crc32cOfPages, crc32cZeros } from '../native/fastmem.js';
 import { ImageWriter } from '../image/writer.js';
 import { CLUSTER_BYTES, PAGE_BYTES, PAGES_PER_CHUNK, type SnapshotMeta } from '../image/types.js';
 import { openIoBackend, reapNamed, type IoBackend, type IoBackendName } from '../native/io.js';
@@ -182,15 +183,8 @@ function run(shared: SaveShared): WriterResult {
     const slot = unitSlot[unit];
     const hdr = slot * SLOT_INTS;
     const base = unit * CLUSTER_BYTES;
-    let crc = 0;
-    let at = 0;
-    forRuns(hdr, 0, (run0, pages) => {
-      crc = crc32cZeros(crc, run0 * PAGE_BYTES - at);
-      crc = crc32c(v.oldContent.subarray(base + run0 * PAGE_BYTES, base + (run0 + pages) * PAGE_BYTES), crc);
-      at = (run0 + pages) * PAGE_BYTES;
-    });
-    crc = crc32cZeros(crc, CLUSTER_BYTES - at);
-    updateCrc(slotCluster[slot], crc, h[hdr + SLOT_CRC] >>> 0);
+    const oldCrc = crc32cOfPages(v.oldContent, base, PAGE_BYTES, PAGES_PER_CHUNK, (p) => carried(hdr, p));
+    updateCrc(slotCluster[slot], oldCrc, h[hdr + SLOT_CRC] >>> 0);
     // One write per span read: the pages between its runs get their old content back (unchanged on disk).
     const sb = slot * SLOT_BYTES;
     forRuns(hdr, OLD_CONTENT_GAP_PAGES, (run0, pages) => {

@@ -7,7 +7,7 @@ import { closeSync, fstatSync, mkdtempSync, openSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { crc32c, crc32cImplementation, crc32cJs, crc32cZeros, fastmemAddon, preallocate, RangeCopier, zeroFill } from '../../src/native/fastmem.js';
+import { crc32c, crc32cImplementation, crc32cJs, crc32cOfPages, crc32cZeros, fastmemAddon, preallocate, RangeCopier, zeroFill } from '../../src/native/fastmem.js';
 import { alignedShared } from '../../src/ring/memory.js';
 
 function addon(): NonNullable<typeof fastmemAddon> {
@@ -91,6 +91,18 @@ describe('crc32c', () => {
     // A view into the middle of a buffer: offsets count from the view, not the buffer.
     const inner = bytes(64, 3);
     expect(a.crc32c(inner.subarray(8, 40), 0, 32)).toBe(crc32cJs(inner.subarray(8, 40)));
+  });
+});
+
+describe('crc32cOfPages', () => {
+  it('equals the CRC of the pages with every page left out zeroed, whichever pages are left out', () => {
+    const page = 4096;
+    const src = bytes(16 * page + 512, 7);
+    for (const pick of [() => true, () => false, (p: number) => p % 3 === 1, (p: number) => p === 0 || p === 15, (p: number) => p >= 5 && p < 9]) {
+      const expected = new Uint8Array(16 * page);
+      for (let p = 0; p < 16; p++) if (pick(p)) expected.set(src.subarray(512 + p * page, 512 + (p + 1) * page), p * page);
+      expect(crc32cOfPages(src, 512, page, 16, pick)).toBe(crc32cJs(expected));
+    }
   });
 });
 
