@@ -4,6 +4,7 @@
 
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
+import { dirname } from 'node:path';
 import { crc32 } from 'node:zlib';
 import { SnapPipeError, ioError } from '../errors.js';
 import { preallocate } from '../native/fastmem.js';
@@ -94,6 +95,63 @@ function checkOverwrite(path: string, force: boolean): void {
   throw new SnapPipeError('EXISTS', `${path} exists and is not a snap-pipe image; use --force to overwrite`);
 }
 
+/** What a replaced file's successor takes over from it. */
+interface Replaced {
+  mode: number;
+  uid: number;
+  gid: number;
+}
+
+/**
+ * Makes way for a new image where an old one may be replaced (checkOverwrite allowed it) by removing the old file's
+ * name and letting its blocks go in the background, instead of truncating it (O_TRUNC) before the first byte is
+ * read. Freeing a multi-GiB file is slow (here, with `/` mounted with `discard`: 0.69 s to truncate a 3.3 GB
+ * image, 1.39 s to delete it, nearly all of it waiting on the device), and QEMU's migration thread waits for the
+ * first read. The old inode stays alive through one descriptor, closed on the thread pool, so the freeing runs there
+ * while the stream flows. Measured over a 3.3 GB image, 5 pairs: the first 128 MiB of the stream through 0.50–0.70 s
+ * after the start instead of 1.05–1.27 s; the whole save 2.48–2.67 s instead of 2.69–2.95 s.
+ *
+ * Only for a plain file with one link, owned by this user (or any, for root: the owner is carried over), on a file
+ * system with room for the old file's size again plus the writer's allocation ahead: until the old blocks are free,
+ * the new image cannot use them. Otherwise (a symlink, which is written through; other hard links, which must see the
+ * new image; another owner; little room; a directory this process may not change) the old file is truncated in
+ * place, as before. Returns what the new file takes over (mode, owner), or undefined when nothing was removed.
+ */
+function removeForReplace(path: string, direct: boolean): Replaced | undefined {
+  let st: fs.Stats;
+  try {
+    st = fs.lstatSync(path);
+  } catch {
+    return undefined;
+  }
+  if (!st.isFile() || st.nlink !== 1 || st.size === 0) return undefined;
+  const euid = process.geteuid?.() ?? -1;
+  if (euid !== 0 && st.uid !== euid) return undefined;
+  try {
+    const fsStat = fs.statfsSync(dirname(path));
+    if (fsStat.bavail * fsStat.bsize < st.blocks * 512 + SIZE_AHEAD_BYTES) return undefined;
+  } catch {
+    return undefined;
+  }
+  let fd: number;
+  try {
+    // With O_DIRECT this is also the probe: on a file system that refuses it, nothing has changed yet.
+    fd = fs.openSync(path, fs.constants.O_RDONLY | (direct ? fs.constants.O_DIRECT : 0));
+  } catch (err) {
+    if (direct && isEinval(err)) throw noDirect(path);
+    return undefined;
+  }
+  try {
+    fs.unlinkSync(path);
+  } catch {
+    fs.closeSync(fd);
+    return undefined;
+  }
+  // The last reference to the old inode: its blocks are freed when this closes, on the thread pool.
+  fs.close(fd, () => {});
+  return { mode: st.mode & 0o7777, uid: st.uid, gid: st.gid };
+}
+
 export class ImageWriter {
   readonly path: string;
   readonly fd: number;
@@ -125,6 +183,7 @@ export class ImageWriter {
 
   static create(path: string, opts: { direct: boolean; force: boolean }): ImageWriter {
     checkOverwrite(path, opts.force);
+    const replaced = removeForReplace(path, opts.direct);
     const c = fs.constants;
     const flags = c.O_RDWR | c.O_CREAT | c.O_TRUNC | (opts.direct ? c.O_DIRECT : 0);
     const existed = fs.existsSync(path);
@@ -138,6 +197,16 @@ export class ImageWriter {
         throw noDirect(path);
       }
       throw ioError(`open ${path}`, err);
+    }
+    if (replaced) {
+      try {
+        fs.fchmodSync(fd, replaced.mode);
+        // Only root may give a file away; for anyone else the owner is already the same (removeForReplace).
+        if (process.geteuid?.() === 0) fs.fchownSync(fd, replaced.uid, replaced.gid);
+      } catch (err) {
+        fs.closeSync(fd);
+        throw ioError(`give ${path} the mode and owner of the image it replaces`, err);
+      }
     }
     const scratch = new Uint8Array(alignedShared(CLUSTER_BYTES), 0, CLUSTER_BYTES);
     const writer = new ImageWriter(path, fd, opts.direct, scratch);

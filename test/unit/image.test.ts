@@ -382,6 +382,63 @@ describe('unfinished saves and overwriting', () => {
     expect(fs.statSync(img).size).toBe(C);
   });
 
+  it('create() over an image puts a new file in its place (the old one is freed in the background), keeping its mode', () => {
+    const { img } = buildImage(false);
+    fs.chmodSync(img, 0o600);
+    const before = fs.statSync(img);
+    // A reader still holding the old image: it must keep reading the old bytes, not a truncated file.
+    const oldFd = fs.openSync(img, 'r');
+    try {
+      const w = ImageWriter.create(img, { direct: true, force: true });
+      w.close();
+      const after = fs.statSync(img);
+      expect(after.ino).not.toBe(before.ino);
+      expect(after.mode & 0o7777).toBe(0o600);
+      expect(after.uid).toBe(before.uid);
+      expect(readInfo(img).complete).toBe(false);
+      expect(fs.fstatSync(oldFd).size).toBe(before.size);
+      const head = new Uint8Array(4);
+      fs.readSync(oldFd, head, 0, head.length, 0);
+      expect(Buffer.from(head).toString('latin1')).toBe('QFI\xfb');
+    } finally {
+      fs.closeSync(oldFd);
+    }
+  });
+
+  it('create() truncates in place what must keep its identity: a symlink\'s target, a file with other links', () => {
+    const { img } = buildImage(false);
+    const link = tmp('via-symlink.qcow2');
+    fs.rmSync(link, { force: true });
+    fs.symlinkSync(img, link);
+    const ino = fs.statSync(img).ino;
+    ImageWriter.create(link, { direct: true, force: true }).close();
+    expect(fs.lstatSync(link).isSymbolicLink()).toBe(true);
+    expect(fs.statSync(img).ino).toBe(ino);
+    expect(readInfo(link).complete).toBe(false);
+
+    const built = buildImage(false, { img: tmp('hard-a.qcow2'), force: true });
+    const other = tmp('hard-b.qcow2');
+    fs.rmSync(other, { force: true });
+    fs.linkSync(built.img, other);
+    ImageWriter.create(built.img, { direct: true, force: true }).close();
+    expect(fs.statSync(built.img).ino).toBe(fs.statSync(other).ino);
+    expect(readInfo(other).complete).toBe(false);
+  });
+
+  it('create() truncates in place where the file system has no room for the old file again', () => {
+    const small = mountSmallFs(16);
+    try {
+      const img = path.join(small.dir, 'big-old.bin');
+      fs.writeFileSync(img, Buffer.alloc(12 * MiB, 1));
+      const ino = fs.statSync(img).ino;
+      ImageWriter.create(img, { direct: false, force: true }).close();
+      expect(fs.statSync(img).ino).toBe(ino);
+      expect(readInfo(img).complete).toBe(false);
+    } finally {
+      small.unmount();
+    }
+  });
+
   it('create() refuses unrelated files unless forced, accepts empty ones', () => {
     const text = tmp('notes.txt');
     fs.writeFileSync(text, 'precious\n');
