@@ -108,8 +108,8 @@ interface Replaced {
  * read. Freeing a multi-GiB file is slow (here, with `/` mounted with `discard`: 0.69 s to truncate a 3.3 GB
  * image, 1.39 s to delete it, nearly all of it waiting on the device), and QEMU's migration thread waits for the
  * first read. The old inode stays alive through one descriptor, closed on the thread pool, so the freeing runs there
- * while the stream flows. Measured over a 3.3 GB image, 5 pairs: the first 128 MiB of the stream through 0.50–0.70 s
- * after the start instead of 1.05–1.27 s; the whole save 2.48–2.67 s instead of 2.69–2.95 s.
+ * while the stream flows. Measured over a 3.3 GB image, 5 pairs: the first 128 MiB of the stream through 0.48–0.62 s
+ * after the start instead of 1.12–1.26 s; the whole save 2.42–2.58 s instead of 2.75–2.98 s.
  *
  * Only for a plain file with one link, owned by this user (or any, for root: the owner is carried over), on a file
  * system with room for the old file's size again plus the writer's allocation ahead: until the old blocks are free,
