@@ -113,8 +113,6 @@ export function readInfo(path: string): ImageInfo {
   }
 }
 
-/** 1536 → "1.5 KiB", 5242880 → "5 MiB", with up to two decimals. */
-
 export function formatInfo(info: ImageInfo): string {
   const lines: string[] = [];
   lines.push(`image:          ${info.path}`);
