@@ -489,23 +489,42 @@ static napi_value ring_wait(napi_env env, napi_callback_info info) {
   return v;
 }
 
-static napi_value ring_register_files(napi_env env, napi_callback_info info) {
+// What registerFiles and registerBuffers both take: an array of at most max entries, given while nothing is in flight
+// (the kernel may still be using what is registered). NULL after throwing.
+static Ring *register_args(napi_env env, napi_callback_info info, const char *fn, const char *what, uint32_t max,
+                           napi_value *array, uint32_t *n) {
   size_t argc = 1;
   napi_value argv[1] = {NULL};
   Ring *r = this_ring(env, info, &argc, argv, true);
   if (!r) return NULL;
   bool is = false;
+  if (napi_is_array(env, argv[0], &is) != napi_ok || !is) {
+    THROW_TYPE(env, "ERR_INVALID_ARG_TYPE", "%s: %s must be an array", fn, what);
+    return NULL;
+  }
+  napi_get_array_length(env, argv[0], n);
+  if (*n > max) {
+    THROW_RANGE(env, "ERR_OUT_OF_RANGE", "%s: at most %u %s", fn, max, what);
+    return NULL;
+  }
+  if (r->in_flight) {
+    THROW(env, "ERR_URING_BUSY", "%s: %u requests in flight", fn, r->in_flight);
+    return NULL;
+  }
+  *array = argv[0];
+  return r;
+}
+
+static napi_value ring_register_files(napi_env env, napi_callback_info info) {
+  napi_value array;
   uint32_t n = 0;
-  if (napi_is_array(env, argv[0], &is) != napi_ok || !is)
-    return THROW_TYPE(env, "ERR_INVALID_ARG_TYPE", "registerFiles: fds must be an array");
-  napi_get_array_length(env, argv[0], &n);
-  if (n > FILES_MAX) return THROW_RANGE(env, "ERR_OUT_OF_RANGE", "registerFiles: at most %d files", FILES_MAX);
-  if (r->in_flight) return THROW(env, "ERR_URING_BUSY", "registerFiles: %u requests in flight", r->in_flight);
+  Ring *r = register_args(env, info, "registerFiles", "fds", FILES_MAX, &array, &n);
+  if (!r) return NULL;
   int fds[FILES_MAX];
   for (uint32_t i = 0; i < n; i++) {
     napi_value e;
     double fd;
-    napi_get_element(env, argv[0], i, &e);
+    napi_get_element(env, array, i, &e);
     if (!arg_integer(env, e, "fd", 0, INT32_MAX, &fd)) return NULL;
     fds[i] = (int)fd;
   }
@@ -523,23 +542,16 @@ static napi_value ring_register_files(napi_env env, napi_callback_info info) {
 }
 
 static napi_value ring_register_buffers(napi_env env, napi_callback_info info) {
-  size_t argc = 1;
-  napi_value argv[1] = {NULL};
-  Ring *r = this_ring(env, info, &argc, argv, true);
-  if (!r) return NULL;
-  bool is = false;
+  napi_value array;
   uint32_t n = 0;
-  if (napi_is_array(env, argv[0], &is) != napi_ok || !is)
-    return THROW_TYPE(env, "ERR_INVALID_ARG_TYPE", "registerBuffers: views must be an array");
-  napi_get_array_length(env, argv[0], &n);
-  if (n > BUFFERS_MAX) return THROW_RANGE(env, "ERR_OUT_OF_RANGE", "registerBuffers: at most %d buffers", BUFFERS_MAX);
-  if (r->in_flight) return THROW(env, "ERR_URING_BUSY", "registerBuffers: %u requests in flight", r->in_flight);
+  Ring *r = register_args(env, info, "registerBuffers", "views", BUFFERS_MAX, &array, &n);
+  if (!r) return NULL;
   struct iovec iov[BUFFERS_MAX];
   napi_value views[BUFFERS_MAX];
   for (uint32_t i = 0; i < n; i++) {
     uint8_t *data, *base;
     size_t bytes;
-    napi_get_element(env, argv[0], i, &views[i]);
+    napi_get_element(env, array, i, &views[i]);
     if (!arg_view(env, views[i], "registerBuffers: view", &data, &bytes, &base)) return NULL;
     if (bytes == 0) return THROW_RANGE(env, "ERR_OUT_OF_RANGE", "registerBuffers: view %u is empty", i);
     iov[i] = (struct iovec){.iov_base = data, .iov_len = bytes};

@@ -282,6 +282,23 @@ describe('io_uring addon', () => {
     closeSync(fd);
   });
 
+  it('refuses to register too many files or buffers, or while requests are in flight', () => {
+    const mem = patterned(64 * KiB, 22);
+    const fd = openDirect();
+    const ring = new UringRing(4);
+    expect(catchError(() => ring.registerFiles(new Array<number>(65).fill(fd))).message).toBe('registerFiles: at most 64 fds');
+    expect(catchError(() => ring.registerBuffers(new Array<Uint8Array>(17).fill(mem))).message).toBe('registerBuffers: at most 16 views');
+    ring.prepWrite(fd, mem, 0, 4096, 0, 1);
+    ring.submit();
+    expect(catchError(() => ring.registerFiles([fd]))).toMatchObject({ code: 'ERR_URING_BUSY', message: 'registerFiles: 1 requests in flight' });
+    expect(catchError(() => ring.registerBuffers([mem]))).toMatchObject({ code: 'ERR_URING_BUSY', message: 'registerBuffers: 1 requests in flight' });
+    const out = new Int32Array(2);
+    expect(ring.wait(1, out)).toBe(1);
+    ring.registerFiles([fd]); // nothing in flight any more
+    ring.close();
+    closeSync(fd);
+  });
+
   it('reports a failed request as a negative errno in its completion, and keeps working', () => {
     const mem = patterned(64 * KiB, 4);
     const path = join(dir, `ro${fileCount++}.bin`);
