@@ -1,7 +1,8 @@
 #!/usr/bin/env node
 // Installs what `npm test` and `npm run demo` need on a fresh Debian 12 machine with Node 20:
 // npm packages, the Debian packages (when running as root; otherwise names them and fails),
-// the TypeScript build, and the guest (kernel + initramfs) used by the end-to-end tests and the demo.
+// the TypeScript build, the guest (kernel + initramfs) used by the end-to-end tests and the demo, and the second
+// QEMU the end-to-end tests run against (10.0 from bookworm-backports, unpacked under .cache/qemu/: scripts/qemu.sh).
 // Idempotent: each step is skipped when its result is already present.
 import { spawnSync } from 'node:child_process';
 import { existsSync, statSync } from 'node:fs';
@@ -71,13 +72,18 @@ function buildNative() {
 }
 
 function ensureGuest() {
-  const script = join(root, 'scripts', 'guest.sh');
-  if (!existsSync(script)) return;
-  run('bash', [script]);
+  run('bash', [join(root, 'scripts', 'guest.sh')]);
+}
+
+function ensureSecondQemu() {
+  run('bash', [join(root, 'scripts', 'qemu.sh')]);
 }
 
 ensureDebianPackages();
 ensureNodeModules();
 build();
 buildNative();
-if (forWhat === 'test' || forWhat === 'demo') ensureGuest();
+if (forWhat === 'test' || forWhat === 'demo') {
+  ensureGuest();
+  ensureSecondQemu();
+}
