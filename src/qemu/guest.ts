@@ -2,39 +2,17 @@
 // initramfs built by scripts/guest.sh (.cache/guest/), with its serial console in a file and QMP on a unix socket.
 // Every wait is bounded; quit() always leaves no QEMU process behind.
 import { spawn, type ChildProcess } from 'node:child_process';
-import { closeSync, existsSync, mkdtempSync, openSync, readFileSync, readSync, rmSync, statSync, accessSync, constants } from 'node:fs';
+import { closeSync, existsSync, mkdtempSync, openSync, readSync, rmSync, statSync } from 'node:fs';
 import { tmpdir } from 'node:os';
-import { delimiter, dirname, join } from 'node:path';
-import { fileURLToPath } from 'node:url';
+import { join } from 'node:path';
+import { findExecutable, repoRoot } from './paths.js';
 import { QmpClient } from './qmp.js';
+import { systemQemu, type Qemu } from './versions.js';
+
+export { findExecutable, repoRoot } from './paths.js';
 
 // ---------------------------------------------------------------------------------------------------------------
 // Paths
-
-let rootCached: string | null = null;
-
-/** The repository root: the nearest directory above this module holding snap-pipe's package.json. */
-export function repoRoot(): string {
-  if (rootCached) return rootCached;
-  let dir = dirname(fileURLToPath(import.meta.url));
-  for (let depth = 0; depth < 8; depth++) {
-    const pkg = join(dir, 'package.json');
-    if (existsSync(pkg)) {
-      try {
-        if ((JSON.parse(readFileSync(pkg, 'utf8')) as { name?: string }).name === 'snap-pipe') {
-          rootCached = dir;
-          return dir;
-        }
-      } catch {
-        // not ours; keep walking up
-      }
-    }
-    const up = dirname(dir);
-    if (up === dir) break;
-    dir = up;
-  }
-  throw new Error(`cannot find snap-pipe's repository root above ${fileURLToPath(import.meta.url)}`);
-}
 
 /** `<repo>/bin/snap-pipe`, the executable QEMU names in exec:. Throws if it or its build (dist/cli.js) is missing. */
 export function snapPipeBin(): string {
@@ -59,21 +37,6 @@ export function guestFiles(): GuestFiles {
     if (!existsSync(f)) throw new Error(`guest file ${f} is missing: run 'bash scripts/guest.sh' (npm test does)`);
   }
   return files;
-}
-
-/** Finds an executable in PATH; throws naming the Debian package when it is missing. */
-export function findExecutable(name: string, debianPackage: string): string {
-  for (const dir of (process.env.PATH ?? '/usr/bin:/bin').split(delimiter)) {
-    if (!dir) continue;
-    const candidate = join(dir, name);
-    try {
-      accessSync(candidate, constants.X_OK);
-      return candidate;
-    } catch {
-      // keep looking
-    }
-  }
-  throw new Error(`${name} not found in PATH: install the Debian package ${debianPackage}`);
 }
 
 export function qemuSystemBinary(): string {
@@ -101,6 +64,10 @@ export interface GuestOptions {
   fillMiB?: number;
   /** Start paused, waiting for `migrate-incoming` (-S -incoming defer). */
   incoming?: boolean;
+  /** The QEMU to run (default: the machine's own, see src/qemu/versions.ts). */
+  qemu?: Qemu;
+  /** -machine (default 'pc': the QEMU's newest i440fx). */
+  machine?: string;
   /** Extra qemu-system-x86_64 arguments. */
   extraArgs?: string[];
   /** Keep the temporary directory after quit() (console log, QEMU's stderr). */
@@ -141,6 +108,7 @@ const pollIntervalMs = 100;
 
 export class Guest {
   readonly name: string;
+  readonly qemu: Qemu;
   readonly memMiB: number;
   readonly fillMiB: number;
   /** Temporary directory holding the console log, QEMU's stderr log and the QMP socket. */
@@ -158,6 +126,7 @@ export class Guest {
 
   private constructor(opts: GuestOptions & { fillMiB: number }, dir: string, child: ChildProcess, qmp: QmpClient, exited: Promise<void>) {
     this.name = opts.name;
+    this.qemu = opts.qemu ?? systemQemu();
     this.memMiB = opts.memMiB;
     this.fillMiB = opts.fillMiB;
     this.dir = dir;
@@ -184,7 +153,7 @@ export class Guest {
     if (!Number.isInteger(fillMiB) || fillMiB < 0 || fillMiB > opts.memMiB - 96) {
       throw new Error(`fillMiB ${fillMiB}: an integer between 0 and memMiB - 96 (${opts.memMiB - 96})`);
     }
-    const qemu = qemuSystemBinary();
+    const qemu = opts.qemu ?? systemQemu();
     const files = guestFiles();
     const dir = mkdtempSync(join(tmpdir(), `snap-pipe-guest-${opts.name}-`));
     const consolePath = join(dir, 'console.log');
@@ -193,7 +162,8 @@ export class Guest {
     const args = [
       '-name', opts.name,
       '-accel', 'tcg',
-      '-machine', 'pc',
+      ...qemu.firmwareArgs,
+      '-machine', opts.machine ?? 'pc',
       '-m', String(opts.memMiB),
       '-kernel', files.kernel,
       '-initrd', files.initrd,
@@ -208,7 +178,7 @@ export class Guest {
     const logFd = openSync(stderrPath, 'a');
     let child: ChildProcess;
     try {
-      child = spawn(qemu, args, { stdio: ['ignore', logFd, logFd], cwd: dir });
+      child = spawn(qemu.system, args, { stdio: ['ignore', logFd, logFd], cwd: dir });
     } finally {
       closeSync(logFd);
     }
@@ -237,14 +207,14 @@ export class Guest {
       child.kill('SIGKILL');
       await Promise.race([exited, delayMs(5_000)]);
       const why = spawnError
-        ? `cannot run ${qemu}: ${(spawnError as Error).message}`
+        ? `cannot run ${qemu.system}: ${(spawnError as Error).message}`
         : earlyExit
           ? `QEMU exited at start (${describeExit(earlyExit)}): ${tail(readText(stderrPath), 2000)}`
           : (err as Error).message;
       if (!opts.keepDir) rmSync(dir, { recursive: true, force: true });
-      throw new Error(`Guest ${opts.name}: ${why}`);
+      throw new Error(`Guest ${opts.name} (${qemu.label}): ${why}`);
     }
-    return new Guest({ ...opts, fillMiB }, dir, child, qmp, exited);
+    return new Guest({ ...opts, qemu, fillMiB }, dir, child, qmp, exited);
   }
 
   get pid(): number | undefined {
@@ -418,7 +388,7 @@ export class Guest {
     const stderr = tail(this.stderrText(), 1500).trim();
     const console = tail(this.consoleText(), 800).trim();
     return new Error(
-      `Guest ${this.name}: ${what}${exit}` +
+      `Guest ${this.name} (${this.qemu.label}): ${what}${exit}` +
         (stderr ? `\n--- QEMU stderr (end) ---\n${stderr}` : '') +
         (console ? `\n--- console (end) ---\n${console}` : ''),
     );

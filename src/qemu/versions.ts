@@ -1,0 +1,94 @@
+// Which QEMU runs a guest: the machine's own (Debian 12: 7.2), or one unpacked under .cache/qemu/ by
+// scripts/qemu.sh (10.0 from bookworm-backports), or one a user names with --qemu / SNAP_PIPE_QEMU.
+// The end-to-end tests run once per entry of testedQemus(); the demo and the benches take the user's choice.
+import { spawnSync } from 'node:child_process';
+import { existsSync } from 'node:fs';
+import { dirname, join, resolve } from 'node:path';
+import { findExecutable, repoRoot } from './paths.js';
+
+export interface Qemu {
+  /** e.g. 'QEMU 7.2.22': what tests and reports print. */
+  label: string;
+  major: number;
+  minor: number;
+  micro: number;
+  /** qemu-system-x86_64 */
+  system: string;
+  /** The qemu-img of the same version. */
+  img: string;
+  /** Arguments naming its firmware folders (-L DIR ...); empty for an installed QEMU, which knows its own. */
+  firmwareArgs: string[];
+}
+
+/** The QEMU folders scripts/qemu.sh fills, by name. */
+export const CACHED_QEMUS = ['10.0'] as const;
+export type CachedQemuName = (typeof CACHED_QEMUS)[number];
+
+const known = new Map<string, Qemu>();
+
+/** The QEMU installed on the machine (PATH); throws naming the Debian package when it is missing. */
+export function systemQemu(): Qemu {
+  return describe(findExecutable('qemu-system-x86_64', 'qemu-system-x86'), findExecutable('qemu-img', 'qemu-utils'), []);
+}
+
+/** A QEMU unpacked under .cache/qemu/NAME/root by scripts/qemu.sh; throws (never skips) when it is missing. */
+export function cachedQemu(name: CachedQemuName): Qemu {
+  const root = join(repoRoot(), '.cache', 'qemu', name, 'root');
+  const system = join(root, 'usr', 'bin', 'qemu-system-x86_64');
+  if (!existsSync(system)) throw new Error(`QEMU ${name} is missing (${system}): run 'bash scripts/qemu.sh' (npm test does)`);
+  return unpacked(system);
+}
+
+/** Every QEMU the end-to-end suite runs against: the machine's own first, then each cached one. */
+export function testedQemus(): Qemu[] {
+  return [systemQemu(), ...CACHED_QEMUS.map(cachedQemu)];
+}
+
+/**
+ * The QEMU a user asked for: a path to a qemu-system-x86_64, or the name of a cached one ('10.0'); `choice`
+ * undefined falls back to SNAP_PIPE_QEMU, then to the machine's own.
+ */
+export function chosenQemu(choice: string | undefined = process.env.SNAP_PIPE_QEMU): Qemu {
+  if (!choice) return systemQemu();
+  if ((CACHED_QEMUS as readonly string[]).includes(choice)) return cachedQemu(choice as CachedQemuName);
+  const system = resolve(choice);
+  if (!existsSync(system)) throw new Error(`--qemu ${choice}: no such file (give a qemu-system-x86_64 or one of: ${CACHED_QEMUS.join(', ')})`);
+  return unpacked(system);
+}
+
+/**
+ * A qemu-system-x86_64 at PREFIX/usr/bin (or PREFIX/bin): its qemu-img beside it, and its firmware folders
+ * PREFIX/usr/share/{qemu,seabios} passed with -L when they exist (an unpacked package does not know where it is).
+ */
+function unpacked(system: string): Qemu {
+  const bin = dirname(system);
+  const img = join(bin, 'qemu-img');
+  if (!existsSync(img)) throw new Error(`${system}: no qemu-img beside it`);
+  const share = join(dirname(bin), 'share');
+  const firmwareArgs = ['qemu', 'seabios'].map((d) => join(share, d)).filter((d) => existsSync(d) && share !== '/usr/share');
+  return describe(system, img, firmwareArgs.flatMap((d) => ['-L', d]));
+}
+
+function describe(system: string, img: string, firmwareArgs: string[]): Qemu {
+  const cached = known.get(system);
+  if (cached) return cached;
+  const r = spawnSync(system, ['--version'], { encoding: 'utf8', timeout: 10_000 });
+  const m = /version (\d+)\.(\d+)\.(\d+)/.exec(r.stdout ?? '');
+  if (r.status !== 0 || !m) {
+    throw new Error(`${system} --version: ${r.error?.message ?? `exit ${r.status}`}: ${(r.stderr ?? '').trim().slice(0, 200)}`);
+  }
+  const [major, minor, micro] = [m[1], m[2], m[3]].map(Number);
+  const q: Qemu = { label: `QEMU ${major}.${minor}.${micro}`, major, minor, micro, system, img, firmwareArgs };
+  known.set(system, q);
+  return q;
+}
+
+/** At least major.minor. */
+export function qemuAtLeast(q: Qemu, major: number, minor: number): boolean {
+  return q.major > major || (q.major === major && q.minor >= minor);
+}
+
+/** The i440fx machine type of a QEMU's own version, e.g. 'pc-i440fx-7.2' (for restoring across versions). */
+export function i440fxMachine(q: Qemu): string {
+  return `pc-i440fx-${q.major}.${q.minor}`;
+}
