@@ -5,6 +5,7 @@ import { formatBytes } from '../format.js';
 import { ImageReader } from './reader.js';
 import { bitmapBytesOf, pagesOf } from './metadata.js';
 import { CLUSTER_BYTES, type SnapshotMeta } from './types.js';
+import { countSwitchoverStarts } from '../stream/switchover.js';
 
 export interface BlockSummary {
   id: string;
@@ -41,6 +42,8 @@ export interface ImageInfo {
   writer?: string;
   sawRamEnd?: boolean;
   capabilities?: string[];
+  /** SWITCHOVER_START commands the source sent (QEMU 10.0+ with a machine type of 10.0 or later), replayed by load. */
+  switchoverStarts?: number;
 }
 
 /** Counts set bits among the first `bits` bits (LSB-first within each byte). */
@@ -107,6 +110,7 @@ export function readInfo(path: string): ImageInfo {
     info.writer = meta.writer;
     info.sawRamEnd = meta.sawRamEnd;
     info.capabilities = meta.capabilities;
+    info.switchoverStarts = countSwitchoverStarts(meta.switchoverCommands) ?? 0;
     return info;
   } finally {
     reader.close();
@@ -135,6 +139,7 @@ export function formatInfo(info: ImageInfo): string {
   if (info.capabilities !== undefined && info.capabilities.length > 0) {
     lines.push(`capabilities:   ${info.capabilities.join(', ')}`);
   }
+  if (info.switchoverStarts) lines.push(`switch-over:    SWITCHOVER_START (QEMU 10.0 or later), replayed by load`);
   if (info.savedAt !== undefined) lines.push(`saved at:       ${info.savedAt}${info.writer ? ` by ${info.writer}` : ''}`);
   if (info.blocks !== undefined && info.blocks.length > 0) {
     lines.push('RAM blocks:');

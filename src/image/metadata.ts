@@ -4,8 +4,11 @@
 //   sectionCount x { u32 tag | u32 reserved (0) | u64 lengthBytes | u32 crc32 | u32 reserved (0) | data, padded to 8 }
 //
 // Sections: JSON (the small scalar parts and the block table), head, ramSetup, deviceState (raw bytes),
-// sent/data bitmaps and chunk CRCs (lists: u32 count, then per item u32 byteLength + bytes padded to 4).
-// Every section carries its own CRC-32 (zlib). Unknown tags are skipped; each known tag must appear exactly once.
+// sent/data bitmaps and chunk CRCs (lists: u32 count, then per item u32 byteLength + bytes padded to 4), and
+// switchoverCommands (raw bytes; optional: images written before QEMU 10 was supported have none).
+// Every section carries its own CRC-32 (zlib). Unknown tags are skipped (an older snap-pipe skips the switch-over
+// commands and loads such an image as before); each required tag must appear exactly once, an optional one at most
+// once.
 
 import assert from 'node:assert/strict';
 import { crc32 } from 'node:zlib';
@@ -33,10 +36,11 @@ const MetaTag = {
   SentBitmaps: 5,
   DataBitmaps: 6,
   ChunkCrcs: 7,
+  SwitchoverCommands: 8,
 } as const;
 type MetaTag = (typeof MetaTag)[keyof typeof MetaTag];
 
-const KNOWN_TAGS: MetaTag[] = [
+const REQUIRED_TAGS: MetaTag[] = [
   MetaTag.Json,
   MetaTag.Head,
   MetaTag.RamSetup,
@@ -139,6 +143,7 @@ export function encodeMeta(meta: SnapshotMeta): Uint8Array {
     [MetaTag.SentBitmaps, encodeList(meta.pages.map((p) => bytesOf(p.sent)))],
     [MetaTag.DataBitmaps, encodeList(meta.pages.map((p) => bytesOf(p.data)))],
     [MetaTag.ChunkCrcs, encodeList(meta.chunkCrc32c.map(crcBytes))],
+    [MetaTag.SwitchoverCommands, bytesOf(meta.switchoverCommands)],
   ];
   let total = CONTAINER_HEADER_BYTES;
   for (const [, data] of sections) total += SECTION_HEADER_BYTES + pad8(data.byteLength);
@@ -247,7 +252,7 @@ export function decodeMeta(src: Uint8Array): SnapshotMeta {
     pos = dataStart + pad8(len);
   }
   if (pos !== src.byteLength) throw damaged('trailing bytes');
-  for (const tag of KNOWN_TAGS) if (!found.has(tag)) throw damaged(`section ${tag} missing`);
+  for (const tag of REQUIRED_TAGS) if (!found.has(tag)) throw damaged(`section ${tag} missing`);
   const get = (tag: MetaTag): Uint8Array => found.get(tag) as Uint8Array;
 
   let parsed: unknown;
@@ -290,6 +295,7 @@ export function decodeMeta(src: Uint8Array): SnapshotMeta {
     ramVersionId: json.ramVersionId,
     head: get(MetaTag.Head).slice(),
     ramSetup: get(MetaTag.RamSetup).slice(),
+    switchoverCommands: (found.get(MetaTag.SwitchoverCommands) ?? new Uint8Array(0)).slice(),
     deviceState: get(MetaTag.DeviceState).slice(),
     sawRamEnd: json.sawRamEnd,
     blocks,

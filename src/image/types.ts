@@ -60,6 +60,12 @@ export interface SnapshotMeta {
   head: Uint8Array;
   /** The whole ram START section (header, setup payload, EOS, footer), verbatim. */
   ramSetup: Uint8Array;
+  /**
+   * COMMAND sections QEMU sent among the RAM sections, verbatim, in order: QEMU 10.0+'s SWITCHOVER_START (empty for
+   * older sources and old machine types). Load sends them after the RAM pages and before the device state, as QEMU
+   * does (migration.c migration_completion_precopy, postcopy_start).
+   */
+  switchoverCommands: Uint8Array;
   /** Everything after the last RAM section: device state sections, EOF, VM description; verbatim. */
   deviceState: Uint8Array;
   /** True if the stream had a ram END section (plain migration); background snapshots have none. */

@@ -21,6 +21,7 @@ import { chunksOf, pagesOf } from '../image/metadata.js';
 import { ImageReader } from '../image/reader.js';
 import { CLUSTER_BYTES, PAGE_BYTES, PAGES_PER_CHUNK, type SnapshotMeta } from '../image/types.js';
 import { checkDeviceStateEnd } from '../stream/parser.js';
+import { countSwitchoverStarts } from '../stream/switchover.js';
 import { openIoBackend, reapNamed, type IoBackend, type IoBackendName } from '../native/io.js';
 import { enlargePipe } from '../native/uring.js';
 import { alignedShared } from '../ring/memory.js';
@@ -411,6 +412,10 @@ export function checkStreamParts(path: string, meta: SnapshotMeta): void {
     throw bad('RAM setup section does not end with EOS and its footer');
   }
 
+  if (countSwitchoverStarts(meta.switchoverCommands) === null) {
+    throw bad(`switch-over commands (${meta.switchoverCommands.length} bytes) are not SWITCHOVER_START commands`);
+  }
+
   const dev = meta.deviceState;
   if (dev.length === 0 || (dev[0] !== SEC_FULL && dev[0] !== SEC_EOF)) throw bad('device state does not start with a device section or EOF');
   try {
@@ -592,6 +597,8 @@ export async function runLoad(opts: LoadOptions): Promise<LoadReport> {
       }
       assert.equal(dataPagesOut, plan.dataPages, 'every data page sent once');
 
+      // After the RAM and before the device state, where QEMU sends them (migration.c migration_completion_precopy).
+      out.raw(meta.switchoverCommands);
       out.raw(meta.deviceState);
       out.flush();
     } catch (err) {

@@ -44,19 +44,20 @@ import { crc32cImplementation } from '../native/fastmem.js';
 import { openIoBackend, reapNamed, type IoBackend, type IoBackendName } from '../native/io.js';
 import { alignedShared } from '../ring/memory.js';
 import { StreamBuilder } from '../stream/builder.js';
-import { SEC_EOF } from '../stream/constants.js';
+import {
+  CMD_OPEN_RETURN_PATH,
+  CMD_PACKAGED,
+  CMD_PING,
+  CMD_POSTCOPY_ADVISE,
+  CMD_POSTCOPY_LISTEN,
+  CMD_POSTCOPY_RAM_DISCARD,
+  CMD_POSTCOPY_RUN,
+  SEC_EOF,
+} from '../stream/constants.js';
 import { vmdescStart } from '../stream/parser.js';
 import { ReturnPathDecoder, type RpMessage } from '../stream/returnpath.js';
 import { LOAD_QUEUE_DEPTH_MAX, StreamOut, checkClusterCrc, checkStreamParts, planReads, type LoadReport, type Plan } from './load.js';
 
-// Commands (savevm.c enum qemu_vm_cmd).
-const CMD_OPEN_RETURN_PATH = 1;
-const CMD_PING = 2;
-const CMD_POSTCOPY_ADVISE = 3;
-const CMD_POSTCOPY_LISTEN = 4;
-const CMD_POSTCOPY_RUN = 5;
-const CMD_POSTCOPY_RAM_DISCARD = 6;
-const CMD_PACKAGED = 7;
 /** postcopy-ram.c MAX_DISCARDS_PER_COMMAND. */
 const DISCARDS_PER_COMMAND = 12;
 /** savevm.c MAX_VM_CMD_PACKAGED_SIZE (UINT32_MAX in 7.2). */
@@ -991,6 +992,9 @@ class PostcopySession {
         this.r.precopyClusters = shareChunks;
         this.r.precopyDataPages = this.r.pagesOut - this.r.precopyZeroPages;
       }
+      // 4b: the switch-over commands of the save (QEMU 10's SWITCHOVER_START), where QEMU's postcopy_start sends
+      // them: after the precopy share and before the discards (migration.c migration_switchover_start).
+      out.raw(meta.switchoverCommands);
       // 5: discard every page not sent yet — also with no precopy share. QEMU 7.2's loadvm_postcopy_handle_listen,
       // when LISTEN comes straight after ADVISE, sets LISTENING and then calls postcopy_ram_prepare_discard, which
       // sets the state back to DISCARD: until RUN, ram_load would then take the precopy path and write pages

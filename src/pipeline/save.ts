@@ -260,6 +260,7 @@ export class SavePipeline {
       ramVersionId: p.ramVersionId,
       head: p.head,
       ramSetup: p.ramSetup,
+      switchoverCommands: p.switchoverCommands,
       deviceState: p.deviceState,
       sawRamEnd: p.sawRamEnd,
       blocks: p.blocks.map((b, i) => ({

@@ -1,12 +1,15 @@
-// Pull parser for QEMU's migration stream (format version 3, as QEMU 7.2 and later write it without xbzrle,
+// Pull parser for QEMU's migration stream (format version 3, as QEMU 7.2 to 10.x write it without xbzrle,
 // compression, multifd or postcopy). It walks the input ring, hands every RAM page to the sink by position (page
 // data is never copied here), and keeps the non-RAM parts verbatim: the header and configuration, the RAM setup
-// section, and everything from the first device-state section to the end of the stream.
+// section, the commands QEMU sends among the RAM sections at switch-over (QEMU 10's SWITCHOVER_START), and
+// everything from the first device-state section to the end of the stream.
 import { SnapPipeError } from '../errors.js';
 import { PAGE_BITS, PAGE_BYTES } from '../image/types.js';
 import { InputRing } from '../ring/input.js';
+import { SWITCHOVER_COMMANDS_MAX, SWITCHOVER_START_BYTES } from './switchover.js';
 import {
   CAP_IGNORE_SHARED,
+  CMD_SWITCHOVER_START,
   QEVM_MAGIC,
   QEVM_VERSION,
   RAM_COMPRESS_PAGE,
@@ -59,6 +62,8 @@ export interface ParsedStream {
   ramVersionId: number;
   head: Uint8Array;
   ramSetup: Uint8Array;
+  /** COMMAND sections sent among the RAM sections (only SWITCHOVER_START is accepted), verbatim, in order. */
+  switchoverCommands: Uint8Array;
   deviceState: Uint8Array;
   /** The device state ends with EOF + VMDESCRIPTION (false: the source suppressed the VM description). */
   vmdescPresent: boolean;
@@ -81,6 +86,7 @@ const TWO_32 = 0x1_0000_0000;
  */
 export const BLOCK_PAGES_MAX = 2 ** 31;
 export const RAM_TOTAL_BYTES_MAX = 2 ** 44;
+
 const UNSUPPORTED_RAM_FLAGS: [number, string][] = [
   [RAM_XBZRLE, 'xbzrle'],
   [RAM_COMPRESS_PAGE, 'compress'],
@@ -134,6 +140,7 @@ export class StreamParser {
     let ramVersionId = 0;
     let sawRamEnd = false;
     let ramSections = 0;
+    const switchover: Uint8Array[] = [];
     for (;;) {
       const at = r.consumedBytes;
       if (!r.ensure(1)) {
@@ -169,11 +176,9 @@ export class StreamParser {
         if (type === SEC_END) sawRamEnd = true;
         ramSections++;
       } else if (type === SEC_COMMAND) {
-        const cmd = r.be16('command');
-        throw this.unsupported(
-          `a migration command (${cmd}): the source uses postcopy or a return path; snap-pipe save needs plain precopy or background-snapshot`,
-          at,
-        );
+        if (!ramSetup) throw this.bad('a migration command before the RAM setup', at);
+        if (switchover.length === SWITCHOVER_COMMANDS_MAX) throw this.bad(`more than ${SWITCHOVER_COMMANDS_MAX} switch-over commands`, at);
+        switchover.push(this.switchoverCommand(at));
       } else if (type === SEC_CONFIGURATION) {
         throw this.bad('a configuration section after the first section', at);
       } else {
@@ -192,6 +197,7 @@ export class StreamParser {
       ramVersionId,
       head,
       ramSetup,
+      switchoverCommands: concatAll(switchover),
       deviceState,
       vmdescPresent,
       sawRamEnd,
@@ -230,6 +236,20 @@ export class StreamParser {
       }
     }
     return { machineType, capabilities, uuid };
+  }
+
+  /**
+   * A COMMAND section among the RAM sections. SWITCHOVER_START (QEMU 10.0+, no payload) is kept for load to
+   * replay; every other command belongs to a capability whose stream snap-pipe cannot store (savevm.c
+   * qemu_savevm_command_send callers: the return path, postcopy, COLO, postcopy recovery).
+   */
+  private switchoverCommand(at: number): Uint8Array {
+    const r = this.ring;
+    const cmd = r.be16('command');
+    const len = r.be16('command length');
+    if (cmd !== CMD_SWITCHOVER_START) throw this.unsupported(refusedCommand(cmd), at);
+    if (len !== 0) throw this.bad(`a SWITCHOVER_START command with a ${len}-byte payload (QEMU sends none)`, at);
+    return SWITCHOVER_START_BYTES;
   }
 
   private footer(id: number): void {
@@ -332,6 +352,31 @@ export function shown(name: string): string {
     out += c >= 0x20 && c < 0x7f && c !== 0x27 && c !== 0x5c ? name[i] : `\\x${c.toString(16).padStart(2, '0')}`;
   }
   return `'${out}${name.length > NAME_CHARS_MAX ? `...' (${name.length} bytes)` : "'"}`;
+}
+
+/** Why a command other than SWITCHOVER_START cannot be stored: the capability that makes QEMU send it. */
+function refusedCommand(cmd: number): string {
+  const what =
+    cmd === 1 || cmd === 2
+      ? 'the return-path capability (OPEN_RETURN_PATH/PING): snap-pipe save answers no return path; turn return-path off'
+      : cmd >= 3 && cmd <= 7
+        ? 'the postcopy-ram capability: snap-pipe save needs plain precopy or background-snapshot; turn postcopy-ram off'
+        : cmd === 8
+          ? 'COLO (x-colo): turn x-colo off'
+          : cmd === 9 || cmd === 10
+            ? 'postcopy recovery: snap-pipe save needs plain precopy or background-snapshot'
+            : 'a command snap-pipe does not know (a QEMU newer than snap-pipe?)';
+  return `a migration command (${cmd}) from ${what}`;
+}
+
+function concatAll(parts: Uint8Array[]): Uint8Array {
+  const out = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
+  let at = 0;
+  for (const p of parts) {
+    out.set(p, at);
+    at += p.length;
+  }
+  return out;
 }
 
 function concatType(type: number, rest: Uint8Array): Uint8Array {

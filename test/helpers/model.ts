@@ -1,6 +1,8 @@
 // Builds migration streams from a list of page operations and keeps the RAM they should leave behind, so tests can
 // check an image against what the stream meant (the last record of each page wins).
 import { StreamBuilder } from '../../src/stream/builder.js';
+import { CMD_SWITCHOVER_START } from '../../src/stream/constants.js';
+import { SWITCHOVER_START_BYTES } from '../../src/stream/switchover.js';
 
 export interface BlockSpec {
   id: string;
@@ -25,6 +27,8 @@ export interface ModelStream {
   sent: boolean[][];
   data: boolean[][];
   deviceState: Uint8Array;
+  /** The SWITCHOVER_START command QEMU 10 sends before the ram END (empty without switchoverStart). */
+  switchoverCommands: Uint8Array;
 }
 
 /** Deterministic page content; never all zeros. */
@@ -52,6 +56,8 @@ export interface BuildOptions {
   ramEnd?: boolean;
   machineType?: string;
   deviceBytes?: number;
+  /** As QEMU 10.0+ does: a SWITCHOVER_START command after the last PART, before the ram END and the device state. */
+  switchoverStart?: boolean;
 }
 
 export function buildStream(blocks: BlockSpec[], ops: Op[], opts: BuildOptions = {}): ModelStream {
@@ -80,12 +86,14 @@ export function buildStream(blocks: BlockSpec[], ops: Op[], opts: BuildOptions =
     }
     b.ramEos(RAM_ID);
   }
+  if (opts.switchoverStart) b.command(CMD_SWITCHOVER_START);
   if (opts.ramEnd) b.ramEnd(RAM_ID).ramEos(RAM_ID);
   const dev = new Uint8Array(opts.deviceBytes ?? 3000).map((_, i) => (i * 13) & 0xff);
   const devStart = b.build().length;
   b.device(3, 'timer', dev.subarray(0, dev.length >> 1)).device(4, 'cpu', dev.subarray(dev.length >> 1)).eof();
   const bytes = b.build();
-  return { bytes, blocks, ram, sent, data, deviceState: bytes.slice(devStart) };
+  const switchoverCommands = opts.switchoverStart ? SWITCHOVER_START_BYTES : new Uint8Array(0);
+  return { bytes, blocks, ram, sent, data, deviceState: bytes.slice(devStart), switchoverCommands };
 }
 
 /** Every page of every block once, ascending; every `zeroEvery`-th page a zero record. */

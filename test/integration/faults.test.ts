@@ -80,9 +80,14 @@ describe('every stream save refuses leaves an incomplete image that load refuses
     { name: 'compression', bytes: () => withFlags(0x100), error: /compress flag .* at byte \d+$/ },
     { name: 'multifd', bytes: () => withFlags(0x200), error: /multifd flag .* at byte \d+$/ },
     {
-      name: 'postcopy on the source (a migration command)',
+      name: 'a return path on the source (a migration command)',
       bytes: () => new StreamBuilder().header().configuration('pc').ramSetup(2, BLOCKS).u8(0x08).be16(1).be16(0).build(),
-      error: /postcopy or a return path.* at byte \d+$/,
+      error: /a migration command \(1\) from the return-path capability.* at byte \d+$/,
+    },
+    {
+      name: 'postcopy on the source (POSTCOPY_ADVISE)',
+      bytes: () => new StreamBuilder().header().configuration('pc').ramSetup(2, BLOCKS).command(3, new Uint8Array(16)).build(),
+      error: /a migration command \(3\) from the postcopy-ram capability.* at byte \d+$/,
     },
     {
       name: 'a non-RAM iterable section (block migration)',

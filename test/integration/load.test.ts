@@ -79,6 +79,10 @@ function expectFaithful(out: Uint8Array, m: ModelStream): Parsed {
   expect(Buffer.from(got.parsed.head).equals(Buffer.from(orig.parsed.head)), 'header + configuration verbatim').toBe(true);
   expect(Buffer.from(got.parsed.ramSetup).equals(Buffer.from(orig.parsed.ramSetup)), 'ram START verbatim').toBe(true);
   expect(Buffer.from(got.parsed.deviceState).equals(Buffer.from(m.deviceState)), 'device state verbatim').toBe(true);
+  expect(Buffer.from(got.parsed.switchoverCommands).equals(Buffer.from(m.switchoverCommands)), 'switch-over commands').toBe(true);
+  // They come right before the device state, after every page (QEMU sends them after its last RAM PART).
+  const devAt = out.length - m.deviceState.length;
+  expect(Buffer.from(out.subarray(devAt - m.switchoverCommands.length, devAt)).equals(Buffer.from(m.switchoverCommands))).toBe(true);
   expect(got.parsed.vmdescPresent).toBe(true);
   expect(got.parsed.streamBytes).toBe(out.length);
   m.blocks.forEach((b, i) => {
@@ -143,8 +147,9 @@ interface LoadStats {
 // ---------------------------------------------------------------------------------------------------------------
 
 describe('snap-pipe load: saved streams come back page for page', () => {
-  const cases: { name: string; ops: () => Op[]; ramEnd?: boolean; perSection?: number; args?: string[] }[] = [
+  const cases: { name: string; ops: () => Op[]; ramEnd?: boolean; perSection?: number; args?: string[]; switchoverStart?: boolean }[] = [
     { name: 'sequential', ops: () => sequentialOps(BLOCKS, 5), ramEnd: true },
+    { name: 're-sent, as QEMU 10 sends it (SWITCHOVER_START before the ram END)', ops: resendOps, ramEnd: true, perSection: 700, switchoverStart: true },
     { name: 'pulled-forward', ops: () => pulledForward(sequentialOps(BLOCKS, 9), 0.002, 11) },
     { name: 're-sent', ops: resendOps, ramEnd: true, perSection: 700 },
     { name: 'unsent pages, buffered, queue depth 1', ops: sparseOps, args: ['--no-direct', '--queue-depth', '1'] },
@@ -154,7 +159,7 @@ describe('snap-pipe load: saved streams come back page for page', () => {
   for (const c of cases) {
     it(c.name, async () => {
       const slug = c.name.replace(/[^a-z0-9]+/gi, '-');
-      const m = buildStream(BLOCKS, c.ops(), { ramEnd: c.ramEnd, perSection: c.perSection });
+      const m = buildStream(BLOCKS, c.ops(), { ramEnd: c.ramEnd, perSection: c.perSection, switchoverStart: c.switchoverStart });
       const img = await save(slug, m);
       const outPath = join(dir, `${slug}.stream`);
       const statsPath = join(dir, `${slug}.json`);

@@ -227,6 +227,8 @@ interface PeerResult {
   zeroRecord: Uint8Array[];
   /** Per block, per page: received before the package (the precopy share). */
   beforePackage: Uint8Array[];
+  /** Stream offset of the last page record before the package (-1: none). */
+  lastPageBeforePackageAt: number;
   requests: Request[];
   packageAt: number;
   firstPageAt: number;
@@ -253,6 +255,7 @@ function runPeer(img: string, m: ModelStream, args: string[], script: PeerScript
     ram: m.blocks.map((b) => new Uint8Array(b.lengthBytes)),
     zeroRecord: pages.map((n) => new Uint8Array(n)),
     beforePackage: pages.map((n) => new Uint8Array(n)),
+    lastPageBeforePackageAt: -1,
     requests: [],
     packageAt: -1,
     firstPageAt: -1,
@@ -327,7 +330,10 @@ function runPeer(img: string, m: ModelStream, args: string[], script: PeerScript
       page(block, page, data, at) {
         if (res.firstPageAt < 0) res.firstPageAt = at;
         res.records[block][page]++;
-        if (!listening) res.beforePackage[block][page] = 1;
+        if (!listening) {
+          res.beforePackage[block][page] = 1;
+          res.lastPageBeforePackageAt = at;
+        }
         if (data) res.ram[block].set(data, page * PAGE);
         else res.zeroRecord[block][page] = 1;
         for (const q of res.requests) if (q.block === block && q.page === page && q.gotAt === undefined && at >= q.sentAt) q.gotAt = at;
@@ -406,8 +412,16 @@ function expectProtocol(res: PeerResult, m: ModelStream, percent: number): void 
   expect(res.cmds[0].payload.toString('hex')).toBe('0000000000001000' + '0000000000001000');
   expect(res.cmds[2].payload.readUInt32BE(0)).toBe(1);
   expect(res.firstPageAt < 0 || res.firstPageAt > res.adviseAt).toBe(true);
+  // A save from QEMU 10 had SWITCHOVER_START: it goes next, after the precopy share and before the DISCARDs, where
+  // QEMU's postcopy_start sends it.
+  const switchover = m.switchoverCommands.length / 5;
+  expect(cmds.slice(3, 3 + switchover)).toEqual(new Array(switchover).fill(11));
+  for (const c of res.cmds.slice(3, 3 + switchover)) {
+    expect(c.payload.length).toBe(0);
+    expect(c.at).toBeGreaterThan(res.lastPageBeforePackageAt);
+  }
   // Then DISCARDs (always: QEMU 7.2 mishandles LISTEN right after ADVISE), then one PACKAGED.
-  const rest = cmds.slice(3);
+  const rest = cmds.slice(3 + switchover);
   expect(rest[rest.length - 1]).toBe(7);
   expect(rest.length).toBeGreaterThan(1);
   expect(rest.slice(0, -1).every((c) => c === 6)).toBe(true);
@@ -463,9 +477,13 @@ function expectProtocol(res: PeerResult, m: ModelStream, percent: number): void 
 describe('snap-pipe load --postcopy against a scripted destination', () => {
   let m: ModelStream;
   let img: string;
+  let m10: ModelStream;
+  let img10: string;
   beforeAll(async () => {
     m = buildStream(BLOCKS, ops());
     img = await save('pc', m);
+    m10 = buildStream(BLOCKS, ops(), { switchoverStart: true });
+    img10 = await save('pc-qemu10', m10);
   }, 120_000);
 
   /** Far-ahead pages: the last data pages of pc.ram (the background reaches them last), a zero page, others. */
@@ -494,13 +512,15 @@ describe('snap-pipe load --postcopy against a scripted destination', () => {
     { name: 'postcopy from the start', percent: 0, args: ['--postcopy'] },
     { name: '30% precopy first', percent: 30, args: ['--postcopy=30'] },
     { name: 'sync reads, buffered, 10% first', percent: 10, args: ['--postcopy=10', '--io', 'sync', '--no-direct', '--queue-depth=2'] },
+    { name: 'saved from QEMU 10 (SWITCHOVER_START), 20% first', percent: 20, args: ['--postcopy=20'], qemu10: true },
   ]) {
     it(c.name, async () => {
       const statsPath = join(dir, `${c.percent}.json`);
-      const res = await runPeer(img, m, [...c.args, `--stats=${statsPath}`], { requests: burst, faults: 40 });
+      const [mm, image] = c.qemu10 ? [m10, img10] : [m, img];
+      const res = await runPeer(image, mm, [...c.args, `--stats=${statsPath}`], { requests: burst, faults: 40 });
       expect(res.code, res.stderr).toBe(0);
       expect(res.stderr).toBe('');
-      expectProtocol(res, m, c.percent);
+      expectProtocol(res, mm, c.percent);
       // Requested pages jump the queue: each arrives soon after the request (the pipe, snap-pipe's small output
       // buffer and one cluster at most), long before the background would have reached it.
       const served = res.requests.filter((q) => q.gotAt !== undefined);

@@ -100,6 +100,7 @@ function makeMeta(blocks: { id: string; lengthBytes: number }[], clusterCrc: Map
     ramVersionId: 4,
     head: new Uint8Array([0x51, 0x45, 0x56, 0x4d, 0, 0, 0, 3, 7, 1, 2]),
     ramSetup: new Uint8Array(Array.from({ length: 123 }, (_, i) => i)),
+    switchoverCommands: new Uint8Array([8, 0, 11, 0, 0]),
     deviceState,
     sawRamEnd: true,
     blocks: ramBlocks,

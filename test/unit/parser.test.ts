@@ -111,8 +111,37 @@ describe('StreamParser', () => {
       expectError(() => parseAll(new StreamBuilder().header().configuration('pc').ramSetup(2, BLOCKS).u8(0x42).build()), 'BAD_STREAM', /unknown section type 0x42/);
       const blk = new StreamBuilder().header().configuration('pc').sectionStart(1, 3, 'block', 0, 1).build();
       expectError(() => parseAll(blk), 'UNSUPPORTED', /iterable section 'block'/);
-      const cmd = new StreamBuilder().header().configuration('pc').u8(0x08).be16(1).be16(0).build();
-      expectError(() => parseAll(cmd), 'UNSUPPORTED', /postcopy or a return path/);
+      const cmd = (n: number, payload = new Uint8Array(0)) =>
+        new StreamBuilder().header().configuration('pc').ramSetup(2, BLOCKS).ramPart(2).ramEos(2).command(n, payload).build();
+      expectError(() => parseAll(cmd(1)), 'UNSUPPORTED', /\(1\) from the return-path capability .*turn return-path off at byte \d+$/);
+      expectError(() => parseAll(cmd(2, new Uint8Array(4))), 'UNSUPPORTED', /\(2\) from the return-path capability/);
+      for (const n of [3, 4, 5, 6, 7]) expectError(() => parseAll(cmd(n)), 'UNSUPPORTED', /from the postcopy-ram capability.*turn postcopy-ram off/);
+      expectError(() => parseAll(cmd(8)), 'UNSUPPORTED', /\(8\) from COLO \(x-colo\)/);
+      expectError(() => parseAll(cmd(9)), 'UNSUPPORTED', /\(9\) from postcopy recovery/);
+      expectError(() => parseAll(cmd(12)), 'UNSUPPORTED', /\(12\) from a command snap-pipe does not know/);
+      // A command before the RAM setup: QEMU never sends one there (its return path opens before the setup, and is refused above).
+      const early = new StreamBuilder().header().configuration('pc').command(11).build();
+      expectError(() => parseAll(early), 'BAD_STREAM', /a migration command before the RAM setup at byte \d+$/);
+    });
+
+    it('QEMU 10\'s SWITCHOVER_START: kept for load to replay; a payload or a flood of them is refused', () => {
+      const m = buildStream(BLOCKS, sequentialOps(BLOCKS), { ramEnd: true, switchoverStart: true });
+      const c = parseAll(m.bytes);
+      expect(Array.from(c.parsed.switchoverCommands)).toEqual([0x08, 0, 11, 0, 0]);
+      expect(c.parsed.sawRamEnd).toBe(true);
+      expect(Buffer.compare(c.parsed.deviceState, m.deviceState)).toBe(0);
+      c.ram.forEach((r, i) => expect(Buffer.compare(r, m.ram[i]), `block ${i}`).toBe(0));
+      // Without it (QEMU before 10.0, or send-switchover-start=off): none kept.
+      expect(parseAll(buildStream(BLOCKS, sequentialOps(BLOCKS), { ramEnd: true }).bytes).parsed.switchoverCommands.length).toBe(0);
+      const base = () => new StreamBuilder().header().configuration('pc').ramSetup(2, BLOCKS).ramPart(2).ramEos(2);
+      expectError(() => parseAll(base().command(11, new Uint8Array(1)).build()), 'BAD_STREAM', /SWITCHOVER_START command with a 1-byte payload/);
+      const flood = base();
+      for (let i = 0; i < 9; i++) flood.command(11);
+      expectError(() => parseAll(flood.build()), 'BAD_STREAM', /more than 8 switch-over commands/);
+      const eight = base();
+      for (let i = 0; i < 8; i++) eight.command(11);
+      const ok = parseAll(eight.device(3, 'timer', new Uint8Array(10)).eof().build());
+      expect(ok.parsed.switchoverCommands.length).toBe(40);
     });
 
     it('unknown or undecodable RAM flags', () => {

@@ -29,6 +29,7 @@ function sampleMeta(): SnapshotMeta {
     ramVersionId: 4,
     head: new Uint8Array([1, 2, 3]),
     ramSetup: new Uint8Array(0),
+    switchoverCommands: new Uint8Array(0),
     deviceState: new Uint8Array([9, 8, 7, 6, 5]),
     sawRamEnd: false,
     blocks: [
@@ -151,5 +152,25 @@ describe('metadata container', () => {
     longer.set(bytes);
     expect(() => decodeMeta(longer)).toThrow(/metadata damaged/);
     expect(crc32(bytes)).not.toBe(0);
+  });
+
+  it('switch-over commands: optional when decoding (images from before QEMU 10), skipped as an unknown tag by older readers', () => {
+    const meta = { ...sampleMeta(), switchoverCommands: Uint8Array.of(8, 0, 11, 0, 0) };
+    const bytes = encodeMeta(meta);
+    expect(decodeMeta(bytes).switchoverCommands).toEqual(meta.switchoverCommands);
+    // The container without its last section (tag 8, written last): what snap-pipe wrote before this change.
+    const view = new DataView(bytes.buffer, bytes.byteOffset);
+    const sections = view.getUint32(12, true);
+    let pos = 24;
+    for (let i = 0; i < sections - 1; i++) pos += 24 + Math.ceil(Number(view.getBigUint64(pos + 8, true)) / 8) * 8;
+    expect(view.getUint32(pos, true)).toBe(8);
+    const older = bytes.slice(0, pos);
+    const olderView = new DataView(older.buffer);
+    olderView.setUint32(12, sections - 1, true);
+    olderView.setBigUint64(16, BigInt(pos), true);
+    expect(decodeMeta(older)).toEqual({ ...meta, switchoverCommands: new Uint8Array(0) });
+    // An older reader skips unknown tags: a tag it does not know in place of 8 is skipped the same way here.
+    view.setUint32(pos, 99, true);
+    expect(decodeMeta(bytes)).toEqual({ ...meta, switchoverCommands: new Uint8Array(0) });
   });
 });
