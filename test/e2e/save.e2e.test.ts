@@ -7,14 +7,8 @@ import { mkdtempSync, readFileSync, rmSync, statSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, test } from 'vitest';
-import {
-  Guest,
-  guestFiles,
-  qemuImgBinary,
-  qemuSystemBinary,
-  snapPipeBin,
-  type MigrationStatus,
-} from '../../src/qemu/guest.js';
+import { Guest, guestFiles, snapPipeBin, type MigrationStatus } from '../../src/qemu/guest.js';
+import { qemuAtLeast, testedQemus, type Qemu } from '../../src/qemu/versions.js';
 import type { ImageInfo } from '../../src/image/info.js';
 import { firstDifference, LEGACY_WINDOW, saveUri } from '../helpers/e2e.js';
 
@@ -44,22 +38,20 @@ function snapPipeInfo(img: string): Info {
   }
 }
 
-/** qemu-img check must exit 0 (no corruptions, no leaks). */
-function qemuImgCheck(img: string): string {
-  return run(qemuImgBinary(), ['check', img], 120_000).stdout;
+/** qemu-img check (of the QEMU under test) must exit 0 (no corruptions, no leaks). */
+function qemuImgCheck(qemu: Qemu, img: string): string {
+  return run(qemu.img, ['check', img], 120_000).stdout;
 }
 
 /** Copies [offsetBytes, offsetBytes + lengthBytes) of the image's virtual disk to a raw file, with qemu-img. */
-function extractRegion(img: string, offsetBytes: number, lengthBytes: number, rawPath: string): void {
+function extractRegion(qemu: Qemu, img: string, offsetBytes: number, lengthBytes: number, rawPath: string): void {
   const opts = `driver=raw,offset=${offsetBytes},size=${lengthBytes},file.driver=qcow2,file.file.filename=${img.replace(/,/g, ',,')}`;
-  run(qemuImgBinary(), ['convert', '--image-opts', opts, '-O', 'raw', rawPath], 300_000);
+  run(qemu.img, ['convert', '--image-opts', opts, '-O', 'raw', rawPath], 300_000);
 }
 
 
 /** Each test fails (never skips) on a machine without QEMU, the guest files or the build. */
 function requirePrerequisites(): void {
-  qemuSystemBinary();
-  qemuImgBinary();
   guestFiles();
   snapPipeBin();
 }
@@ -99,9 +91,9 @@ function expectCompleteImage(info: Info, img: string, migration: MigrationStatus
 }
 
 /** The image's pc.ram, extracted with qemu-img, equals the pmemsave dump byte for byte (outside the legacy window). */
-async function expectPcRamMatches(img: string, info: Info, dump: string, raw: string): Promise<void> {
+async function expectPcRamMatches(qemu: Qemu, img: string, info: Info, dump: string, raw: string): Promise<void> {
   const ram = info.blocks.find((b) => b.id === 'pc.ram')!;
-  extractRegion(img, ram.virtOffsetBytes, ram.lengthBytes, raw);
+  extractRegion(qemu, img, ram.virtOffsetBytes, ram.lengthBytes, raw);
   expect(statSync(raw).size).toBe(ram.lengthBytes);
   const diff = await firstDifference(dump, raw, ram.lengthBytes, [LEGACY_WINDOW]);
   expect(
@@ -110,7 +102,7 @@ async function expectPcRamMatches(img: string, info: Info, dump: string, raw: st
   ).toBe(-1);
 }
 
-describe('snap-pipe save behind a real QEMU migration', () => {
+describe.each(testedQemus())('snap-pipe save behind a real QEMU migration: $label', (qemu) => {
   let dir: string;
   let guest: Guest | null = null;
 
@@ -134,7 +126,7 @@ describe('snap-pipe save behind a real QEMU migration', () => {
     const dump = join(dir, 'stopped.pmem');
     const raw = join(dir, 'stopped.pc-ram.raw');
 
-    guest = await Guest.start({ name: 'save-stopped', memMiB, fillMiB });
+    guest = await Guest.start({ qemu, name: 'save-stopped', memMiB, fillMiB });
     await guest.waitReady(180_000);
     await guest.stop();
     await guest.pmemsave(0, memMiB * MiB, dump, 120_000);
@@ -148,14 +140,14 @@ describe('snap-pipe save behind a real QEMU migration', () => {
     if (migration.status !== 'completed') {
       throw guest.failure(`migration to snap-pipe save ${migration.status}: ${migration['error-desc'] ?? '?'}`);
     }
-    console.log(`save (stopped, ${memMiB} MiB): ${ms} ms, ${((memMiB / ms) * 1000).toFixed(0)} MiB/s of guest RAM`);
+    console.log(`${qemu.label} save (stopped, ${memMiB} MiB): ${ms} ms, ${((memMiB / ms) * 1000).toFixed(0)} MiB/s of guest RAM`);
     // QEMU survived and is done with the stream.
     expect(guest.alive).toBe(true);
     expect((await guest.queryStatus()).status).toBe('postmigrate');
     expect((await guest.queryMigrate()).status).toBe('completed');
 
-    qemuImgCheck(img);
-    const qinfo = JSON.parse(run(qemuImgBinary(), ['info', '--output=json', img], 60_000).stdout) as {
+    qemuImgCheck(qemu, img);
+    const qinfo = JSON.parse(run(qemu.img, ['info', '--output=json', img], 60_000).stdout) as {
       format: string;
       'cluster-size': number;
       'virtual-size': number;
@@ -167,9 +159,11 @@ describe('snap-pipe save behind a real QEMU migration', () => {
     expectCompleteImage(info, img, migration);
     expect(qinfo['virtual-size']).toBe(info.virtualBytes);
     expect(info.sawRamEnd).toBe(true); // plain precopy ends RAM with a ram END section
+    // QEMU 10 (machine types from 10.0 on) announces the switch-over with SWITCHOVER_START; the image keeps it.
+    expect(info.switchoverStarts).toBe(qemuAtLeast(qemu, 10, 0) ? 1 : 0);
     for (const b of info.blocks) expect(b.unsentPages, `${b.id} unsentPages`).toBe(0);
 
-    await expectPcRamMatches(img, info, dump, raw);
+    await expectPcRamMatches(qemu, img, info, dump, raw);
   }, 420_000);
 
   test('a plain migration of a running guest: pages re-sent over data, the last version stored, every checksum sound', async () => {
@@ -179,7 +173,7 @@ describe('snap-pipe save behind a real QEMU migration', () => {
     const dump = join(dir, 'precopy.pmem');
     const raw = join(dir, 'precopy.pc-ram.raw');
 
-    guest = await Guest.start({ name: 'save-precopy', memMiB, fillMiB });
+    guest = await Guest.start({ qemu, name: 'save-precopy', memMiB, fillMiB });
     await guest.waitReady(180_000);
     // Slow enough that the guest's ticks (256 KiB of tmpfs rewritten each) dirty pages sent earlier: QEMU sends
     // them again in its next pass, over what the image already holds.
@@ -195,25 +189,26 @@ describe('snap-pipe save behind a real QEMU migration', () => {
     expect((await guest.queryStatus()).status).toBe('postmigrate');
     await guest.pmemsave(0, memMiB * MiB, dump, 120_000);
 
-    qemuImgCheck(img);
+    qemuImgCheck(qemu, img);
     const info = snapPipeInfo(img);
     expectCompleteImage(info, img, migration);
     expect(info.sawRamEnd).toBe(true);
+    expect(info.switchoverStarts).toBe(qemuAtLeast(qemu, 10, 0) ? 1 : 0);
     expect(info.resentPages).toBeGreaterThan(0);
     const report = JSON.parse(readFileSync(stats, 'utf8')) as { oldContentReads: number; rewrittenClusters: number };
-    console.log(`save (plain migration of a running guest): ${info.resentPages} pages re-sent, ${report.rewrittenClusters} clusters rewritten, ${report.oldContentReads} old-content reads`);
+    console.log(`${qemu.label} save (plain migration of a running guest): ${info.resentPages} pages re-sent, ${report.rewrittenClusters} clusters rewritten, ${report.oldContentReads} old-content reads`);
     expect(report.oldContentReads).toBeGreaterThan(0);
     // Every cluster's recorded CRC-32C matches its bytes, the rewritten ones included.
     run(process.execPath, [snapPipeBin(), 'verify', img], 120_000);
 
-    await expectPcRamMatches(img, info, dump, raw);
+    await expectPcRamMatches(qemu, img, info, dump, raw);
   }, 420_000);
 
   test('a background snapshot of a running guest: every page of every block stored exactly once', async () => {
     requirePrerequisites();
     const img = join(dir, 'background.qcow2');
 
-    guest = await Guest.start({ name: 'save-background', memMiB, fillMiB });
+    guest = await Guest.start({ qemu, name: 'save-background', memMiB, fillMiB });
     await guest.waitReady(180_000);
     await guest.unthrottle();
     await guest.setCapabilities({ 'background-snapshot': true });
@@ -226,14 +221,14 @@ describe('snap-pipe save behind a real QEMU migration', () => {
     if (migration.status !== 'completed') {
       throw guest.failure(`background snapshot to snap-pipe save ${migration.status}: ${migration['error-desc'] ?? '?'}`);
     }
-    console.log(`save (background, ${memMiB} MiB): ${ms} ms, ${((memMiB / ms) * 1000).toFixed(0)} MiB/s of guest RAM`);
+    console.log(`${qemu.label} save (background, ${memMiB} MiB): ${ms} ms, ${((memMiB / ms) * 1000).toFixed(0)} MiB/s of guest RAM`);
     // The guest went on running through the snapshot and after it.
     expect(guest.alive).toBe(true);
     expect(await guest.queryStatus()).toMatchObject({ status: 'running', running: true });
     expect((await guest.queryMigrate()).status).toBe('completed');
     await guest.waitTick(30_000);
 
-    qemuImgCheck(img);
+    qemuImgCheck(qemu, img);
     const info = snapPipeInfo(img);
     expectCompleteImage(info, img, migration);
     for (const b of info.blocks) {
@@ -244,6 +239,7 @@ describe('snap-pipe save behind a real QEMU migration', () => {
     expect(info.dataPages + info.zeroPages).toBe(pages);
     expect(info.resentPages).toBe(0);
     expect(info.sawRamEnd).toBe(false); // a background snapshot sends no ram END section
+    expect(info.switchoverStarts).toBe(0); // nor a SWITCHOVER_START (migration.c bg_migration_thread)
     expect(pages).toBe(migration.ram!.normal + migration.ram!.duplicate);
   }, 420_000);
 });
