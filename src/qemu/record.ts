@@ -3,6 +3,7 @@
 // background snapshot of the running guest. Optionally dumps guest RAM with pmemsave first (stopped mode only).
 import { statSync } from 'node:fs';
 import { Guest, shellQuote, type MigrationStatus } from './guest.js';
+import type { Qemu } from './versions.js';
 
 export type RecordMode = 'stopped' | 'background';
 
@@ -23,6 +24,8 @@ export interface RecordOptions {
   timeoutMs?: number;
   /** Extra migration capabilities to set (besides background-snapshot in background mode). */
   capabilities?: Record<string, boolean>;
+  /** The QEMU to record from (default: the machine's own). */
+  qemu?: Qemu;
 }
 
 export interface RecordResult {
@@ -46,7 +49,7 @@ export async function recordStream(opts: RecordOptions): Promise<RecordResult> {
   const remaining = (): number => Math.max(1_000, deadline - Date.now());
 
   const t0 = Date.now();
-  const guest = await Guest.start({ name: opts.name ?? `record-${opts.mode}`, memMiB: opts.memMiB, fillMiB: opts.fillMiB });
+  const guest = await Guest.start({ qemu: opts.qemu, name: opts.name ?? `record-${opts.mode}`, memMiB: opts.memMiB, fillMiB: opts.fillMiB });
   try {
     await guest.waitReady(remaining());
     const bootMs = Date.now() - t0;

@@ -2,6 +2,7 @@
 // VM must keep running, and the image must not look complete.
 import { afterEach, describe, expect, test } from 'vitest';
 import { Guest } from '../../src/qemu/guest.js';
+import { testedQemus } from '../../src/qemu/versions.js';
 import { info } from '../helpers/cli.js';
 import { saveUri } from '../helpers/e2e.js';
 import { mountSmallFs, type SmallFs } from '../helpers/smallfs.js';
@@ -15,10 +16,10 @@ afterEach(async () => {
   small = undefined;
 });
 
-describe('snap-pipe save failing under QEMU', () => {
+describe.each(testedQemus())('snap-pipe save failing under QEMU: $label', (qemu) => {
   test('disk full: the migration fails, the running source goes on, the image is incomplete', async () => {
     small = mountSmallFs(48);
-    guest = await Guest.start({ name: 'fault-full', memMiB: 256, fillMiB: 100 });
+    guest = await Guest.start({ qemu, name: 'fault-full', memMiB: 256, fillMiB: 100 });
     await guest.waitReady();
     await guest.unthrottle();
     const img = `${small.dir}/vm.qcow2`;

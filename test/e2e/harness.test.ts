@@ -4,13 +4,12 @@ import { mkdtempSync, openSync, readSync, closeSync, rmSync, statSync } from 'no
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
-import { Guest, guestFiles, qemuImgBinary, qemuSystemBinary, shellQuote } from '../../src/qemu/guest.js';
+import { Guest, guestFiles, shellQuote } from '../../src/qemu/guest.js';
+import { testedQemus } from '../../src/qemu/versions.js';
 import { recordStream } from '../../src/qemu/record.js';
 
-/** Each test fails (never skips) on a machine without QEMU or the guest files. */
+/** Each test fails (never skips) on a machine without the guest files (testedQemus() throws without a QEMU). */
 function requirePrerequisites(): void {
-  qemuSystemBinary();
-  qemuImgBinary();
   guestFiles();
 }
 
@@ -25,7 +24,7 @@ function head(path: string, bytes: number): Buffer {
   }
 }
 
-describe('QEMU harness', () => {
+describe.each(testedQemus())('QEMU harness: $label', (qemu) => {
   let dir: string;
   let guest: Guest | null = null;
 
@@ -41,10 +40,11 @@ describe('QEMU harness', () => {
   test('boots to READY, answers QMP, stops and continues, migrates to exec:cat', async () => {
     requirePrerequisites();
     const t0 = Date.now();
-    guest = await Guest.start({ name: 'harness', memMiB: 256, fillMiB: 32 });
+    guest = await Guest.start({ qemu, name: 'harness', memMiB: 256, fillMiB: 32 });
+    expect(guest.qemu).toBe(qemu);
     const ready = await guest.waitReady(120_000);
     expect(ready).toMatch(/SNAPPIPE-READY fill=32MiB/);
-    console.log(`harness: boot to READY in ${Date.now() - t0} ms`);
+    console.log(`harness (${qemu.label}): boot to READY in ${Date.now() - t0} ms`);
 
     expect(await guest.queryStatus()).toMatchObject({ status: 'running', running: true });
     await guest.waitTick(30_000);
@@ -90,7 +90,7 @@ describe('QEMU harness', () => {
   test('recordStream: a background snapshot of a running guest', async () => {
     requirePrerequisites();
     const out = join(dir, 'background.bin');
-    const r = await recordStream({ memMiB: 256, fillMiB: 32, mode: 'background', outPath: out, name: 'harness-record' });
+    const r = await recordStream({ qemu, memMiB: 256, fillMiB: 32, mode: 'background', outPath: out, name: 'harness-record' });
     expect(r.migration.status).toBe('completed');
     expect(r.streamBytes).toBe(statSync(out).size);
     const h = head(out, 8);
@@ -102,7 +102,7 @@ describe('QEMU harness', () => {
   test('a guest that cannot start fails with QEMU\'s message', async () => {
     requirePrerequisites();
     await expect(
-      Guest.start({ name: 'harness-bad', memMiB: 256, fillMiB: 0, extraArgs: ['-no-such-option'] }),
+      Guest.start({ qemu, name: 'harness-bad', memMiB: 256, fillMiB: 0, extraArgs: ['-no-such-option'] }),
     ).rejects.toThrow(/QEMU exited at start.*no-such-option/s);
   }, 60_000);
 });

@@ -8,7 +8,9 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, test } from 'vitest';
 import { ImageReader } from '../../src/image/reader.js';
-import { Guest, delayMs, guestFiles, qemuImgBinary, qemuSystemBinary, snapPipeBin } from '../../src/qemu/guest.js';
+import { Guest, delayMs, guestFiles, snapPipeBin } from '../../src/qemu/guest.js';
+import { qemuAtLeast, testedQemus, type Qemu } from '../../src/qemu/versions.js';
+import { info } from '../helpers/cli.js';
 import { firstDifference, LEGACY_WINDOW, saveUri, loadUri } from '../helpers/e2e.js';
 
 const MiB = 1024 * 1024;
@@ -33,8 +35,8 @@ async function saveGuest(g: Guest, img: string): Promise<number> {
  * `migrate_incoming exec:snap-pipe load IMG`; returns the guest (paused) and the milliseconds until query-migrate
  * said completed.
  */
-async function restore(name: string, img: string, args: string[] = [], mem = memMiB, fill = fillMiB): Promise<{ guest: Guest; ms: number }> {
-  const g = await Guest.start({ name, memMiB: mem, fillMiB: fill, incoming: true });
+async function restore(qemu: Qemu, name: string, img: string, args: string[] = [], mem = memMiB, fill = fillMiB): Promise<{ guest: Guest; ms: number }> {
+  const g = await Guest.start({ qemu, name, memMiB: mem, fillMiB: fill, incoming: true });
   try {
     expect(await g.queryStatus()).toMatchObject({ running: false });
     const t0 = Date.now();
@@ -52,14 +54,12 @@ async function restore(name: string, img: string, args: string[] = [], mem = mem
   }
 }
 
-describe('snap-pipe load behind a real QEMU incoming migration', () => {
+describe.each(testedQemus())('snap-pipe load behind a real QEMU incoming migration: $label', (qemu) => {
   let dir: string;
   let source: Guest | null = null;
   let dest: Guest | null = null;
 
   beforeAll(() => {
-    qemuSystemBinary();
-    qemuImgBinary();
     guestFiles();
     snapPipeBin();
     dir = mkdtempSync(join(tmpdir(), 'snap-pipe-load-e2e-'));
@@ -82,23 +82,25 @@ describe('snap-pipe load behind a real QEMU incoming migration', () => {
     const before = join(dir, 'before.pmem');
     const after = join(dir, 'after.pmem');
 
-    source = await Guest.start({ name: 'load-src', memMiB, fillMiB });
+    source = await Guest.start({ qemu, name: 'load-src', memMiB, fillMiB });
     await source.waitReady(180_000);
     await source.stop();
     await source.pmemsave(0, memMiB * MiB, before, 120_000);
     expect(statSync(before).size).toBe(memMiB * MiB);
     await source.unthrottle();
     const saveMs = await saveGuest(source, img);
-    console.log(`save (stopped, ${memMiB} MiB): ${saveMs} ms`);
+    console.log(`${qemu.label} save (stopped, ${memMiB} MiB): ${saveMs} ms`);
+    // From QEMU 10 the image carries SWITCHOVER_START, which load replays before the device state.
+    expect((await info(img)).switchoverStarts).toBe(qemuAtLeast(qemu, 10, 0) ? 1 : 0);
     await source.quit();
     source = null;
 
     const statsPath = join(dir, 'load-stats.json');
-    const r = await restore('load-dst', img, [`--stats=${statsPath}`]);
+    const r = await restore(qemu, 'load-dst', img, [`--stats=${statsPath}`]);
     dest = r.guest;
     const st = JSON.parse(readFileSync(statsPath, 'utf8')) as Record<string, number>;
     console.log(
-      `load (stopped, ${memMiB} MiB, image ${(statSync(img).size / MiB).toFixed(0)} MiB): migrate_incoming ${r.ms} ms ` +
+      `${qemu.label} load (stopped, ${memMiB} MiB, image ${(statSync(img).size / MiB).toFixed(0)} MiB): migrate_incoming ${r.ms} ms ` +
         `(${((memMiB / r.ms) * 1000).toFixed(0)} MiB/s of guest RAM); snap-pipe: ${(st.bytesOut / MiB).toFixed(0)} MiB of stream ` +
         `in ${(st.seconds * 1000).toFixed(0)} ms (${st.outMBps.toFixed(0)} MB/s), reading ${st.readMs.toFixed(0)} ms, ` +
         `verifying ${st.verifyMs.toFixed(0)} ms, writing to QEMU ${st.writeMs.toFixed(0)} ms`,
@@ -123,19 +125,19 @@ describe('snap-pipe load behind a real QEMU incoming migration', () => {
   test('a background snapshot of a running guest is restored and runs', async () => {
     const img = join(dir, 'background.qcow2');
 
-    source = await Guest.start({ name: 'load-bg-src', memMiB, fillMiB });
+    source = await Guest.start({ qemu, name: 'load-bg-src', memMiB, fillMiB });
     await source.waitReady(180_000);
     await source.unthrottle();
     await source.setCapabilities({ 'background-snapshot': true });
     await source.waitTick(30_000);
     const saveMs = await saveGuest(source, img);
-    console.log(`save (background, ${memMiB} MiB): ${saveMs} ms`);
+    console.log(`${qemu.label} save (background, ${memMiB} MiB): ${saveMs} ms`);
     await source.quit();
     source = null;
 
-    const r = await restore('load-bg-dst', img);
+    const r = await restore(qemu, 'load-bg-dst', img);
     dest = r.guest;
-    console.log(`load (background snapshot, ${memMiB} MiB): migrate_incoming ${r.ms} ms`);
+    console.log(`${qemu.label} load (background snapshot, ${memMiB} MiB): migrate_incoming ${r.ms} ms`);
     const from = dest.consoleBytes();
     await dest.cont();
     expect(await dest.queryStatus()).toMatchObject({ status: 'running', running: true });
@@ -148,7 +150,7 @@ describe('snap-pipe load behind a real QEMU incoming migration', () => {
     const fill = 32;
     const img = join(dir, 'small.qcow2');
     const bad = join(dir, 'damaged.qcow2');
-    source = await Guest.start({ name: 'load-bad-src', memMiB: mem, fillMiB: fill });
+    source = await Guest.start({ qemu, name: 'load-bad-src', memMiB: mem, fillMiB: fill });
     await source.waitReady(180_000);
     await source.stop();
     await source.unthrottle();
@@ -173,9 +175,10 @@ describe('snap-pipe load behind a real QEMU incoming migration', () => {
     writeSync(fd, one, 0, 1, host + 12345);
     closeSync(fd);
 
-    dest = await Guest.start({ name: 'load-bad-dst', memMiB: mem, fillMiB: fill, incoming: true });
+    dest = await Guest.start({ qemu, name: 'load-bad-dst', memMiB: mem, fillMiB: fill, incoming: true });
     await dest.migrateIncoming(loadUri(bad));
-    // QEMU 7.2 exits when an incoming migration fails (migration.c process_incoming_migration_co).
+    // QEMU exits when an incoming migration fails (7.2: migration.c process_incoming_migration_co; 9.1+: unless
+    // migrate-incoming's exit-on-error is false).
     const deadline = Date.now() + 60_000;
     while (dest.alive && Date.now() < deadline) await delayMs(100);
     if (dest.alive) throw dest.failure('QEMU still running 60 s after loading a damaged image');

@@ -16,7 +16,9 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, test } from 'vitest';
 import type { PostcopyReport } from '../../src/pipeline/postcopy.js';
-import { Guest, delayMs, guestFiles, qemuImgBinary, qemuSystemBinary, shellQuote, snapPipeBin } from '../../src/qemu/guest.js';
+import { Guest, delayMs, guestFiles, shellQuote, snapPipeBin } from '../../src/qemu/guest.js';
+import { qemuAtLeast, testedQemus } from '../../src/qemu/versions.js';
+import { info } from '../helpers/cli.js';
 import { firstDifference, LEGACY_WINDOW, loadUri, saveUri } from '../helpers/e2e.js';
 
 const MiB = 1024 * 1024;
@@ -55,7 +57,7 @@ const pageBytes = 4096;
 const memMiB = 512;
 const fillMiB = 200;
 
-describe('snap-pipe load --postcopy behind a real QEMU', () => {
+describe.each(testedQemus())('snap-pipe load --postcopy behind a real QEMU: $label', (qemu) => {
   let dir: string;
   let source: Guest | null = null;
   let dest: Guest | null = null;
@@ -64,8 +66,6 @@ describe('snap-pipe load --postcopy behind a real QEMU', () => {
   let throttle: string;
 
   beforeAll(async () => {
-    qemuSystemBinary();
-    qemuImgBinary();
     guestFiles();
     snapPipeBin();
     dir = mkdtempSync(join(tmpdir(), 'snap-pipe-postcopy-e2e-'));
@@ -73,7 +73,7 @@ describe('snap-pipe load --postcopy behind a real QEMU', () => {
     writeFileSync(throttle, THROTTLE_JS);
     img = join(dir, 'stopped.qcow2');
     before = join(dir, 'before.pmem');
-    source = await Guest.start({ name: 'postcopy-src', memMiB, fillMiB });
+    source = await Guest.start({ qemu, name: 'postcopy-src', memMiB, fillMiB });
     await source.waitReady(180_000);
     await source.stop();
     await source.pmemsave(0, memMiB * MiB, before, 120_000);
@@ -81,6 +81,8 @@ describe('snap-pipe load --postcopy behind a real QEMU', () => {
     await source.migrate(saveUri(img));
     const m = await source.waitMigration(180_000);
     if (m.status !== 'completed') throw source.failure(`save ${m.status}: ${m['error-desc'] ?? '?'}`);
+    // From QEMU 10 the image carries SWITCHOVER_START: postcopy replays it before the discards.
+    expect((await info(img)).switchoverStarts).toBe(qemuAtLeast(qemu, 10, 0) ? 1 : 0);
     await source.quit();
     source = null;
   }, 600_000);
@@ -99,7 +101,7 @@ describe('snap-pipe load --postcopy behind a real QEMU', () => {
   const results: Record<string, number> = {};
 
   test('precopy baseline: migrate_incoming to the first tick', async () => {
-    dest = await Guest.start({ name: 'postcopy-base', memMiB, fillMiB, incoming: true });
+    dest = await Guest.start({ qemu, name: 'postcopy-base', memMiB, fillMiB, incoming: true });
     const from = dest.consoleBytes();
     const t0 = Date.now();
     await dest.migrateIncoming(loadUri(img));
@@ -110,7 +112,7 @@ describe('snap-pipe load --postcopy behind a real QEMU', () => {
     await dest.waitTick(30_000, from);
     results.precopyToTickMs = Date.now() - t0;
     results.precopyLoadedMs = loaded;
-    console.log(`precopy: migrate_incoming -> completed ${loaded} ms, -> first tick after cont ${results.precopyToTickMs} ms`);
+    console.log(`${qemu.label} precopy: migrate_incoming -> completed ${loaded} ms, -> first tick after cont ${results.precopyToTickMs} ms`);
   }, 300_000);
 
   /**
@@ -119,7 +121,7 @@ describe('snap-pipe load --postcopy behind a real QEMU', () => {
    * guest, which needs ~0.7 s under TCG to print its first tick, surely ticks before the end).
    */
   async function startPostcopy(name: string, percent: number, statsPath: string, mbps?: number): Promise<{ t0: number; from: number }> {
-    dest = await Guest.start({ name, memMiB, fillMiB, incoming: true });
+    dest = await Guest.start({ qemu, name, memMiB, fillMiB, incoming: true });
     // QEMU 7.2 checks postcopy-ram on the destination at POSTCOPY_ADVISE: set it before migrate_incoming.
     await dest.setCapabilities({ 'postcopy-ram': true, 'postcopy-blocktime': true });
     const from = dest.consoleBytes();
@@ -191,7 +193,7 @@ describe('snap-pipe load --postcopy behind a real QEMU', () => {
     await g.cont();
     await g.waitTick(30_000, from);
     await g.waitTick(30_000);
-    console.log(`postcopy, paused destination: migrate_incoming -> completed ${ms} ms; identical memory.\n  ${describeStats(st)}`);
+    console.log(`${qemu.label} postcopy, paused destination: migrate_incoming -> completed ${ms} ms; identical memory.\n  ${describeStats(st)}`);
   }, 600_000);
 
   for (const { percent, mbps } of [{ percent: 0, mbps: 0 }, { percent: 0, mbps: 64 }, { percent: 25, mbps: 64 }]) {
@@ -248,7 +250,7 @@ describe('snap-pipe load --postcopy behind a real QEMU', () => {
 
       const blocktime = (done as Record<string, unknown>)['postcopy-blocktime'];
       console.log(
-        `${label}, cont at postcopy-active: migrate_incoming -> postcopy-active ${activeMs} ms, cont ${contMs} ms, first tick ` +
+        `${qemu.label} ${label}, cont at postcopy-active: migrate_incoming -> postcopy-active ${activeMs} ms, cont ${contMs} ms, first tick ` +
           `${firstTickMs} ms (${tickWhileActive ? `'${tickWhileActive}' while postcopy-active` : 'after the end'}), snap-pipe got SHUT at ${completedMs} ms after its start; ` +
           `precopy baseline: first tick ${results.precopyToTickMs ?? '?'} ms. ${changed} pages changed by the running guest; ` +
           `QEMU postcopy-blocktime ${String(blocktime)} ms.\n  ${describeStats(st)}`,
@@ -257,9 +259,10 @@ describe('snap-pipe load --postcopy behind a real QEMU', () => {
   }
 
   test('a destination without postcopy-ram fails at POSTCOPY_ADVISE; snap-pipe names the capability', async () => {
-    dest = await Guest.start({ name: 'postcopy-nocap', memMiB, fillMiB, incoming: true });
+    dest = await Guest.start({ qemu, name: 'postcopy-nocap', memMiB, fillMiB, incoming: true });
     await dest.migrateIncoming(loadUri(img, ['--postcopy']));
-    // QEMU 7.2 exits when an incoming migration fails (migration.c process_incoming_migration_co).
+    // QEMU exits when an incoming migration fails (7.2: migration.c process_incoming_migration_co; 9.1+: unless
+    // migrate-incoming's exit-on-error is false).
     for (const deadline = Date.now() + 60_000; dest.alive && Date.now() < deadline; ) await delayMs(100);
     if (dest.alive) throw dest.failure('QEMU still running 60 s after a postcopy stream without postcopy-ram');
     for (const deadline = Date.now() + 10_000; !/snap-pipe:/.test(dest.stderrText()) && Date.now() < deadline; ) await delayMs(100);

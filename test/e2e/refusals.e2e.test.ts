@@ -12,7 +12,8 @@ import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, test } from 'vitest';
-import { Guest, delayMs, guestFiles, qemuSystemBinary, shellQuote, snapPipeBin } from '../../src/qemu/guest.js';
+import { Guest, delayMs, guestFiles, shellQuote, snapPipeBin } from '../../src/qemu/guest.js';
+import { testedQemus, type Qemu } from '../../src/qemu/versions.js';
 import { info } from '../helpers/cli.js';
 import { loadUri } from '../helpers/e2e.js';
 
@@ -24,7 +25,6 @@ const INCOMING_FAIL_MS_MAX = 20_000;
 let dir: string;
 const guests: Guest[] = [];
 beforeAll(() => {
-  qemuSystemBinary();
   guestFiles();
   snapPipeBin();
   dir = mkdtempSync(join(tmpdir(), 'snap-pipe-refusals-e2e-'));
@@ -36,8 +36,8 @@ afterAll(() => {
   if (dir) rmSync(dir, { recursive: true, force: true });
 });
 
-async function start(name: string, incoming: boolean): Promise<Guest> {
-  const g = await Guest.start({ name, memMiB, fillMiB: incoming ? 0 : 64, incoming });
+async function start(qemu: Qemu, name: string, incoming: boolean): Promise<Guest> {
+  const g = await Guest.start({ qemu, name, memMiB, fillMiB: incoming ? 0 : 64, incoming });
   guests.push(g);
   return g;
 }
@@ -77,11 +77,11 @@ function expectCleanFailure(g: Guest, r: { ms: number; how: string }, snapPipeLi
   expect(log).not.toMatch(/internal error|Segmentation|Aborted|core dumped/);
 }
 
-describe('refusals under a real QEMU', () => {
+describe.each(testedQemus())('refusals under a real QEMU: $label', (qemu) => {
   test('load refusing an image before its first byte: the destination fails promptly instead of waiting forever', async () => {
     const junk = join(dir, 'junk.bin');
     writeFileSync(junk, Buffer.alloc(2 * MiB, 0x41));
-    const dst = await start('refuse-junk', true);
+    const dst = await start(qemu, 'refuse-junk', true);
     const r = await incomingFails(dst, junk);
     expectCleanFailure(dst, r, /snap-pipe: .*junk\.bin: not a QCOW2 image/);
     console.log(`incoming migration from a refused load: ${r.how.trim()} after ${r.ms} ms`);
@@ -90,7 +90,7 @@ describe('refusals under a real QEMU', () => {
   test('a truncated stream (exec:head -c N | snap-pipe save): source fails and runs on, image incomplete, load refused, incoming fails', async () => {
     const img = join(dir, 'cut.qcow2');
     const cutBytes = 8 * MiB + 12345;
-    const src = await start('refuse-src', false);
+    const src = await start(qemu, 'refuse-src', false);
     await src.waitReady();
     await src.unthrottle();
     await src.migrate(`exec:head -c ${cutBytes} | ${shellQuote(snapPipeBin())} save ${shellQuote(img)}`);
@@ -101,7 +101,7 @@ describe('refusals under a real QEMU', () => {
     await src.waitTick(30_000, src.consoleBytes()); // the guest still ticks after the failed save
     expect((await info(img)).complete).toBe(false);
 
-    const dst = await start('refuse-dst', true);
+    const dst = await start(qemu, 'refuse-dst', true);
     const r = await incomingFails(dst, img);
     expectCleanFailure(dst, r, /snap-pipe: .*cut\.qcow2: the save that wrote this image never finished/);
   }, 300_000);
