@@ -214,6 +214,8 @@ export interface PostcopyReport extends LoadReport {
   shutMs: number | null;
   shutStatus: number | null;
   pongs: number[];
+  /** SWITCHOVER_ACK messages received (a QEMU 8.1+ destination with switchover-ack sends one). */
+  switchoverAcks: number;
   /** Page requests read from the return path, the pages they named, and what became of those pages. */
   requests: number;
   requestedPages: number;
@@ -531,6 +533,7 @@ class PostcopySession {
   private shutStatus: number | null = null;
   private shutAt: number | null = null;
   private pongs: number[] = [];
+  private switchoverAcks = 0;
   private devicesLoadedAt: number | null = null;
   private readonly latency = new LatencyHistogram();
   private readonly r = {
@@ -642,6 +645,11 @@ class PostcopySession {
         return;
       case 'req':
         this.onRequest(m.block, m.startBytes, m.lengthBytes, t);
+        return;
+      case 'switchover-ack':
+        // A destination with switchover-ack approves the switch-over as the return path opens; snap-pipe, acting
+        // as the source, has nothing to wait for (the device state goes in the package regardless).
+        this.switchoverAcks++;
         return;
       default:
         throw new SnapPipeError('BAD_STREAM', `return path from QEMU: unexpected ${m.type} message (snap-pipe never asks for postcopy recovery)`);
@@ -1162,6 +1170,7 @@ class PostcopySession {
       shutMs: this.shutAt,
       shutStatus: this.shutStatus,
       pongs: this.pongs,
+      switchoverAcks: this.switchoverAcks,
       requests: r.requests,
       requestedPages: r.requestedPages,
       requestedDataPages: r.requestedDataPages,

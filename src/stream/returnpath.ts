@@ -1,5 +1,5 @@
-// QEMU's migration return path (destination -> source), as QEMU 7.2 writes it (migration/migration.c:
-// migrate_send_rp_message and its callers) and as its source reads it (source_return_path_thread). Pure: bytes in,
+// QEMU's migration return path (destination -> source), as QEMU 7.2 to 10.2 write it (migration/migration.c:
+// migrate_send_rp_message and its callers) and as their sources read it (source_return_path_thread). Pure: bytes in,
 // messages out; nothing here does I/O.
 //
 // Each message: be16 type, be16 length, then `length` payload bytes. Types (enum mig_rp_message_type):
@@ -9,7 +9,11 @@
 //   4 REQ_PAGES     be64 start, be32 length; the block is the one the last REQ_PAGES_ID named
 //   5 RECV_BITMAP   u8 name length, name, ... (postcopy recovery only: answers MIG_CMD_RECV_BITMAP)
 //   6 RESUME_ACK    be32 (postcopy recovery only: answers MIG_CMD_POSTCOPY_RESUME)
-// QEMU's own source refuses type 0 or >= 7, a fixed-size message of another length, and any payload over 512 bytes.
+//   7 SWITCHOVER_ACK no payload (QEMU 8.1+: a destination with the switchover-ack capability sends it when the
+//                   return path opens, if no device needs to approve the switch-over: savevm.c
+//                   loadvm_process_command, MIG_CMD_OPEN_RETURN_PATH; migration.c migrate_send_rp_switchover_ack)
+// QEMU's own source refuses type 0 or >= MAX (7 in 7.2, 8 from 8.1), a fixed-size message of another length, and
+// any payload over 512 bytes.
 import { SnapPipeError } from '../errors.js';
 
 export const RP_SHUT = 1;
@@ -18,13 +22,14 @@ export const RP_REQ_PAGES_ID = 3;
 export const RP_REQ_PAGES = 4;
 export const RP_RECV_BITMAP = 5;
 export const RP_RESUME_ACK = 6;
-const RP_MAX = 7;
+export const RP_SWITCHOVER_ACK = 7;
+const RP_MAX = 8;
 /** source_return_path_thread reads payloads into a 512-byte buffer and refuses longer ones. */
 export const RP_PAYLOAD_BYTES_MAX = 512;
 
 /** Payload lengths that are fixed (-1: variable). */
-const FIXED_LENGTH = [-1, 4, 4, -1, 12, -1, 4];
-const NAMES = ['INVALID', 'SHUT', 'PONG', 'REQ_PAGES_ID', 'REQ_PAGES', 'RECV_BITMAP', 'RESUME_ACK'];
+const FIXED_LENGTH = [-1, 4, 4, -1, 12, -1, 4, 0];
+const NAMES = ['INVALID', 'SHUT', 'PONG', 'REQ_PAGES_ID', 'REQ_PAGES', 'RECV_BITMAP', 'RESUME_ACK', 'SWITCHOVER_ACK'];
 
 export type RpMessage =
   | { type: 'shut'; status: number }
@@ -32,7 +37,8 @@ export type RpMessage =
   /** `block` is the name QEMU gave (REQ_PAGES_ID) or undefined (REQ_PAGES: the last block named). */
   | { type: 'req'; block: string | undefined; startBytes: number; lengthBytes: number }
   | { type: 'recv-bitmap'; block: string }
-  | { type: 'resume-ack'; value: number };
+  | { type: 'resume-ack'; value: number }
+  | { type: 'switchover-ack' };
 
 const TWO_32 = 0x1_0000_0000;
 const latin1 = new TextDecoder('latin1');
@@ -125,8 +131,11 @@ export class ReturnPathDecoder {
         if (len < 1 || b[p] + 1 > len) throw bad(`RECV_BITMAP message with length ${len}`);
         msg = { type: 'recv-bitmap', block: latin1.decode(b.subarray(p + 1, p + 1 + b[p])) };
         break;
-      default:
+      case RP_RESUME_ACK:
         msg = { type: 'resume-ack', value: be32(b, p) };
+        break;
+      default:
+        msg = { type: 'switchover-ack' };
         break;
     }
     this.start += 4 + len;
@@ -160,6 +169,10 @@ export function encodeShut(status: number): Uint8Array {
   const b = header(RP_SHUT, 4);
   putBe32(b, 4, status);
   return b;
+}
+
+export function encodeSwitchoverAck(): Uint8Array {
+  return header(RP_SWITCHOVER_ACK, 0);
 }
 
 export function encodePong(value: number): Uint8Array {

@@ -120,10 +120,10 @@ describe.each(testedQemus())('snap-pipe load --postcopy behind a real QEMU: $lab
    * `mbps`, snap-pipe's output goes through a rate limiter first (a slow link: the stream takes seconds, so the
    * guest, which needs ~0.7 s under TCG to print its first tick, surely ticks before the end).
    */
-  async function startPostcopy(name: string, percent: number, statsPath: string, mbps?: number): Promise<{ t0: number; from: number }> {
+  async function startPostcopy(name: string, percent: number, statsPath: string, mbps?: number, caps: Record<string, boolean> = {}): Promise<{ t0: number; from: number }> {
     dest = await Guest.start({ qemu, name, memMiB, fillMiB, incoming: true });
     // QEMU 7.2 checks postcopy-ram on the destination at POSTCOPY_ADVISE: set it before migrate_incoming.
-    await dest.setCapabilities({ 'postcopy-ram': true, 'postcopy-blocktime': true });
+    await dest.setCapabilities({ 'postcopy-ram': true, 'postcopy-blocktime': true, ...caps });
     const from = dest.consoleBytes();
     const t0 = Date.now();
     let uri = loadUri(img, [percent ? `--postcopy=${percent}` : '--postcopy', `--stats=${statsPath}`]);
@@ -171,7 +171,10 @@ describe.each(testedQemus())('snap-pipe load --postcopy behind a real QEMU: $lab
   test('postcopy into a paused destination: memory byte for byte the dump taken before the save, then it runs', async () => {
     const statsPath = join(dir, 'postcopy-paused.json');
     const after = join(dir, 'after-paused.pmem');
-    const { t0, from } = await startPostcopy('postcopy-paused', 0, statsPath);
+    // From QEMU 8.1 a destination may have switchover-ack: it sends SWITCHOVER_ACK on the return path as soon as
+    // snap-pipe opens it, which snap-pipe must accept.
+    const ackCaps: Record<string, boolean> = qemuAtLeast(qemu, 8, 1) ? { 'return-path': true, 'switchover-ack': true } : {};
+    const { t0, from } = await startPostcopy('postcopy-paused', 0, statsPath, 0, ackCaps);
     const g = dest!;
     const seen = await waitPostcopyActive(g);
     // -S: QEMU leaves the guest paused at POSTCOPY_RUN; loading the devices still faults on guest pages (kvmvapic
@@ -183,6 +186,7 @@ describe.each(testedQemus())('snap-pipe load --postcopy behind a real QEMU: $lab
     expect(await g.queryStatus()).toMatchObject({ running: false });
     const st = await readStats(g, statsPath);
     expect(st.shutStatus).toBe(0);
+    expect(st.switchoverAcks).toBe(qemuAtLeast(qemu, 8, 1) ? 1 : 0);
     expect(g.stderrText()).not.toMatch(/snap-pipe:/);
 
     await g.pmemsave(0, memMiB * MiB, after, 120_000);

@@ -24,7 +24,7 @@ import {
   SEC_FOOTER,
   SEC_PART,
 } from '../../src/stream/constants.js';
-import { encodePong, encodeReqPages, encodeShut } from '../../src/stream/returnpath.js';
+import { encodePong, encodeReqPages, encodeShut, encodeSwitchoverAck } from '../../src/stream/returnpath.js';
 import { BIN, runCli } from '../helpers/cli.js';
 import { buildStream, pulledForward, rng, sequentialOps, type BlockSpec, type ModelStream, type Op } from '../helpers/model.js';
 
@@ -213,6 +213,8 @@ interface PeerScript {
   /** Close stdin right after the package instead of anything else. */
   closeAfterPackage?: boolean;
   shut?: number;
+  /** Answer OPEN_RETURN_PATH with SWITCHOVER_ACK, as a QEMU 8.1+ destination with switchover-ack does. */
+  switchoverAck?: boolean;
 }
 
 interface PeerResult {
@@ -303,6 +305,7 @@ function runPeer(img: string, m: ModelStream, args: string[], script: PeerScript
       cmd(c) {
         res.cmds.push(c);
         if (c.cmd === 3 && res.adviseAt < 0) res.adviseAt = c.at;
+        if (c.cmd === 1 && script.switchoverAck) send(encodeSwitchoverAck());
         if (c.cmd === 2) send(encodePong(c.payload.readUInt32BE(0)));
         if (c.cmd === 7) {
           res.packageAt = c.at;
@@ -512,12 +515,12 @@ describe('snap-pipe load --postcopy against a scripted destination', () => {
     { name: 'postcopy from the start', percent: 0, args: ['--postcopy'] },
     { name: '30% precopy first', percent: 30, args: ['--postcopy=30'] },
     { name: 'sync reads, buffered, 10% first', percent: 10, args: ['--postcopy=10', '--io', 'sync', '--no-direct', '--queue-depth=2'] },
-    { name: 'saved from QEMU 10 (SWITCHOVER_START), 20% first', percent: 20, args: ['--postcopy=20'], qemu10: true },
+    { name: 'saved from QEMU 10 (SWITCHOVER_START), 20% first, a destination with switchover-ack', percent: 20, args: ['--postcopy=20'], qemu10: true },
   ]) {
     it(c.name, async () => {
       const statsPath = join(dir, `${c.percent}.json`);
       const [mm, image] = c.qemu10 ? [m10, img10] : [m, img];
-      const res = await runPeer(image, mm, [...c.args, `--stats=${statsPath}`], { requests: burst, faults: 40 });
+      const res = await runPeer(image, mm, [...c.args, `--stats=${statsPath}`], { requests: burst, faults: 40, switchoverAck: c.qemu10 });
       expect(res.code, res.stderr).toBe(0);
       expect(res.stderr).toBe('');
       expectProtocol(res, mm, c.percent);
@@ -542,6 +545,7 @@ describe('snap-pipe load --postcopy against a scripted destination', () => {
       expect(stats.faultLatency.count).toBe(stats.requests - stats.requestedAlreadySent);
       expect(stats.shutStatus).toBe(0);
       expect(stats.pongs).toEqual([1, 3]);
+      expect(stats.switchoverAcks).toBe(c.qemu10 ? 1 : 0);
       expect(stats.bytesOut).toBe(res.bytes);
       expect(res.exitAfterShutMs!).toBeLessThan(1000);
       const l = stats.faultLatency;

@@ -5,7 +5,7 @@ import { describe, expect, it } from 'vitest';
 import { SnapPipeError } from '../../src/errors.js';
 import { LatencyHistogram, adviseCommand, deviceSectionsEnd, discardCommand, pingCommand } from '../../src/pipeline/postcopy.js';
 import { StreamBuilder } from '../../src/stream/builder.js';
-import { ReturnPathDecoder, encodePong, encodeReqPages, encodeShut, type RpMessage } from '../../src/stream/returnpath.js';
+import { ReturnPathDecoder, encodePong, encodeReqPages, encodeShut, encodeSwitchoverAck, type RpMessage } from '../../src/stream/returnpath.js';
 
 function hex(s: string): Uint8Array {
   return Uint8Array.from(Buffer.from(s.replace(/\s+/g, ''), 'hex'));
@@ -90,9 +90,15 @@ describe('return path decoder', () => {
     expect(decodeAll(hex('0006 0004 00000001'))).toEqual([{ type: 'resume-ack', value: 1 }]);
   });
 
+  it('decodes QEMU 8.1+\'s SWITCHOVER_ACK (type 7, no payload)', () => {
+    expect(decodeAll(hex('0007 0000 0002 0004 00000001'))).toEqual([{ type: 'switchover-ack' }, { type: 'pong', value: 1 }]);
+    expect(Buffer.from(encodeSwitchoverAck()).toString('hex')).toBe('00070000');
+  });
+
   it('refuses what QEMU\'s source refuses', () => {
     expectBad(hex('0000 0000'), /unknown message type 0x0000/);
-    expectBad(hex('0007 0000'), /unknown message type 0x0007/);
+    expectBad(hex('0008 0000'), /unknown message type 0x0008/);
+    expectBad(hex('0007 0001 00'), /SWITCHOVER_ACK message with length 1 \(expected 0\)/);
     expectBad(hex('0001 0005 0000000000'), /SHUT message with length 5 \(expected 4\)/);
     expectBad(hex('0002 0002 0000'), /PONG message with length 2/);
     expectBad(hex('0004 000d 00000000000000000000100000'), /REQ_PAGES message with length 13 \(expected 12\)/);
