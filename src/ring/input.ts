@@ -120,6 +120,12 @@ export class InputRing {
     return this.bytes[(this.cursor + i) & this.mask];
   }
 
+  /** The next n bytes, copied, without consuming them. */
+  peek(n: number, what: string): Uint8Array {
+    this.need(n, what);
+    return this.copyOut(this.cursor, n);
+  }
+
   peekU8(what: string): number {
     this.need(1, what);
     return this.byteAt(0);

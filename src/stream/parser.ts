@@ -68,12 +68,16 @@ export interface ParsedStream {
   /** The device state ends with EOF + VMDESCRIPTION (false: the source suppressed the VM description). */
   vmdescPresent: boolean;
   sawRamEnd: boolean;
+  /** Bare MULTIFD_FLUSH records skipped (QEMU 8.1.0-8.1.2 without multifd). */
+  bareFlushes: number;
   blocks: ParsedBlock[];
   streamBytes: number;
   ramSections: number;
 }
 
 const decoder = new TextDecoder('latin1');
+/** The one device QEMU saves early (vmstate early_setup) as of 10.2: hw/virtio/virtio-mem.c. */
+const EARLY_SETUP_SECTION_SUFFIX = 'virtio-mem-device-early';
 const TWO_32 = 0x1_0000_0000;
 
 /**
@@ -102,6 +106,10 @@ export class StreamParser {
   private lastBlock = -1;
   private ramSectionId = -1;
   private ignoreShared = false;
+  /** Where, in the captured ram START (after its type byte), QEMU 8.1's bare MULTIFD_FLUSH records sit. */
+  private setupFlushAt: number[] = [];
+  private setupCaptureAt = 0;
+  private bareFlushes = 0;
 
   constructor(
     private readonly ring: InputRing,
@@ -147,10 +155,12 @@ export class StreamParser {
         throw new SnapPipeError('TRUNCATED', `stream ended at byte ${at} before the device state (QEMU stopped sending)`);
       }
       const type = r.peekU8('section type');
+      if (type === SEC_FULL) this.refuseEarlyDeviceSection(at);
       if (type === SEC_FULL || type === SEC_EOF) break; // device state from here on
       r.u8('section type');
       if (type === SEC_START) {
         r.startCapture();
+        this.setupCaptureAt = r.consumedBytes;
         const id = r.be32('section id');
         const idstr = decoder.decode(r.take(r.u8('section name length'), 'section name'));
         r.be32('instance id');
@@ -164,7 +174,7 @@ export class StreamParser {
         ramVersionId = versionId;
         this.parseRamRecords(true);
         this.footer(id);
-        ramSetup = concatType(SEC_START, r.endCapture());
+        ramSetup = concatType(SEC_START, withoutRecords(r.endCapture(), this.setupFlushAt));
         ramSections++;
       } else if (type === SEC_PART || type === SEC_END) {
         const id = r.be32('section id');
@@ -176,9 +186,10 @@ export class StreamParser {
         if (type === SEC_END) sawRamEnd = true;
         ramSections++;
       } else if (type === SEC_COMMAND) {
-        if (!ramSetup) throw this.bad('a migration command before the RAM setup', at);
+        this.switchoverCommand(at);
+        if (!ramSetup) throw this.bad('a SWITCHOVER_START command before the RAM setup', at);
         if (switchover.length === SWITCHOVER_COMMANDS_MAX) throw this.bad(`more than ${SWITCHOVER_COMMANDS_MAX} switch-over commands`, at);
-        switchover.push(this.switchoverCommand(at));
+        switchover.push(SWITCHOVER_START_BYTES);
       } else if (type === SEC_CONFIGURATION) {
         throw this.bad('a configuration section after the first section', at);
       } else {
@@ -201,6 +212,7 @@ export class StreamParser {
       deviceState,
       vmdescPresent,
       sawRamEnd,
+      bareFlushes: this.bareFlushes,
       blocks: this.blocks,
       streamBytes: r.consumedBytes,
       ramSections,
@@ -239,24 +251,46 @@ export class StreamParser {
   }
 
   /**
-   * A COMMAND section among the RAM sections. SWITCHOVER_START (QEMU 10.0+, no payload) is kept for load to
-   * replay; every other command belongs to a capability whose stream snap-pipe cannot store (savevm.c
-   * qemu_savevm_command_send callers: the return path, postcopy, COLO, postcopy recovery).
+   * A COMMAND section; only SWITCHOVER_START (QEMU 10.0+, no payload) passes, for load to replay. Every other
+   * command belongs to a capability whose stream snap-pipe cannot store (savevm.c qemu_savevm_command_send's
+   * callers: the return path, postcopy and dirty-bitmaps, COLO, postcopy recovery). QEMU sends those right after
+   * the configuration (migration.c migration_thread), so they are refused before the first RAM byte.
    */
-  private switchoverCommand(at: number): Uint8Array {
+  private switchoverCommand(at: number): void {
     const r = this.ring;
     const cmd = r.be16('command');
     const len = r.be16('command length');
-    if (cmd !== CMD_SWITCHOVER_START) throw this.unsupported(refusedCommand(cmd), at);
+    if (cmd !== CMD_SWITCHOVER_START) throw this.unsupported(refusedCommand(cmd, len), at);
     if (len !== 0) throw this.bad(`a SWITCHOVER_START command with a ${len}-byte payload (QEMU sends none)`, at);
-    return SWITCHOVER_START_BYTES;
+  }
+
+  /**
+   * QEMU 8.0+ saves the state of devices marked early_setup (virtio-mem) during the RAM setup, so a FULL section
+   * `.../virtio-mem-device-early` comes before the RAM pages (savevm.c qemu_savevm_state_setup; hw/virtio/virtio-mem.c
+   * vmstate_virtio_mem_device_early; machine types up to 7.2 turn it off: hw_compat_7_2 x-early-migration). Taking
+   * it as the start of the device state would bury the RAM that follows in the verbatim tail: refuse it instead.
+   */
+  private refuseEarlyDeviceSection(at: number): void {
+    const head = this.ring.peek(6, 'device section header');
+    const name = decoder.decode(this.ring.peek(6 + head[5], 'device section name').subarray(6));
+    if (name.endsWith(EARLY_SETUP_SECTION_SUFFIX)) {
+      throw this.unsupported(
+        `the device section ${shown(name)} before the RAM pages: QEMU sends a virtio-mem device's state early (QEMU 8.0+, machine types from 8.0), which snap-pipe cannot store yet`,
+        at,
+      );
+    }
   }
 
   private footer(id: number): void {
     const r = this.ring;
     const at = r.consumedBytes;
     const t = r.u8('section footer');
-    if (t !== SEC_FOOTER) throw this.bad(`expected a section footer, found ${sectionTypeName(t)}`, at);
+    if (t !== SEC_FOOTER) {
+      throw this.bad(
+        `expected a section footer, found ${sectionTypeName(t)} (sources with send-section-footer=off, the default of machine types up to 2.3, send none; snap-pipe needs them)`,
+        at,
+      );
+    }
     const fid = r.be32('footer section id');
     if (fid !== id) throw this.bad(`section footer for section ${fid} closes section ${id}`, at);
   }
@@ -270,6 +304,15 @@ export class StreamParser {
       r.be64Parts('RAM record', parts);
       const flags = parts[1] & RAM_FLAGS_MASK;
       if (flags === RAM_EOS) return;
+      if (parts[0] === 0 && parts[1] === RAM_MULTIFD_FLUSH) {
+        // QEMU 8.1.0-8.1.2 write a bare MULTIFD_FLUSH even without multifd (ram.c ram_save_setup, find_dirty_block,
+        // ram_save_complete; fixed in 8.1.3 and 8.2 by "Non multifd migration don't care about multifd flushes").
+        // It carries nothing and changes no page or block: skip it, and keep it out of the stored RAM setup (a
+        // QEMU 7.2 destination fails on it: ram.c ram_load_precopy, "Unknown combination of migration flags").
+        if (isSetup) this.setupFlushAt.push(at - this.setupCaptureAt);
+        this.bareFlushes++;
+        continue;
+      }
       if (flags & RAM_MEM_SIZE) {
         if (!isSetup || this.blocks.length > 0) throw this.bad('RAM block list outside the RAM setup', at);
         this.parseBlockList(parts[0] * TWO_32 + (parts[1] - flags), at);
@@ -355,10 +398,12 @@ export function shown(name: string): string {
 }
 
 /** Why a command other than SWITCHOVER_START cannot be stored: the capability that makes QEMU send it. */
-function refusedCommand(cmd: number): string {
+function refusedCommand(cmd: number, len: number): string {
   const what =
     cmd === 1 || cmd === 2
       ? 'the return-path capability (OPEN_RETURN_PATH/PING): snap-pipe save answers no return path; turn return-path off'
+      : cmd === 3 && len === 0
+        ? 'the dirty-bitmaps capability (a POSTCOPY_ADVISE without postcopy-ram): snap-pipe stores RAM only; turn dirty-bitmaps off'
       : cmd >= 3 && cmd <= 7
         ? 'the postcopy-ram capability: snap-pipe save needs plain precopy or background-snapshot; turn postcopy-ram off'
         : cmd === 8
@@ -377,6 +422,19 @@ function concatAll(parts: Uint8Array[]): Uint8Array {
     at += p.length;
   }
   return out;
+}
+
+/** `bytes` without the 8-byte records that start at each of `offsets` (ascending). */
+function withoutRecords(bytes: Uint8Array, offsets: number[]): Uint8Array {
+  if (offsets.length === 0) return bytes;
+  const keep: Uint8Array[] = [];
+  let from = 0;
+  for (const at of offsets) {
+    keep.push(bytes.subarray(from, at));
+    from = at + 8;
+  }
+  keep.push(bytes.subarray(from));
+  return concatAll(keep);
 }
 
 function concatType(type: number, rest: Uint8Array): Uint8Array {

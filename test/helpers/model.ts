@@ -1,7 +1,7 @@
 // Builds migration streams from a list of page operations and keeps the RAM they should leave behind, so tests can
 // check an image against what the stream meant (the last record of each page wins).
 import { StreamBuilder } from '../../src/stream/builder.js';
-import { CMD_SWITCHOVER_START } from '../../src/stream/constants.js';
+import { CMD_SWITCHOVER_START, RAM_MEM_SIZE, RAM_MULTIFD_FLUSH, RAM_VERSION, SEC_START } from '../../src/stream/constants.js';
 import { SWITCHOVER_START_BYTES } from '../../src/stream/switchover.js';
 
 export interface BlockSpec {
@@ -58,13 +58,26 @@ export interface BuildOptions {
   deviceBytes?: number;
   /** As QEMU 10.0+ does: a SWITCHOVER_START command after the last PART, before the ram END and the device state. */
   switchoverStart?: boolean;
+  /**
+   * As QEMU 8.1.0-8.1.2 do without multifd: a bare MULTIFD_FLUSH record (be64 0x200) in the ram START before its
+   * EOS, at the end of every PART, and in the ram END.
+   */
+  bareFlushes?: boolean;
 }
 
 export function buildStream(blocks: BlockSpec[], ops: Op[], opts: BuildOptions = {}): ModelStream {
   const perSection = opts.perSection ?? 1000;
   const b = new StreamBuilder().header().configuration(opts.machineType ?? 'pc-i440fx-7.2');
   const RAM_ID = 2;
-  b.ramSetup(RAM_ID, blocks);
+  const flush = () => opts.bareFlushes && b.be64(RAM_MULTIFD_FLUSH);
+  if (opts.bareFlushes) {
+    b.sectionStart(SEC_START, RAM_ID, 'ram', 0, RAM_VERSION).be64(blocks.reduce((n, x) => n + x.lengthBytes, 0) + RAM_MEM_SIZE);
+    for (const x of blocks) b.str8(x.id).be64(x.lengthBytes);
+    flush();
+    b.ramEos(RAM_ID);
+  } else {
+    b.ramSetup(RAM_ID, blocks);
+  }
   const ram = blocks.map((bl) => new Uint8Array(bl.lengthBytes));
   const sent = blocks.map((bl) => new Array<boolean>(bl.lengthBytes / 4096).fill(false));
   const data = blocks.map((bl) => new Array<boolean>(bl.lengthBytes / 4096).fill(false));
@@ -84,10 +97,15 @@ export function buildStream(blocks: BlockSpec[], ops: Op[], opts: BuildOptions =
         data[op.block][op.page] = false;
       }
     }
+    flush();
     b.ramEos(RAM_ID);
   }
   if (opts.switchoverStart) b.command(CMD_SWITCHOVER_START);
-  if (opts.ramEnd) b.ramEnd(RAM_ID).ramEos(RAM_ID);
+  if (opts.ramEnd) {
+    b.ramEnd(RAM_ID);
+    flush();
+    b.ramEos(RAM_ID);
+  }
   const dev = new Uint8Array(opts.deviceBytes ?? 3000).map((_, i) => (i * 13) & 0xff);
   const devStart = b.build().length;
   b.device(3, 'timer', dev.subarray(0, dev.length >> 1)).device(4, 'cpu', dev.subarray(dev.length >> 1)).eof();

@@ -115,13 +115,63 @@ describe('StreamParser', () => {
         new StreamBuilder().header().configuration('pc').ramSetup(2, BLOCKS).ramPart(2).ramEos(2).command(n, payload).build();
       expectError(() => parseAll(cmd(1)), 'UNSUPPORTED', /\(1\) from the return-path capability .*turn return-path off at byte \d+$/);
       expectError(() => parseAll(cmd(2, new Uint8Array(4))), 'UNSUPPORTED', /\(2\) from the return-path capability/);
-      for (const n of [3, 4, 5, 6, 7]) expectError(() => parseAll(cmd(n)), 'UNSUPPORTED', /from the postcopy-ram capability.*turn postcopy-ram off/);
+      for (const n of [4, 5, 6, 7]) expectError(() => parseAll(cmd(n)), 'UNSUPPORTED', /from the postcopy-ram capability.*turn postcopy-ram off/);
+      expectError(() => parseAll(cmd(3, new Uint8Array(16))), 'UNSUPPORTED', /from the postcopy-ram capability.*turn postcopy-ram off/);
       expectError(() => parseAll(cmd(8)), 'UNSUPPORTED', /\(8\) from COLO \(x-colo\)/);
       expectError(() => parseAll(cmd(9)), 'UNSUPPORTED', /\(9\) from postcopy recovery/);
       expectError(() => parseAll(cmd(12)), 'UNSUPPORTED', /\(12\) from a command snap-pipe does not know/);
-      // A command before the RAM setup: QEMU never sends one there (its return path opens before the setup, and is refused above).
-      const early = new StreamBuilder().header().configuration('pc').command(11).build();
-      expectError(() => parseAll(early), 'BAD_STREAM', /a migration command before the RAM setup at byte \d+$/);
+    });
+
+    it('QEMU 8.1.0-8.1.2\'s bare MULTIFD_FLUSH without multifd: skipped, kept out of the stored RAM setup, CONTINUE still refers to the block before it', () => {
+      const flush = () => b.be64(0x200);
+      const b = new StreamBuilder().header().configuration('pc-i440fx-8.1');
+      // ram START with the flush after the block list, before EOS (ram.c ram_save_setup in 8.1.0).
+      b.sectionStart(1, 2, 'ram', 0, 4).be64(BLOCKS.reduce((n, x) => n + x.lengthBytes, 0) + 4);
+      for (const x of BLOCKS) b.str8(x.id).be64(x.lengthBytes);
+      flush();
+      b.ramEos(2);
+      // A PART: two pages of pc.ram, the flush at the end of a pass, then a CONTINUE record for the same block.
+      b.ramPart(2).page('pc.ram', 0, pageContent(1)).page('pc.ram', 4096, pageContent(2));
+      flush();
+      b.page('pc.ram', 8192, pageContent(3)).ramEos(2);
+      b.ramEnd(2).zero('pc.ram', 4096);
+      flush();
+      b.ramEos(2).device(3, 'timer', new Uint8Array(10)).eof();
+      const bytes = b.build();
+      // The third page really was written as a CONTINUE record right after the flush.
+      const third = Buffer.from(bytes).indexOf(Buffer.from('0000000000002028', 'hex'));
+      expect(Buffer.from(bytes.subarray(third - 8, third)).toString('hex')).toBe('0000000000000200');
+
+      const c = parseAll(bytes);
+      expect(Buffer.compare(c.parsed.ramSetup, new StreamBuilder().ramSetup(2, BLOCKS).build())).toBe(0);
+      expect(Buffer.compare(c.ram[0].subarray(0, 12288), Buffer.concat([pageContent(1), new Uint8Array(4096), pageContent(3)]))).toBe(0);
+      expect(c.data[0].slice(0, 3)).toEqual([true, false, true]);
+      expect(c.parsed.sawRamEnd).toBe(true);
+      expect(c.parsed.bareFlushes).toBe(3);
+      // With anything else in the record, it is a multifd stream (or damage): still refused.
+      const multifd = new StreamBuilder().header().configuration('pc').ramSetup(2, BLOCKS).ramPart(2).be64(4096 + 0x200).str8('pc.ram').build();
+      expectError(() => parseAll(multifd), 'UNSUPPORTED', /multifd flag/);
+    });
+
+    it('commands right after the configuration are refused there, naming the capability', () => {
+      const early = (n: number, payload = new Uint8Array(0)) => new StreamBuilder().header().configuration('pc').command(n, payload).build();
+      expectError(() => parseAll(early(1)), 'UNSUPPORTED', /\(1\) from the return-path capability.* at byte 15$/);
+      expectError(() => parseAll(early(3, new Uint8Array(16))), 'UNSUPPORTED', /postcopy-ram capability/);
+      expectError(() => parseAll(early(3)), 'UNSUPPORTED', /dirty-bitmaps capability/);
+      expectError(() => parseAll(early(8)), 'UNSUPPORTED', /COLO \(x-colo\)/);
+      expectError(() => parseAll(early(11)), 'BAD_STREAM', /SWITCHOVER_START command before the RAM setup at byte 15$/);
+    });
+
+    it('a virtio-mem device\'s early state before the RAM pages is refused, naming it', () => {
+      const s = new StreamBuilder().header().configuration('pc-q35-10.0').ramSetup(2, BLOCKS)
+        .device(3, '0000:00:03.0/virtio-mem-device-early', new Uint8Array(20)).ramPart(2).page('pc.ram', 0, pageContent(1)).ramEos(2)
+        .device(4, 'timer', new Uint8Array(10)).eof().build();
+      expectError(() => parseAll(s), 'UNSUPPORTED', /device section '0000:00:03\.0\/virtio-mem-device-early' before the RAM pages: .*virtio-mem/);
+    });
+
+    it('a section without its footer names the sources that send none', () => {
+      const s = new StreamBuilder().header().configuration('pc-i440fx-2.3').sectionStart(1, 2, 'ram', 0, 4).be64(4096 + 4).str8('a').be64(4096).be64(0x10).u8(0x02).build();
+      expectError(() => parseAll(s), 'BAD_STREAM', /expected a section footer, found PART \(sources with send-section-footer=off/);
     });
 
     it('QEMU 10\'s SWITCHOVER_START: kept for load to replay; a payload or a flood of them is refused', () => {
