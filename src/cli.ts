@@ -37,8 +37,10 @@ each RAM block at a 1 MiB-aligned offset, zero pages unallocated, device state k
 migration (re-sent pages: the last version wins) and with the background-snapshot capability. From QEMU:
   (qemu) migrate_set_parameter max-bandwidth 100G
   (qemu) migrate "exec:snap-pipe save /path/vm.qcow2"
-IMG is marked complete only after everything is on disk; a failed save exits non-zero and QEMU reports the
-migration as failed.`;
+IMG is marked complete only after everything is on disk. A failed save exits non-zero with one line naming IMG
+and the cause, and writes the cause into IMG, which stays incomplete ('snap-pipe info IMG' shows it). QEMU
+reports the migration as failed only while it is still writing: a failure after QEMU's last byte can leave it
+saying "completed" (it ignores the exit status of an exec: child).`;
 
 const MAIN_HELP = `snap-pipe ${VERSION}: save and restore QEMU VM memory through the migration stream
 

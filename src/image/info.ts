@@ -2,7 +2,7 @@
 
 import { popcount8 } from './bits.js';
 import { formatBytes } from '../format.js';
-import { ImageReader } from './reader.js';
+import { ImageReader, incompleteWhy } from './reader.js';
 import { bitmapBytesOf, pagesOf } from './metadata.js';
 import { CLUSTER_BYTES, type SnapshotMeta } from './types.js';
 import { countSwitchoverStarts } from '../stream/switchover.js';
@@ -23,6 +23,8 @@ export interface BlockSummary {
 export interface ImageInfo {
   path: string;
   complete: boolean;
+  /** An incomplete image: why its save failed, when the save could record it. */
+  failure?: string;
   formatVersion: number;
   machineType?: string;
   fileBytes: number;
@@ -94,6 +96,7 @@ export function readInfo(path: string): ImageInfo {
       fileBytes: reader.fileBytes,
       clusterBytes: CLUSTER_BYTES,
     };
+    if (reader.failure !== undefined) info.failure = reader.failure;
     const meta = reader.meta;
     if (!reader.complete || meta === undefined) return info;
     info.machineType = meta.machineType;
@@ -120,7 +123,7 @@ export function readInfo(path: string): ImageInfo {
 export function formatInfo(info: ImageInfo): string {
   const lines: string[] = [];
   lines.push(`image:          ${info.path}`);
-  lines.push(`status:         ${info.complete ? 'complete' : 'INCOMPLETE (the save that wrote it never finished)'}`);
+  lines.push(`status:         ${info.complete ? 'complete' : `INCOMPLETE: ${incompleteWhy(info.failure)}`}`);
   lines.push(`format version: ${info.formatVersion}`);
   lines.push(`file size:      ${formatBytes(info.fileBytes)} (${formatBytes(info.clusterBytes)} clusters)`);
   if (!info.complete) return lines.join('\n');

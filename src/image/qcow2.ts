@@ -38,6 +38,12 @@ export const OFFSET_MASK = 0x00ff_ffff_ffff_fe00n;
 export const SNAP_EXT_MAGIC = 0x534e5031;
 export const SNAP_EXT_DATA_BYTES = 32;
 export const SNAP_FLAG_COMPLETE = 1;
+/**
+ * Header extension "SNPF": why the save that wrote an incomplete image failed, one line of UTF-8 (at most
+ * SNAP_FAILURE_BYTES_MAX bytes). Written only into an image that stays incomplete; a finished image has none.
+ */
+export const SNAP_FAILURE_EXT_MAGIC = 0x534e5046;
+export const SNAP_FAILURE_BYTES_MAX = 1024;
 /** Header bytes that matter: header, one extension header + data, end marker. Fits the first 4 KiB. */
 export const HEADER_AREA_BYTES = 4096;
 
@@ -87,8 +93,11 @@ function setU64(view: DataView, offsetBytes: number, value: number | bigint): vo
   view.setBigUint64(offsetBytes, v);
 }
 
-/** Writes the 104-byte v3 header, the snap-pipe extension and the end marker into `dst` (zeroed first). */
-export function encodeHeader(dst: Uint8Array, header: Qcow2Header, ext: SnapExtension): void {
+/**
+ * Writes the 104-byte v3 header, the snap-pipe extension, the failure note when given (an incomplete image only)
+ * and the end marker into `dst` (zeroed first).
+ */
+export function encodeHeader(dst: Uint8Array, header: Qcow2Header, ext: SnapExtension, failure?: string): void {
   assert(dst.byteLength >= HEADER_AREA_BYTES, 'encodeHeader: dst too small');
   assert.equal(header.headerLengthBytes, QCOW2_HEADER_LENGTH_BYTES);
   dst.fill(0, 0, HEADER_AREA_BYTES);
@@ -122,6 +131,14 @@ export function encodeHeader(dst: Uint8Array, header: Qcow2Header, ext: SnapExte
   view.setUint32(pos + 24, ext.metaCrc32 >>> 0);
   view.setUint32(pos + 28, 0);
   pos += SNAP_EXT_DATA_BYTES;
+  if (failure !== undefined) {
+    assert.equal(ext.flags & SNAP_FLAG_COMPLETE, 0, 'encodeHeader: a failure note in a complete image');
+    const note = truncateUtf8(failure, SNAP_FAILURE_BYTES_MAX);
+    view.setUint32(pos, SNAP_FAILURE_EXT_MAGIC);
+    view.setUint32(pos + 4, note.length);
+    dst.set(note, pos + 8);
+    pos += 8 + Math.ceil(note.length / 8) * 8;
+  }
   // End of extensions: type 0, length 0 (already zero).
   assert(pos + 8 <= HEADER_AREA_BYTES);
 }
@@ -160,7 +177,8 @@ export function hasQcow2Magic(src: Uint8Array): boolean {
 export type HeaderDecode =
   | { kind: 'not-qcow2' }
   | { kind: 'short' }
-  | { kind: 'ok'; header: Qcow2Header; extensions: HeaderExtensionRef[]; snap: SnapExtension | undefined };
+  /** `failure`: the note of a failed save, made printable (it is read from a file anyone may have written). */
+  | { kind: 'ok'; header: Qcow2Header; extensions: HeaderExtensionRef[]; snap: SnapExtension | undefined; failure?: string };
 
 /**
  * Decodes a QCOW2 header and lists its extensions from the first bytes of a file (`src` = what could be read, up to
@@ -195,6 +213,7 @@ export function decodeHeader(src: Uint8Array): HeaderDecode {
   };
   const extensions: HeaderExtensionRef[] = [];
   let snap: SnapExtension | undefined;
+  let failure: string | undefined;
   let pos = header.headerLengthBytes;
   // Bounded walk: every extension takes at least 8 bytes and all must lie in `src`.
   while (pos + 8 <= src.byteLength) {
@@ -213,9 +232,27 @@ export function decodeHeader(src: Uint8Array): HeaderDecode {
         metaCrc32: view.getUint32(dataOffsetBytes + 24),
       };
     }
+    if (type === SNAP_FAILURE_EXT_MAGIC && failure === undefined) {
+      const note = src.subarray(dataOffsetBytes, dataOffsetBytes + Math.min(lengthBytes, SNAP_FAILURE_BYTES_MAX));
+      failure = printable(new TextDecoder().decode(note));
+    }
     pos = dataOffsetBytes + Math.ceil(lengthBytes / 8) * 8;
   }
-  return { kind: 'ok', header, extensions, snap };
+  return { kind: 'ok', header, extensions, snap, ...(failure !== undefined ? { failure } : {}) };
+}
+
+/** The UTF-8 of `text`, cut at a character boundary to at most `maxBytes`. */
+function truncateUtf8(text: string, maxBytes: number): Uint8Array {
+  const all = new TextEncoder().encode(text);
+  if (all.length <= maxBytes) return all;
+  let end = maxBytes;
+  while (end > 0 && (all[end] & 0xc0) === 0x80) end--;
+  return all.subarray(0, end);
+}
+
+/** Control characters (C0, DEL, C1) escaped as \xNN: a note read from an image must not steer a terminal. */
+export function printable(text: string): string {
+  return text.replace(/[\u0000-\u001f\u007f-\u009f]/g, (c) => `\\x${c.charCodeAt(0).toString(16).padStart(2, '0')}`);
 }
 
 /** An L1 or L2 entry pointing at `hostOffsetBytes` with refcount 1 (COPIED). */

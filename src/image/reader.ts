@@ -28,10 +28,19 @@ const VIRT_CLUSTER_MAX = 0x7fff_ffff;
 /** Metadata is small (bitmaps, CRCs, device state); refuse absurd lengths before allocating. */
 const META_BYTES_MAX = 2 ** 31;
 
+/** Why an image is incomplete, for one line: the failure its save recorded, or that it never finished. */
+export function incompleteWhy(failure: string | undefined): string {
+  return failure === undefined
+    ? 'the save that wrote this image never finished (it was stopped, or is still running)'
+    : `the save that wrote this image failed: ${failure}`;
+}
+
 export class ImageReader {
   readonly path: string;
   readonly direct: boolean;
   readonly complete: boolean;
+  /** Why the save that wrote an incomplete image failed, when it could say (printable; see qcow2.ts). */
+  readonly failure: string | undefined;
   readonly meta: SnapshotMeta | undefined;
   readonly fileBytes: number;
   readonly formatVersion: number;
@@ -54,6 +63,7 @@ export class ImageReader {
     scratch: Uint8Array;
     header: Qcow2Header;
     snap: SnapExtension;
+    failure: string | undefined;
     allowIncomplete: boolean;
   }) {
     this.path = p.path;
@@ -63,9 +73,10 @@ export class ImageReader {
     this.scratch = p.scratch;
     this.formatVersion = p.snap.formatVersion;
     this.complete = (p.snap.flags & SNAP_FLAG_COMPLETE) !== 0;
+    this.failure = this.complete ? undefined : p.failure;
     if (!this.complete) {
       if (!p.allowIncomplete) {
-        throw new SnapPipeError('INCOMPLETE', `${p.path}: the save that wrote this image never finished`);
+        throw new SnapPipeError('INCOMPLETE', `${p.path}: ${incompleteWhy(this.failure)}`);
       }
       this.virtualBytes = 0;
       this.metaVirtOffsetBytes = 0;
@@ -134,6 +145,7 @@ export class ImageReader {
         scratch,
         header: decoded.header,
         snap,
+        failure: decoded.failure,
         allowIncomplete: opts.allowIncomplete ?? false,
       });
     } catch (err) {

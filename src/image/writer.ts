@@ -357,6 +357,19 @@ export class ImageWriter {
     this.finished = true;
   }
 
+  /**
+   * Writes why the save failed into the header of the image, which stays incomplete (`snap-pipe info` and `load`
+   * show it): QEMU may already have reported the migration completed, so the image must say what went wrong.
+   * Does nothing once finished or closed.
+   */
+  recordFailure(line: string): void {
+    if (this.finished || this.closed) return;
+    const s = this.scratch;
+    this.encodeHeaderInto(s, undefined, 0, 0, line);
+    this.writeFull(s, HEADER_AREA_BYTES, 0);
+    this.sync();
+  }
+
   /** Idempotent. An unfinished image stays marked incomplete. */
   close(): void {
     if (this.closed) return;
@@ -381,7 +394,7 @@ export class ImageWriter {
     return v < this.hostClusterOfVirt.length ? this.hostClusterOfVirt[v] : 0;
   }
 
-  private encodeHeaderInto(dst: Uint8Array, layout: TailLayout | undefined, metaBytes: number, metaCrc32: number): void {
+  private encodeHeaderInto(dst: Uint8Array, layout: TailLayout | undefined, metaBytes: number, metaCrc32: number, failure?: string): void {
     const C = CLUSTER_BYTES;
     encodeHeader(
       dst,
@@ -399,6 +412,7 @@ export class ImageWriter {
         metaBytes,
         metaCrc32,
       },
+      failure,
     );
   }
 

@@ -27,6 +27,12 @@ export const MIN_RING_BYTES = 4 << 20;
  */
 export const DEFAULT_QUEUE_DEPTH = 64;
 const DESC_COUNT = 1 << 16;
+/** How long a failing save waits for the writer to record the cause in the image (it may be stuck in a write). */
+const RECORD_FAILURE_WAIT_MS = 2_000;
+
+function delayMs(ms: number): Promise<void> {
+  return new Promise((resolve) => setTimeout(resolve, ms).unref());
+}
 
 export interface SaveOptions {
   path: string;
@@ -142,10 +148,12 @@ export class SavePipeline {
     const reader = startStage<ReaderApi>(stageUrl('reader'), 'snap-pipe reader');
     const coalescer = startStage<CoalescerApi>(stageUrl('coalescer'), 'snap-pipe coalescer');
     this.stages.push(writer, reader, coalescer);
+    let imageOpened = false;
     try {
       const { path, direct, force, io, queueDepth } = this.opts;
       const opened = await settle(writer, writer.api.open({ path, direct, force, io, queueDepth }));
       if (!opened.ok) throw deserializeError(opened.error);
+      imageOpened = true;
       if (opened.value.note) this.opts.onNote?.(opened.value.note);
 
       const [r, c, w] = await this.supervise([
@@ -202,12 +210,29 @@ export class SavePipeline {
         },
       };
     } catch (err) {
-      // Do not wait for the threads: the reader may be blocked reading stdin, and the caller exits anyway.
+      // Do not wait for the reader and coalescer: the reader may be blocked reading stdin, and the caller exits
+      // anyway. The writer gets a bounded moment to write the cause into the image.
       signalFailure(this.ctrl, FAIL_ERROR);
       wakeBlockedReader();
+      const failure = imageOpened ? await this.recordFailure(writer, err) : err;
       void this.stop();
-      throw err;
+      throw failure;
     }
+  }
+
+  /**
+   * Writes the cause of a failure into the image (it stays incomplete), and names the image in the error: QEMU
+   * may report the migration completed when the save fails after QEMU's last write (it does not read the exit
+   * status: io/channel-command.c qio_channel_command_close), so the line on QEMU's stderr and the image must say it.
+   */
+  private async recordFailure(writer: StageHandle<WriterApi>, err: unknown): Promise<unknown> {
+    const { path } = this.opts;
+    const message = err instanceof Error ? err.message : String(err);
+    const cause = message.startsWith(`${path}: `) ? message.slice(path.length + 2) : message;
+    const recorded = settle(writer, writer.api.fail(err instanceof SnapPipeError ? cause : `internal error: ${cause}`));
+    await Promise.race([recorded.catch(() => undefined), delayMs(RECORD_FAILURE_WAIT_MS)]);
+    if (!(err instanceof SnapPipeError)) return err;
+    return new SnapPipeError(err.code, `save ${path} failed (the image stays incomplete): ${cause}`);
   }
 
   /**

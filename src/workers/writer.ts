@@ -300,6 +300,10 @@ const api = {
   finish(meta: Omit<SnapshotMeta, 'chunkCrc32c'>): Outcome<void> {
     return outcome(() => finish(meta));
   },
+  /** The save failed: say why in the image's header (it stays incomplete). */
+  fail(line: string): Outcome<void> {
+    return outcome(() => image?.recordFailure(line));
+  },
   close(): void {
     io?.close();
     image?.close();

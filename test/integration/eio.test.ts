@@ -108,7 +108,7 @@ describe('the disk fails (EIO) in the middle of a save', () => {
       const r = await saveWithFault(img, ['--io', io], () => fs.shutdown('sync'));
       expect(r.code, r.stderr).toBe(1);
       // The stream's rest goes in only after the shutdown, so the first thing to fail is a cluster write.
-      expect(oneLine(r)).toMatch(new RegExp(`^snap-pipe: ${escaped(img)}: write of \\d+ bytes at offset \\d+( \\(\\d+ done\\))?: EIO \\(i/o error\\)$`));
+      expect(oneLine(r)).toMatch(new RegExp(`^snap-pipe: save ${escaped(img)} failed \\(the image stays incomplete\\): write of \\d+ bytes at offset \\d+( \\(\\d+ done\\))?: EIO \\(i/o error\\)$`));
       // What reached the disk before the shutdown: an image marked incomplete.
       fs.remount();
       expect((await info(img)).complete).toBe(false);
@@ -120,7 +120,7 @@ describe('the disk fails (EIO) in the middle of a save', () => {
     const img = join(fs.dir, 'vm.qcow2');
     const r = await saveWithFault(img, [], () => fs.shutdown('nologflush'));
     expect(r.code, r.stderr).toBe(1);
-    expect(oneLine(r)).toMatch(new RegExp(`^snap-pipe: ${escaped(img)}: write of \\d+ bytes at offset \\d+( \\(\\d+ done\\))?: EIO \\(i/o error\\)$`));
+    expect(oneLine(r)).toMatch(new RegExp(`^snap-pipe: save ${escaped(img)} failed \\(the image stays incomplete\\): write of \\d+ bytes at offset \\d+( \\(\\d+ done\\))?: EIO \\(i/o error\\)$`));
     // The image's creation may have been in the lost journal transaction: either no image, or an incomplete one.
     fs.remount();
     if (existsSync(img)) expect((await info(img)).complete).toBe(false);

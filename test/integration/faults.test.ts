@@ -28,6 +28,13 @@ const BLOCKS: BlockSpec[] = [
   { id: 'pc.bios', lengthBytes: 256 << 10 },
 ];
 
+/** What a failed save's line says after naming the image: the cause it also recorded in the image. */
+function causeOf(img: string, saveLine: string): string {
+  const prefix = `snap-pipe: save ${img} failed (the image stays incomplete): `;
+  expect(saveLine.startsWith(prefix), saveLine).toBe(true);
+  return saveLine.slice(prefix.length);
+}
+
 function oneLine(stderr: string): string {
   const lines = stderr.trim().split('\n');
   expect(lines, stderr).toHaveLength(1);
@@ -50,12 +57,23 @@ function runShell(args: string[], stdout: 'pipe' | 'file'): { code: number | nul
   return { code: r.status, stderr: r.stderr, out: bytes };
 }
 
-/** The image is there, marked incomplete, and load refuses it writing nothing to a file and the marker to a pipe. */
-async function expectIncompleteAndRefused(img: string): Promise<void> {
-  expect((await info(img)).complete).toBe(false);
+/**
+ * The image is there, marked incomplete, and load refuses it writing nothing to a file and the marker to a pipe.
+ * `saveLine`: the failed save's line: the cause after it is what the image records, and what info and load show.
+ * Without it (the save was stopped by a signal) the image records nothing and says it never finished.
+ */
+async function expectIncompleteAndRefused(img: string, saveLine?: string): Promise<void> {
+  const inf = await info(img);
+  expect(inf.complete).toBe(false);
+  const cause = saveLine === undefined ? undefined : causeOf(img, saveLine);
+  expect(inf.failure).toBe(cause);
   const toFile = runShell(['load', img], 'file');
   expect(toFile.code).toBe(1);
-  expect(oneLine(toFile.stderr)).toMatch(/the save that wrote this image never finished/);
+  const why =
+    cause === undefined
+      ? 'the save that wrote this image never finished (it was stopped, or is still running)'
+      : `the save that wrote this image failed: ${cause}`;
+  expect(oneLine(toFile.stderr)).toBe(`snap-pipe: ${img}: ${why}`);
   expect(toFile.out.length, 'bytes written to a regular file').toBe(0);
   const toPipe = runShell(['load', img], 'pipe');
   expect(toPipe.code).toBe(1);
@@ -108,8 +126,9 @@ describe('every stream save refuses leaves an incomplete image that load refuses
       const r = await runCli(['save', img], c.bytes());
       expect(r.code, r.stderr).toBe(1);
       expect(r.stdout).toBe('');
-      expect(oneLine(r.stderr)).toMatch(c.error);
-      await expectIncompleteAndRefused(img);
+      const line = oneLine(r.stderr);
+      expect(line).toMatch(c.error);
+      await expectIncompleteAndRefused(img, line);
       rmSync(img);
     });
   }
@@ -172,8 +191,9 @@ describe('save under faults', () => {
     const code = await exitOf(child);
     expect(Date.now() - t0).toBeLessThan(PROMPT_MS_MAX);
     expect(code).toBe(1);
-    expect(oneLine(stderr.replace(/producer \d+ sent\n/, ''))).toMatch(new RegExp(`stream ended at byte ${sentBytes} while reading page data`));
-    await expectIncompleteAndRefused(img);
+    const line = oneLine(stderr.replace(/producer \d+ sent\n/, ''));
+    expect(line).toMatch(new RegExp(`stream ended at byte ${sentBytes} while reading page data`));
+    await expectIncompleteAndRefused(img, line);
   });
 
   for (const sig of ['SIGTERM', 'SIGINT'] as const) {
@@ -230,8 +250,9 @@ describe('save under faults', () => {
     } finally {
       await w.close();
     }
-    expect(oneLine(stderr)).toMatch(/fixture coalescer: thrown on purpose/);
-    await expectIncompleteAndRefused(img);
+    const line = oneLine(stderr);
+    expect(line).toMatch(/fixture coalescer: thrown on purpose/);
+    await expectIncompleteAndRefused(img, line);
   });
 });
 
@@ -240,10 +261,12 @@ describe('save under faults', () => {
 describe('a worker that fails ends the save with its error, at once (fixture stages)', () => {
   const m = buildStream(BLOCKS, sequentialOps(BLOCKS, 1e9));
   const cases = [
-    { mode: 'coalescer-throws', error: /^snap-pipe: fixture coalescer: thrown on purpose$/ },
-    { mode: 'reader-crashes', error: /^snap-pipe: snap-pipe reader worker crashed: fixture reader: uncaught on purpose$/ },
-    { mode: 'writer-exits', error: /^snap-pipe: snap-pipe writer worker exited \(code 7\)$/ },
-    { mode: 'writer-asserts', error: /^snap-pipe: fixture writer: assertion failed on purpose$/ },
+    { mode: 'coalescer-throws', error: /^snap-pipe: save \S+ failed \(the image stays incomplete\): fixture coalescer: thrown on purpose$/, recorded: true },
+    { mode: 'reader-crashes', error: /^snap-pipe: save \S+ failed \(the image stays incomplete\): snap-pipe reader worker crashed: fixture reader: uncaught on purpose$/, recorded: true },
+    // A writer that exited cannot write the cause into the image, which then just never finished; the fixture
+    // writers have no fail() at all, so the asserting one records nothing either.
+    { mode: 'writer-exits', error: /^snap-pipe: save \S+ failed \(the image stays incomplete\): snap-pipe writer worker exited \(code 7\)$/, recorded: false },
+    { mode: 'writer-asserts', error: /^snap-pipe: save \S+ failed \(the image stays incomplete\): fixture writer: assertion failed on purpose$/, recorded: false },
   ];
   for (const c of cases) {
     it(c.mode, async () => {
@@ -252,8 +275,9 @@ describe('a worker that fails ends the save with its error, at once (fixture sta
       const r = await runCliEnv(['save', img], m.bytes, { SNAP_PIPE_TEST_STAGE_DIR: join(ROOT, 'test', 'fixtures', 'stages', c.mode) });
       expect(Date.now() - t0).toBeLessThan(PROMPT_MS_MAX);
       expect(r.code, r.stderr).toBe(1);
-      expect(oneLine(r.stderr)).toMatch(c.error);
-      await expectIncompleteAndRefused(img);
+      const line = oneLine(r.stderr);
+      expect(line).toMatch(c.error);
+      await expectIncompleteAndRefused(img, c.recorded ? line : undefined);
     });
   }
 });

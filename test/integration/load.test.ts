@@ -256,7 +256,7 @@ describe('snap-pipe load: refusals write nothing to stdout', () => {
     const img = join(dir, 'cut.qcow2');
     const s = await runCli(['save', img], good.bytes.subarray(0, Math.floor(good.bytes.length * 0.6)));
     expect(s.code).toBe(1);
-    expectRefused(await runLoad([img]), /cut\.qcow2: the save that wrote this image never finished/);
+    expectRefused(await runLoad([img]), /cut\.qcow2: the save that wrote this image failed: stream ended at byte \d+ while reading /);
   });
 
   it('an image file cut short', async () => {

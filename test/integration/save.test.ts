@@ -141,8 +141,11 @@ describe('snap-pipe save: refusals and failures', () => {
     const img = join(dir, 'cut.qcow2');
     const r = await runCli(['save', img], m.bytes.subarray(0, Math.floor(m.bytes.length * 0.6)));
     expect(r.code).toBe(1);
-    expect(r.stderr).toMatch(/^snap-pipe: stream ended at byte \d+/);
-    expect((await info(img)).complete).toBe(false);
+    expect(r.stderr).toMatch(new RegExp(`^snap-pipe: save ${img} failed \\(the image stays incomplete\\): stream ended at byte \\d+ while reading`));
+    const inf = await info(img);
+    expect(inf.complete).toBe(false);
+    expect(inf.failure).toMatch(/^stream ended at byte \d+ while reading/);
+    expect(r.stderr.trim()).toBe(`snap-pipe: save ${img} failed (the image stays incomplete): ${inf.failure}`);
     const again = await runCli(['save', img], new Uint8Array(0));
     expect(again.code).toBe(1);
     expect(again.stderr).toMatch(/empty/);
@@ -157,8 +160,11 @@ describe('snap-pipe save: refusals and failures', () => {
         const r = await runCli(['save', img, '--io', io], m.bytes);
         expect(r.code, r.stderr).toBe(1);
         expect(r.stderr.trim().split('\n')).toHaveLength(1);
-        expect(r.stderr).toMatch(/^snap-pipe: .*full-.*qcow2: write of \d+ bytes at offset \d+: ENOSPC/);
-        expect((await info(img)).complete).toBe(false);
+        expect(r.stderr).toMatch(/^snap-pipe: save \S*full-.*qcow2 failed \(the image stays incomplete\): write of \d+ bytes at offset \d+: ENOSPC/);
+        const inf = await info(img);
+        expect(inf.complete).toBe(false);
+        // The disk is full, but the header is rewritten in place: the cause is in the image.
+        expect(inf.failure).toMatch(/^write of \d+ bytes at offset \d+: ENOSPC/);
         rmSync(img);
       }
     } finally {

@@ -8,6 +8,7 @@ import {
   HEADER_AREA_BYTES,
   REFCOUNTS_PER_BLOCK,
   SNAP_EXT_MAGIC,
+  SNAP_FAILURE_EXT_MAGIC,
   SNAP_FLAG_COMPLETE,
   decodeHeader,
   encodeHeader,
@@ -83,6 +84,30 @@ describe('header', () => {
     expect(d.extensions).toEqual([{ type: SNAP_EXT_MAGIC, offsetBytes: 112, lengthBytes: 32 }]);
     expect(decodeHeader(new Uint8Array(50)).kind).toBe('not-qcow2');
     expect(decodeHeader(buf.subarray(0, 80)).kind).toBe('short');
+    expect(d.failure).toBeUndefined();
+  });
+
+  it('an incomplete image\'s failure note: one line of UTF-8 in its own extension, cut at 1024 bytes, escaped when read', () => {
+    const buf = new Uint8Array(HEADER_AREA_BYTES);
+    const header = snapHeader({ virtualBytes: 0, l1Entries: 0, l1OffsetBytes: 0, refcountTableOffsetBytes: 0, refcountTableClusters: 0 });
+    const ext = { formatVersion: FORMAT_VERSION, flags: 0, metaVirtOffsetBytes: 0, metaBytes: 0, metaCrc32: 0 };
+    encodeHeader(buf, header, ext, 'stream ended at byte 42 while reading page data');
+    const d = decodeHeader(buf);
+    if (d.kind !== 'ok') throw new Error(d.kind);
+    expect(d.failure).toBe('stream ended at byte 42 while reading page data');
+    expect(d.extensions.map((e) => e.type)).toEqual([SNAP_EXT_MAGIC, SNAP_FAILURE_EXT_MAGIC]);
+    // Longer than the limit: cut at a character boundary (é is 2 bytes: 1023 bytes of them end on a boundary at 1022).
+    encodeHeader(buf, header, ext, 'é'.repeat(600));
+    const long = decodeHeader(buf);
+    if (long.kind !== 'ok') throw new Error(long.kind);
+    expect(long.failure).toBe('é'.repeat(512));
+    // Whatever bytes another tool put there come back without control characters (a terminal escape, a newline).
+    encodeHeader(buf, header, ext, 'bad\u001b[31mred\nline\u009b');
+    const esc = decodeHeader(buf);
+    if (esc.kind !== 'ok') throw new Error(esc.kind);
+    expect(esc.failure).toBe('bad\\x1b[31mred\\x0aline\\x9b');
+    // A complete image never carries one.
+    expect(() => encodeHeader(buf, header, { ...ext, flags: SNAP_FLAG_COMPLETE }, 'x')).toThrow(/failure note in a complete image/);
   });
 });
 
