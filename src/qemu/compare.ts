@@ -6,8 +6,19 @@ const MiB = 1024 * 1024;
 /** pmemsave reads VGA memory and ROM shadows here, not pc.ram. */
 export const LEGACY_WINDOW: [number, number] = [0xa0000, 0x100000];
 
-/** First differing byte of two files over [0, lengthBytes), ignoring the byte ranges in `skip`; -1 if none. */
-export async function firstDifference(aPath: string, bPath: string, lengthBytes: number, skip: [number, number][]): Promise<number> {
+/**
+ * First differing byte of two files over [0, lengthBytes), ignoring the byte ranges in `skip`; -1 if none.
+ * `at` shifts where each file is read from (byte `aOffset + i` of a against byte `bOffset + i` of b).
+ */
+export async function firstDifference(
+  aPath: string,
+  bPath: string,
+  lengthBytes: number,
+  skip: [number, number][],
+  at: { aOffset?: number; bOffset?: number } = {},
+): Promise<number> {
+  const aOffset = at.aOffset ?? 0;
+  const bOffset = at.bOffset ?? 0;
   const chunkBytes = 4 * MiB;
   const a = Buffer.alloc(chunkBytes);
   const b = Buffer.alloc(chunkBytes);
@@ -16,7 +27,7 @@ export async function firstDifference(aPath: string, bPath: string, lengthBytes:
   try {
     for (let pos = 0; pos < lengthBytes; pos += chunkBytes) {
       const n = Math.min(chunkBytes, lengthBytes - pos);
-      const [ra, rb] = await Promise.all([fa.read(a, 0, n, pos), fb.read(b, 0, n, pos)]);
+      const [ra, rb] = await Promise.all([fa.read(a, 0, n, aOffset + pos), fb.read(b, 0, n, bOffset + pos)]);
       if (ra.bytesRead !== n) throw new Error(`${aPath}: short read at ${pos} (${ra.bytesRead} of ${n})`);
       if (rb.bytesRead !== n) throw new Error(`${bPath}: short read at ${pos} (${rb.bytesRead} of ${n})`);
       // Zero the skipped ranges in both copies so they compare equal.

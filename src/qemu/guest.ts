@@ -178,7 +178,7 @@ export class Guest {
     const logFd = openSync(stderrPath, 'a');
     let child: ChildProcess;
     try {
-      child = spawn(qemu.system, args, { stdio: ['ignore', logFd, logFd], cwd: dir });
+      child = spawn(qemu.system, args, { stdio: ['ignore', logFd, logFd], cwd: dir, env: { ...process.env, ...qemu.env } });
     } finally {
       closeSync(logFd);
     }

@@ -18,6 +18,11 @@ export interface Qemu {
   img: string;
   /** Arguments naming its firmware folders (-L DIR ...); empty for an installed QEMU, which knows its own. */
   firmwareArgs: string[];
+  /**
+   * Environment for it: an unpacked QEMU gets QEMU_MODULE_DIR naming its own modules, or it would load the
+   * installed QEMU's (util/module.c refuses modules of another build).
+   */
+  env: Record<string, string>;
 }
 
 /** The QEMU folders scripts/qemu.sh fills, by name. */
@@ -28,7 +33,7 @@ const known = new Map<string, Qemu>();
 
 /** The QEMU installed on the machine (PATH); throws naming the Debian package when it is missing. */
 export function systemQemu(): Qemu {
-  return describe(findExecutable('qemu-system-x86_64', 'qemu-system-x86'), findExecutable('qemu-img', 'qemu-utils'), []);
+  return describe(findExecutable('qemu-system-x86_64', 'qemu-system-x86'), findExecutable('qemu-img', 'qemu-utils'), [], {});
 }
 
 /** A QEMU unpacked under .cache/qemu/NAME/root by scripts/qemu.sh; throws (never skips) when it is missing. */
@@ -66,19 +71,21 @@ function unpacked(system: string): Qemu {
   if (!existsSync(img)) throw new Error(`${system}: no qemu-img beside it`);
   const share = join(dirname(bin), 'share');
   const firmwareArgs = ['qemu', 'seabios'].map((d) => join(share, d)).filter((d) => existsSync(d) && share !== '/usr/share');
-  return describe(system, img, firmwareArgs.flatMap((d) => ['-L', d]));
+  const modules = join(dirname(bin), 'lib', 'x86_64-linux-gnu', 'qemu');
+  const env: Record<string, string> = existsSync(modules) && !modules.startsWith('/usr/lib/') ? { QEMU_MODULE_DIR: modules } : {};
+  return describe(system, img, firmwareArgs.flatMap((d) => ['-L', d]), env);
 }
 
-function describe(system: string, img: string, firmwareArgs: string[]): Qemu {
+function describe(system: string, img: string, firmwareArgs: string[], env: Record<string, string>): Qemu {
   const cached = known.get(system);
   if (cached) return cached;
-  const r = spawnSync(system, ['--version'], { encoding: 'utf8', timeout: 10_000 });
+  const r = spawnSync(system, ['--version'], { encoding: 'utf8', timeout: 10_000, env: { ...process.env, ...env } });
   const m = /version (\d+)\.(\d+)\.(\d+)/.exec(r.stdout ?? '');
   if (r.status !== 0 || !m) {
     throw new Error(`${system} --version: ${r.error?.message ?? `exit ${r.status}`}: ${(r.stderr ?? '').trim().slice(0, 200)}`);
   }
   const [major, minor, micro] = [m[1], m[2], m[3]].map(Number);
-  const q: Qemu = { label: `QEMU ${major}.${minor}.${micro}`, major, minor, micro, system, img, firmwareArgs };
+  const q: Qemu = { label: `QEMU ${major}.${minor}.${micro}`, major, minor, micro, system, img, firmwareArgs, env };
   known.set(system, q);
   return q;
 }
