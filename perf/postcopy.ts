@@ -7,6 +7,7 @@
 // Options: --mem MiB (default 2048)  --fill MiB (default 1200)  --runs N (warm runs per mode, default 3)
 //          --cold-runs N (default 1; 0 for none)  --settle SECONDS (idle before each cold run, default 30)
 //          --modes precopy,postcopy,postcopy25 (default all three)  --dir DIR (default /tmp)  --no-results
+//          --qemu PATH|10.0 (the qemu-system-x86_64 to run; default $SNAP_PIPE_QEMU, else the machine's own)
 // Needs python3 (the warm-up below; Node cannot madvise).
 //
 // 1. A guest of --mem MiB boots (scripts/guest.sh's /init fills --fill MiB of tmpfs with random data, prints
@@ -45,7 +46,8 @@ import { cpus, totalmem } from 'node:os';
 import { join } from 'node:path';
 import type { LatencySummary, PostcopyReport } from '../src/pipeline/postcopy.js';
 import type { LoadReport } from '../src/pipeline/load.js';
-import { Guest, delayMs, guestFiles, qemuSystemBinary, shellQuote, snapPipeBin } from '../src/qemu/guest.js';
+import { Guest, delayMs, guestFiles, shellQuote, snapPipeBin } from '../src/qemu/guest.js';
+import { chosenQemu, type Qemu } from '../src/qemu/versions.js';
 
 const ROOT = join(import.meta.dirname, '..');
 const RESULTS = join(ROOT, 'perf', 'RESULTS.md');
@@ -63,10 +65,11 @@ interface Args {
   /** Cold pass: runs per mode (0: none) and the idle pause before each. */
   coldRuns: number;
   settleS: number;
+  qemu: string | undefined;
 }
 
 function parseArgs(argv: string[]): Args {
-  const a: Args = { memMiB: 2048, fillMiB: 1200, runs: 3, dir: '/tmp', results: true, modes: MODES.map((m) => m.key), coldRuns: 1, settleS: 30 };
+  const a: Args = { memMiB: 2048, fillMiB: 1200, runs: 3, dir: '/tmp', results: true, modes: MODES.map((m) => m.key), coldRuns: 1, settleS: 30, qemu: undefined };
   for (let i = 0; i < argv.length; i++) {
     const k = argv[i];
     const v = () => {
@@ -82,6 +85,7 @@ function parseArgs(argv: string[]): Args {
     else if (k === '--modes') a.modes = v().split(',');
     else if (k === '--cold-runs') a.coldRuns = Number(v());
     else if (k === '--settle') a.settleS = Number(v());
+    else if (k === '--qemu') a.qemu = v();
     else throw new Error(`unknown option ${k}`);
   }
   if (!(a.runs >= 0 && a.coldRuns >= 0 && a.runs + a.coldRuns >= 1)) throw new Error('--runs and --cold-runs: at least one run in all');
@@ -114,8 +118,11 @@ function loadAvg(): string {
 /** Live guests, quit on the way out (also on Ctrl-C). */
 const guests = new Set<Guest>();
 
+/** The QEMU every guest of this run uses (--qemu), set once at the start. */
+let qemu: Qemu;
+
 async function startGuest(opts: Parameters<typeof Guest.start>[0]): Promise<Guest> {
-  const g = await Guest.start(opts);
+  const g = await Guest.start({ qemu, ...opts });
   guests.add(g);
   return g;
 }
@@ -440,7 +447,8 @@ function report(args: Args, results: RunResult[], meta: { savedTick: number }): 
 
 async function main(): Promise<void> {
   const args = parseArgs(process.argv.slice(2));
-  qemuSystemBinary();
+  qemu = chosenQemu(args.qemu);
+  log(`${qemu.label}: ${qemu.system}`);
   guestFiles();
   const bin = snapPipeBin();
   if (args.runs > 0 && sh('command -v python3', true).trim() === '') throw new Error('python3 is missing (apt-get install python3): the warm runs need it');
@@ -496,7 +504,7 @@ async function main(): Promise<void> {
     const commit = sh(`git -C ${ROOT} rev-parse --short HEAD`, true).trim() || '?';
     const dirty = sh(`git -C ${ROOT} status --porcelain | wc -l`, true).trim();
     const dirtySrc = sh(`git -C ${ROOT} status --porcelain -- src | awk '{print $2}' | sed 's,^src/,,' | paste -sd ' '`, true).trim();
-    const qemuVer = sh(`${qemuSystemBinary()} --version | head -1`).trim();
+    const qemuVer = sh(`${shellQuote(qemu.system)} --version | head -1`).trim();
     const mount = sh(`findmnt -no SOURCE,FSTYPE --target ${args.dir}`).trim().replace(/\s+/g, ' ');
     const pc = results.find((r) => 'faultLatency' in r.stats)?.stats as PostcopyReport | undefined;
     const text = [

@@ -1,15 +1,18 @@
 // `npm run demo`: boots a small guest under QEMU, saves it through `snap-pipe save` as QEMU's migration target,
 // shows `snap-pipe info` and `qemu-img check` of the image, then cleans up. Prints each step to stdout; on any
 // failure prints one line to stderr and exits 1.
-//   node dist/demo/demo.js [--live] [--mem MiB] [--fill MiB] [--keep]
+//   node dist/demo/demo.js [--live] [--mem MiB] [--fill MiB] [--keep] [--qemu PATH|10.0]
 //     --live   take a background snapshot of the running guest instead of pausing it first
 //     --keep   keep the image (its path is printed) instead of deleting it
+//     --qemu   the qemu-system-x86_64 to run, or 10.0 for the one npm test fetches (default: $SNAP_PIPE_QEMU, else
+//              the machine's own)
 import { spawnSync } from 'node:child_process';
 import { mkdtempSync, rmSync, statSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { firstDifference, LEGACY_WINDOW } from '../qemu/compare.js';
-import { Guest, guestFiles, qemuImgBinary, qemuSystemBinary, shellQuote, snapPipeBin } from '../qemu/guest.js';
+import { Guest, guestFiles, shellQuote, snapPipeBin } from '../qemu/guest.js';
+import { chosenQemu } from '../qemu/versions.js';
 
 const MiB = 1024 * 1024;
 
@@ -18,12 +21,13 @@ interface DemoOptions {
   keep: boolean;
   memMiB: number;
   fillMiB: number;
+  qemu: string | undefined;
 }
 
 class DemoError extends Error {}
 
 function parseArgs(argv: string[]): DemoOptions {
-  const opts: DemoOptions = { live: false, keep: false, memMiB: 384, fillMiB: 100 };
+  const opts: DemoOptions = { live: false, keep: false, memMiB: 384, fillMiB: 100, qemu: undefined };
   for (let i = 0; i < argv.length; i++) {
     const arg = argv[i];
     const number = (name: string): number => {
@@ -35,7 +39,9 @@ function parseArgs(argv: string[]): DemoOptions {
     else if (arg === '--keep') opts.keep = true;
     else if (arg === '--mem') opts.memMiB = number('--mem');
     else if (arg === '--fill') opts.fillMiB = number('--fill');
-    else throw new DemoError(`unknown argument '${arg}' (use --live, --keep, --mem MiB, --fill MiB)`);
+    else if (arg === '--qemu' && i + 1 < argv.length) opts.qemu = argv[++i];
+    else if (arg.startsWith('--qemu=')) opts.qemu = arg.slice('--qemu='.length);
+    else throw new DemoError(`unknown argument '${arg}' (use --live, --keep, --mem MiB, --fill MiB, --qemu PATH|10.0)`);
   }
   if (opts.memMiB < 128) throw new DemoError('--mem must be at least 128 MiB');
   if (opts.fillMiB > opts.memMiB - 96) throw new DemoError(`--fill must be at most --mem minus 96 (${opts.memMiB - 96})`);
@@ -72,8 +78,8 @@ async function main(): Promise<void> {
   process.stdout.on('error', () => undefined);
   const opts = parseArgs(process.argv.slice(2));
   // Prerequisites: each throws one clear line naming what to install or run.
-  qemuSystemBinary();
-  const qemuImg = qemuImgBinary();
+  const qemu = chosenQemu(opts.qemu);
+  const qemuImg = qemu.img;
   guestFiles();
   const bin = snapPipeBin();
 
@@ -95,11 +101,11 @@ async function main(): Promise<void> {
   process.once('SIGTERM', onSignal);
 
   try {
-    say('snap-pipe demo');
+    say(`snap-pipe demo, with ${qemu.label} (${qemu.system})`);
     say();
     say(`1. Booting a ${opts.memMiB} MiB guest under QEMU (TCG) that fills ${opts.fillMiB} MiB of its RAM with random data…`);
     const t0 = Date.now();
-    guest = await Guest.start({ name: 'demo', memMiB: opts.memMiB, fillMiB: opts.fillMiB });
+    guest = await Guest.start({ qemu, name: 'demo', memMiB: opts.memMiB, fillMiB: opts.fillMiB });
     const ready = await guest.waitReady(180_000);
     say(`   ready after ${seconds(Date.now() - t0)}: "${ready.trim()}"`);
     const tick = await guest.waitTick(30_000);
@@ -153,7 +159,7 @@ async function main(): Promise<void> {
     say();
 
     say('5. Restoring into a fresh QEMU started with -incoming defer');
-    dest = await Guest.start({ name: 'demo-restore', memMiB: opts.memMiB, fillMiB: opts.fillMiB, incoming: true });
+    dest = await Guest.start({ qemu, name: 'demo-restore', memMiB: opts.memMiB, fillMiB: opts.fillMiB, incoming: true });
     await dest.unthrottle();
     const loadUri = `exec:${shellQuote(bin)} load ${shellQuote(img)}`;
     say(`   migrate_incoming "${loadUri}"`);
