@@ -1,24 +1,44 @@
 #!/usr/bin/env bash
-# Fetches the second QEMU the end-to-end tests run against, unpacked (never installed) under <repo>/.cache/qemu/:
-#   .cache/qemu/10.0/root/usr/bin/qemu-system-x86_64   QEMU 10.0 from bookworm-backports (the QEMU of Debian 13)
-#   .cache/qemu/10.0/root/usr/bin/qemu-img
-#   .cache/qemu/10.0/root/usr/share/{qemu,seabios}     its firmware, passed with -L (src/qemu/versions.ts)
+# Fetches a QEMU the end-to-end tests run against besides the machine's own, unpacked (never installed) under
+# <repo>/.cache/qemu/NAME/:
+#   root/usr/bin/qemu-system-x86_64, root/usr/bin/qemu-img
+#   root/usr/share/{qemu,seabios}      its firmware, passed with -L (src/qemu/versions.ts)
+#   root/usr/lib/x86_64-linux-gnu/qemu its modules (QEMU_MODULE_DIR)
+#   lib/                               libraries it needs that Debian 12 lacks (LD_LIBRARY_PATH), if any
+# NAME is one of:
+#   10.0  QEMU 10.0 from bookworm-backports (the QEMU of Debian 13); every library it needs is in Debian 12
+#   5.2   QEMU 5.2 from bullseye (Debian 11), the oldest end; its Xen, virglrenderer, liburing 1 and yajl libraries
+#         come from bullseye too, into lib/ only
 # The machine's apt configuration is left alone: a private sources list, state and cache under a temporary folder.
-# Every library QEMU 10.0 links against is in Debian 12; the script checks that with ldd.
 # Idempotent: does nothing when the stamp names the same packages.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-suite=bookworm-backports
-name=10.0
-# The version of each package to unpack. qemu-system-data holds the QEMU firmware, seabios the PC BIOS.
-version='1:10.0.2+ds-2+deb13u1~bpo12+1'
+name="${1:?usage: qemu.sh NAME (10.0 or 5.2)}"
+case "$name" in
+  10.0)
+    suite=bookworm-backports
+    version='1:10.0.2+ds-2+deb13u1~bpo12+1'
+    seabios_version='1.16.3-2~bpo12+1'
+    libs=()
+    ;;
+  5.2)
+    suite=bullseye
+    version='1:5.2+dfsg-11+deb11u3'
+    seabios_version='1.14.0-2'
+    libs=(libxenmisc4.14 libxenstore3.0 libxenforeignmemory1 libxengnttab1 libxenevtchn1 libxendevicemodel1
+      libxentoolcore1 libxencall1 libxentoollog1 libxenhypfs1 libvirglrenderer1 liburing1 libyajl2)
+    ;;
+  *)
+    echo "qemu: unknown QEMU '$name' (10.0 or 5.2)" >&2
+    exit 2
+    ;;
+esac
 packages=(qemu-system-x86 qemu-system-common qemu-system-data qemu-utils)
-seabios_version='1.16.3-2~bpo12+1'
 out="$root/.cache/qemu/$name"
-stamp="suite=$suite qemu=$version seabios=$seabios_version script=$(sha256sum "${BASH_SOURCE[0]}" | cut -c1-16)"
+stamp="suite=$suite qemu=$version seabios=$seabios_version libs=${libs[*]} script=$(sha256sum "${BASH_SOURCE[0]}" | cut -c1-16)"
 
-say() { printf 'qemu: %s\n' "$*" >&2; }
+say() { printf 'qemu %s: %s\n' "$name" "$*" >&2; }
 die() { say "error: $*"; exit 1; }
 
 if [ -x "$out/root/usr/bin/qemu-system-x86_64" ] && [ -f "$out/stamp" ] && [ "$(cat "$out/stamp")" = "$stamp" ]; then
@@ -33,7 +53,7 @@ say "fetching QEMU $version from $suite into $out"
 
 work="$(mktemp -d /tmp/snap-pipe-qemu.XXXXXX)"
 trap 'rm -rf "$work"' EXIT
-mkdir -p "$work/lists/partial" "$work/cache/archives/partial" "$work/debs"
+mkdir -p "$work/lists/partial" "$work/cache/archives/partial" "$work/debs" "$work/libdebs"
 # apt-get download as root drops to the _apt user: give it folders it can write.
 chmod -R 0777 "$work"
 echo "deb [signed-by=$keyring] http://deb.debian.org/debian $suite main" >"$work/sources.list"
@@ -48,18 +68,32 @@ for p in "${packages[@]}"; do wanted+=("$p=$version"); done
 wanted+=("seabios=$seabios_version")
 (cd "$work/debs" && apt-get "${apt_opts[@]}" download "${wanted[@]}" >&2) \
   || die "apt-get download ${wanted[*]} failed (is $version still in $suite?)"
+if [ "${#libs[@]}" -gt 0 ]; then
+  lib_wanted=()
+  for p in "${libs[@]}"; do lib_wanted+=("$p/$suite"); done
+  (cd "$work/libdebs" && apt-get "${apt_opts[@]}" download "${lib_wanted[@]}" >&2) \
+    || die "apt-get download ${lib_wanted[*]} failed"
+fi
 
 rm -rf "$out.tmp"
-mkdir -p "$out.tmp/root"
+mkdir -p "$out.tmp/root" "$out.tmp/lib"
 for deb in "$work"/debs/*.deb; do dpkg-deb -x "$deb" "$out.tmp/root" || die "dpkg-deb -x $deb failed"; done
+if [ "${#libs[@]}" -gt 0 ]; then
+  # Only the shared libraries themselves, in a folder of their own: QEMU's LD_LIBRARY_PATH is inherited by the exec:
+  # children it starts (snap-pipe), so nothing else may sit there.
+  mkdir -p "$work/libroot"
+  for deb in "$work"/libdebs/*.deb; do dpkg-deb -x "$deb" "$work/libroot" || die "dpkg-deb -x $deb failed"; done
+  cp -a "$work"/libroot/usr/lib/x86_64-linux-gnu/*.so.* "$out.tmp/lib/"
+fi
 for bin in qemu-system-x86_64 qemu-img; do
   exe="$out.tmp/root/usr/bin/$bin"
   [ -x "$exe" ] || die "the packages hold no usr/bin/$bin"
-  missing="$(ldd "$exe" | awk '/not found/ {print $1}' | tr '\n' ' ')"
+  missing="$(LD_LIBRARY_PATH="$out.tmp/lib" ldd "$exe" | awk '/not found/ {print $1}' | tr '\n' ' ')"
   [ -z "$missing" ] || die "$bin needs libraries this machine lacks: $missing"
 done
-"$out.tmp/root/usr/bin/qemu-system-x86_64" --version >/dev/null || die "the unpacked qemu-system-x86_64 does not run"
+LD_LIBRARY_PATH="$out.tmp/lib" "$out.tmp/root/usr/bin/qemu-system-x86_64" --version >/dev/null \
+  || die "the unpacked qemu-system-x86_64 does not run"
 printf '%s' "$stamp" >"$out.tmp/stamp"
 rm -rf "$out"
 mv "$out.tmp" "$out"
-say "QEMU $name ready: $("$out/root/usr/bin/qemu-system-x86_64" --version | head -n 1)"
+say "ready: $(LD_LIBRARY_PATH="$out/lib" "$out/root/usr/bin/qemu-system-x86_64" --version | head -n 1)"

@@ -1,8 +1,9 @@
 #!/usr/bin/env node
 // Installs what `npm test` and `npm run demo` need on a fresh Debian 12 machine with Node 20:
 // npm packages, the Debian packages (when running as root; otherwise names them and fails),
-// the TypeScript build, the guest (kernel + initramfs) used by the end-to-end tests and the demo, and the second
-// QEMU the end-to-end tests run against (10.0 from bookworm-backports, unpacked under .cache/qemu/: scripts/qemu.sh).
+// the TypeScript build, the guest (kernel + initramfs) used by the end-to-end tests and the demo, and the other
+// QEMUs the end-to-end tests run against (10.0 from bookworm-backports, 5.2 from bullseye, unpacked under
+// .cache/qemu/: scripts/qemu.sh).
 // Idempotent: each step is skipped when its result is already present.
 import { spawnSync } from 'node:child_process';
 import { existsSync, statSync } from 'node:fs';
@@ -75,8 +76,9 @@ function ensureGuest() {
   run('bash', [join(root, 'scripts', 'guest.sh')]);
 }
 
-function ensureSecondQemu() {
-  run('bash', [join(root, 'scripts', 'qemu.sh')]);
+/** The QEMUs besides the machine's own (src/qemu/versions.ts CACHED_QEMUS). */
+function ensureOtherQemus() {
+  for (const name of ['10.0', '5.2']) run('bash', [join(root, 'scripts', 'qemu.sh'), name]);
 }
 
 ensureDebianPackages();
@@ -85,5 +87,5 @@ build();
 buildNative();
 if (forWhat === 'test' || forWhat === 'demo') {
   ensureGuest();
-  ensureSecondQemu();
+  ensureOtherQemus();
 }

@@ -4,8 +4,8 @@
 //   node dist/demo/demo.js [--live] [--mem MiB] [--fill MiB] [--keep] [--qemu PATH|10.0]
 //     --live   take a background snapshot of the running guest instead of pausing it first
 //     --keep   keep the image (its path is printed) instead of deleting it
-//     --qemu   the qemu-system-x86_64 to run, or 10.0 for the one npm test fetches (default: $SNAP_PIPE_QEMU, else
-//              the machine's own)
+//     --qemu   the qemu-system-x86_64 to run, or 10.0 / 5.2 for the ones npm test fetches (default: $SNAP_PIPE_QEMU,
+//              else the machine's own)
 import { spawnSync } from 'node:child_process';
 import { mkdtempSync, rmSync, statSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -41,7 +41,7 @@ function parseArgs(argv: string[]): DemoOptions {
     else if (arg === '--fill') opts.fillMiB = number('--fill');
     else if (arg === '--qemu' && i + 1 < argv.length) opts.qemu = argv[++i];
     else if (arg.startsWith('--qemu=')) opts.qemu = arg.slice('--qemu='.length);
-    else throw new DemoError(`unknown argument '${arg}' (use --live, --keep, --mem MiB, --fill MiB, --qemu PATH|10.0)`);
+    else throw new DemoError(`unknown argument '${arg}' (use --live, --keep, --mem MiB, --fill MiB, --qemu PATH|10.0|5.2)`);
   }
   if (opts.memMiB < 128) throw new DemoError('--mem must be at least 128 MiB');
   if (opts.fillMiB > opts.memMiB - 96) throw new DemoError(`--fill must be at most --mem minus 96 (${opts.memMiB - 96})`);
@@ -151,7 +151,7 @@ async function main(): Promise<void> {
     say();
 
     say(`4. qemu-img check ${img}`);
-    const check = spawnSync(qemuImg, ['check', img], { encoding: 'utf8', timeout: 120_000 });
+    const check = spawnSync(qemuImg, ['check', img], { encoding: 'utf8', timeout: 120_000, env: { ...process.env, ...qemu.env } });
     if (check.status !== 0) {
       throw new DemoError(`qemu-img check found problems: ${(check.stdout + check.stderr).trim().split('\n').pop()}`);
     }

@@ -1,8 +1,8 @@
 // Which QEMU runs a guest: the machine's own (Debian 12: 7.2), or one unpacked under .cache/qemu/ by
-// scripts/qemu.sh (10.0 from bookworm-backports), or one a user names with --qemu / SNAP_PIPE_QEMU.
+// scripts/qemu.sh (10.0 from bookworm-backports, 5.2 from bullseye), or one a user names with --qemu / SNAP_PIPE_QEMU.
 // The end-to-end tests run once per entry of testedQemus(); the demo and the benches take the user's choice.
 import { spawnSync } from 'node:child_process';
-import { existsSync } from 'node:fs';
+import { existsSync, readdirSync } from 'node:fs';
 import { dirname, join, resolve } from 'node:path';
 import { findExecutable, repoRoot } from './paths.js';
 
@@ -20,13 +20,14 @@ export interface Qemu {
   firmwareArgs: string[];
   /**
    * Environment for it: an unpacked QEMU gets QEMU_MODULE_DIR naming its own modules, or it would load the
-   * installed QEMU's (util/module.c refuses modules of another build).
+   * installed QEMU's (util/module.c refuses modules of another build), and LD_LIBRARY_PATH naming the folder of
+   * libraries Debian 12 lacks, when it needs one (5.2: only those libraries are there, as snap-pipe inherits it).
    */
   env: Record<string, string>;
 }
 
 /** The QEMU folders scripts/qemu.sh fills, by name. */
-export const CACHED_QEMUS = ['10.0'] as const;
+export const CACHED_QEMUS = ['10.0', '5.2'] as const;
 export type CachedQemuName = (typeof CACHED_QEMUS)[number];
 
 const known = new Map<string, Qemu>();
@@ -38,15 +39,15 @@ export function systemQemu(): Qemu {
 
 /** A QEMU unpacked under .cache/qemu/NAME/root by scripts/qemu.sh; throws (never skips) when it is missing. */
 export function cachedQemu(name: CachedQemuName): Qemu {
-  const root = join(repoRoot(), '.cache', 'qemu', name, 'root');
-  const system = join(root, 'usr', 'bin', 'qemu-system-x86_64');
-  if (!existsSync(system)) throw new Error(`QEMU ${name} is missing (${system}): run 'bash scripts/qemu.sh' (npm test does)`);
-  return unpacked(system);
+  const dir = join(repoRoot(), '.cache', 'qemu', name);
+  const system = join(dir, 'root', 'usr', 'bin', 'qemu-system-x86_64');
+  if (!existsSync(system)) throw new Error(`QEMU ${name} is missing (${system}): run 'bash scripts/qemu.sh ${name}' (npm test does)`);
+  return unpacked(system, join(dir, 'lib'));
 }
 
-/** Every QEMU the end-to-end suite runs against: the machine's own first, then each cached one. */
+/** Every QEMU the end-to-end suites run against, oldest first: the machine's own and each cached one. */
 export function testedQemus(): Qemu[] {
-  return [systemQemu(), ...CACHED_QEMUS.map(cachedQemu)];
+  return [systemQemu(), ...CACHED_QEMUS.map(cachedQemu)].sort((a, b) => a.major - b.major || a.minor - b.minor || a.micro - b.micro);
 }
 
 /**
@@ -65,7 +66,7 @@ export function chosenQemu(choice: string | undefined = process.env.SNAP_PIPE_QE
  * A qemu-system-x86_64 at PREFIX/usr/bin (or PREFIX/bin): its qemu-img beside it, and its firmware folders
  * PREFIX/usr/share/{qemu,seabios} passed with -L when they exist (an unpacked package does not know where it is).
  */
-function unpacked(system: string): Qemu {
+function unpacked(system: string, libDir?: string): Qemu {
   const bin = dirname(system);
   const img = join(bin, 'qemu-img');
   if (!existsSync(img)) throw new Error(`${system}: no qemu-img beside it`);
@@ -73,6 +74,7 @@ function unpacked(system: string): Qemu {
   const firmwareArgs = ['qemu', 'seabios'].map((d) => join(share, d)).filter((d) => existsSync(d) && share !== '/usr/share');
   const modules = join(dirname(bin), 'lib', 'x86_64-linux-gnu', 'qemu');
   const env: Record<string, string> = existsSync(modules) && !modules.startsWith('/usr/lib/') ? { QEMU_MODULE_DIR: modules } : {};
+  if (libDir && existsSync(libDir) && readdirSync(libDir).length > 0) env.LD_LIBRARY_PATH = libDir;
   return describe(system, img, firmwareArgs.flatMap((d) => ['-L', d]), env);
 }
 
@@ -93,6 +95,11 @@ function describe(system: string, img: string, firmwareArgs: string[], env: Reco
 /** At least major.minor. */
 export function qemuAtLeast(q: Qemu, major: number, minor: number): boolean {
   return q.major > major || (q.major === major && q.minor >= minor);
+}
+
+/** background-snapshot came in QEMU 6.0 (migration.c bg_migration_thread). */
+export function hasBackgroundSnapshot(q: Qemu): boolean {
+  return qemuAtLeast(q, 6, 0);
 }
 
 /** The i440fx machine type of a QEMU's own version, e.g. 'pc-i440fx-7.2' (for restoring across versions). */

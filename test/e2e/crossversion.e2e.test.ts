@@ -1,14 +1,15 @@
-// Snapshots outlive QEMU upgrades: a guest saved under QEMU 7.2 (Debian 12) is restored by QEMU 10.0 (Debian 13)
-// started with the machine type it was saved with (-machine pc-i440fx-7.2), by precopy and by postcopy, byte for
-// byte equal to a pmemsave dump taken before the save, and runs on. The other way, a QEMU 7.2 destination fails
-// on an image from QEMU 10's own machine type with QEMU's own reason (the machine types differ), and runs nothing.
+// Snapshots outlive QEMU upgrades: a guest saved under QEMU 5.2 (Debian 11) or 7.2 (Debian 12) is restored by QEMU
+// 10.0 (Debian 13) started with the machine type it was saved with (-machine pc-i440fx-5.2 / 7.2), by precopy and by
+// postcopy, byte for byte equal to a pmemsave dump taken before the save, and runs on. The other way, a QEMU 7.2
+// destination fails on an image from QEMU 10's own machine type with QEMU's own reason (the machine types differ),
+// and runs nothing.
 // Fails (never skips) when either QEMU, the guest files or the build are missing.
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, test } from 'vitest';
 import { Guest, delayMs, guestFiles, snapPipeBin } from '../../src/qemu/guest.js';
-import { cachedQemu, i440fxMachine, systemQemu, type Qemu } from '../../src/qemu/versions.js';
+import { cachedQemu, i440fxMachine, systemQemu, testedQemus, type Qemu } from '../../src/qemu/versions.js';
 import { info } from '../helpers/cli.js';
 import { firstDifference, LEGACY_WINDOW, loadUri, saveUri } from '../helpers/e2e.js';
 
@@ -16,9 +17,11 @@ const MiB = 1024 * 1024;
 const memMiB = 384;
 const fillMiB = 120;
 
-describe('across QEMU versions', () => {
+/** Every tested QEMU older than 10.0, each restored by 10.0. */
+const older = testedQemus().filter((q) => q.major < 10);
+
+describe.each(older)('across QEMU versions: saved under $label, restored by QEMU 10.0', (old: Qemu) => {
   let dir: string;
-  let old: Qemu;
   let current: Qemu;
   let img: string;
   let before: string;
@@ -33,9 +36,7 @@ describe('across QEMU versions', () => {
   beforeAll(async () => {
     guestFiles();
     snapPipeBin();
-    old = systemQemu();
     current = cachedQemu('10.0');
-    expect(old.major, `${old.label} as the old end`).toBe(7);
     dir = mkdtempSync(join(tmpdir(), 'snap-pipe-crossversion-'));
     img = join(dir, 'old.qcow2');
     before = join(dir, 'before.pmem');
@@ -47,7 +48,7 @@ describe('across QEMU versions', () => {
     await src.migrate(saveUri(img));
     const m = await src.waitMigration(180_000);
     if (m.status !== 'completed') throw src.failure(`save ${m.status}: ${m['error-desc'] ?? '?'}`);
-    expect((await info(img)).machineType).toBe('pc-i440fx-7.2');
+    expect((await info(img)).machineType).toBe(i440fxMachine(old));
   }, 300_000);
 
   afterEach(async () => {
@@ -59,7 +60,7 @@ describe('across QEMU versions', () => {
   });
 
   for (const mode of ['precopy', 'postcopy'] as const) {
-    test(`saved under QEMU 7.2, restored by QEMU 10.0 with -machine pc-i440fx-7.2 (${mode}): byte for byte, and it runs`, async () => {
+    test(`restored with -machine of the old version (${mode}): byte for byte, and it runs`, async () => {
       const dst = await start({ qemu: current, name: `xv-${mode}`, memMiB, fillMiB, incoming: true, machine: i440fxMachine(old) });
       if (mode === 'postcopy') await dst.setCapabilities({ 'postcopy-ram': true });
       await dst.migrateIncoming(loadUri(img, mode === 'postcopy' ? ['--postcopy'] : []));
@@ -78,8 +79,31 @@ describe('across QEMU versions', () => {
     }, 300_000);
   }
 
+});
+
+describe('across QEMU versions: back to an older QEMU', () => {
+  let dir: string;
+  const guests: Guest[] = [];
+
+  async function start(opts: Parameters<typeof Guest.start>[0]): Promise<Guest> {
+    const g = await Guest.start(opts);
+    guests.push(g);
+    return g;
+  }
+
+  beforeAll(() => {
+    guestFiles();
+    snapPipeBin();
+    dir = mkdtempSync(join(tmpdir(), 'snap-pipe-crossversion-down-'));
+  });
+
+  afterAll(async () => {
+    for (const g of guests.splice(0)) await g.quit();
+    if (dir) rmSync(dir, { recursive: true, force: true });
+  });
+
   test('an image of QEMU 10\'s own machine type into QEMU 7.2: QEMU refuses it, naming both machine types', async () => {
-    const src = await start({ qemu: current, name: 'xv-new', memMiB: 256, fillMiB: 16, machine: i440fxMachine(current) });
+    const src = await start({ qemu: cachedQemu('10.0'), name: 'xv-new', memMiB: 256, fillMiB: 16, machine: 'pc-i440fx-10.0' });
     await src.waitReady();
     await src.stop();
     await src.unthrottle();
@@ -87,9 +111,9 @@ describe('across QEMU versions', () => {
     await src.migrate(saveUri(newer));
     const m = await src.waitMigration(120_000);
     if (m.status !== 'completed') throw src.failure(`save ${m.status}: ${m['error-desc'] ?? '?'}`);
-    expect((await info(newer)).machineType).toBe(i440fxMachine(current));
+    expect((await info(newer)).machineType).toBe('pc-i440fx-10.0');
 
-    const dst = await start({ qemu: old, name: 'xv-down', memMiB: 256, fillMiB: 16, incoming: true });
+    const dst = await start({ qemu: systemQemu(), name: 'xv-down', memMiB: 256, fillMiB: 16, incoming: true });
     await dst.migrateIncoming(loadUri(newer));
     // QEMU 7.2 exits when an incoming migration fails (migration.c process_incoming_migration_co).
     for (const deadline = Date.now() + 60_000; dst.alive && Date.now() < deadline; ) await delayMs(100);
@@ -97,6 +121,6 @@ describe('across QEMU versions', () => {
     const log = dst.stderrText();
     expect(log).toMatch(/Machine type received is 'pc-i440fx-10\.0' and local is 'pc-i440fx-7\.2'/);
     expect(dst.consoleText()).not.toMatch(/SNAPPIPE-TICK/);
-    console.log(`${current.label} image into ${old.label}: ${log.trim().split('\n').filter((l) => /Machine type|load of migration/.test(l)).join(' | ')}`);
+    console.log(`QEMU 10.0 image into ${systemQemu().label}: ${log.trim().split('\n').filter((l) => /Machine type|load of migration/.test(l)).join(' | ')}`);
   }, 300_000);
 });
