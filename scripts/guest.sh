@@ -4,7 +4,11 @@
 #   initramfs.cpio.gz   busybox-static + /init (below)
 # The guest's /init reads `fill=MiB` (default 200) from /proc/cmdline, fills that much RAM with random data
 # kept on a tmpfs, prints SNAPPIPE-READY on the console, then prints `SNAPPIPE-TICK <n>` about twice a second
-# forever, rewriting a small tmpfs file each tick so background snapshots see writes.
+# forever, rewriting a small tmpfs file each tick so background snapshots see writes. All it ever changes after
+# READY is that tick file (and the kernel's own state): the fill and /init stay as written.
+# It checks itself on request: a line `hash N` on its second serial port (ttyS1, when QEMU gives it one) makes it
+# print `SNAPPIPE-HASH N fill=<md5 of the fill> init=<md5 of /init and busybox>` on the console, so a test can
+# judge a restored running guest by its content.
 # Boot with: -kernel vmlinuz -initrd initramfs.cpio.gz -append 'console=ttyS0 quiet fill=200'.
 # Idempotent: rebuilds only when its inputs (kernel package, busybox version, this script) changed.
 set -euo pipefail
@@ -111,6 +115,24 @@ if [ "$fill" -gt 0 ]; then
   if ! dd if=/dev/urandom of=/dev/shm/fill bs=1M count="$fill" 2>/dev/null; then
     echo "SNAPPIPE-ERROR fill of ${fill} MiB failed"
   fi
+fi
+# The control channel: commands on ttyS1, answers on the console. Started after the fill, so a hash always covers
+# the whole of it.
+if [ -c /dev/ttyS1 ]; then
+  stty -F /dev/ttyS1 -echo 2>/dev/null
+  (
+    exec </dev/ttyS1
+    while read -r cmd arg; do
+      case "$cmd" in
+        hash)
+          f=$(md5sum </dev/shm/fill 2>/dev/null | cut -d' ' -f1)
+          i=$(cat /init /bin/busybox | md5sum | cut -d' ' -f1)
+          echo "SNAPPIPE-HASH $arg fill=${f:-none} init=$i"
+          ;;
+        *) echo "SNAPPIPE-ERROR unknown command '$cmd'" ;;
+      esac
+    done
+  ) &
 fi
 echo "SNAPPIPE-READY fill=${fill}MiB mem=$(awk '/MemTotal/ {print $2}' /proc/meminfo)kB"
 

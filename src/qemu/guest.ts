@@ -1,8 +1,10 @@
 // A QEMU guest for the end-to-end tests and the demo: qemu-system-x86_64 under TCG booting the test kernel and
-// initramfs built by scripts/guest.sh (.cache/guest/), with its serial console in a file and QMP on a unix socket.
+// initramfs built by scripts/guest.sh (.cache/guest/), with its serial console in a file, a second serial port on a
+// unix socket for commands to the guest (contentHash), and QMP on a unix socket.
 // Every wait is bounded; quit() always leaves no QEMU process behind.
 import { spawn, type ChildProcess } from 'node:child_process';
 import { closeSync, existsSync, mkdtempSync, openSync, readSync, rmSync, statSync } from 'node:fs';
+import { connect } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { findExecutable, repoRoot } from './paths.js';
@@ -117,12 +119,15 @@ export class Guest {
   /** QEMU's stdout and stderr (the stderr of exec: migration children lands here too). */
   readonly stderrPath: string;
   readonly qmpPath: string;
+  /** The guest's second serial port (ttyS1): scripts/guest.sh reads commands from it. */
+  readonly controlPath: string;
   readonly qmp: QmpClient;
   private readonly child: ChildProcess;
   private readonly keepDir: boolean;
   private exit: { code: number | null; signal: NodeJS.Signals | null } | null = null;
   private readonly exited: Promise<void>;
   private quitDone = false;
+  private commandCount = 0;
 
   private constructor(opts: GuestOptions & { fillMiB: number }, dir: string, child: ChildProcess, qmp: QmpClient, exited: Promise<void>) {
     this.name = opts.name;
@@ -133,6 +138,7 @@ export class Guest {
     this.consolePath = join(dir, 'console.log');
     this.stderrPath = join(dir, 'qemu.log');
     this.qmpPath = join(dir, 'qmp.sock');
+    this.controlPath = join(dir, 'control.sock');
     this.child = child;
     this.qmp = qmp;
     this.keepDir = opts.keepDir ?? false;
@@ -170,6 +176,9 @@ export class Guest {
       '-append', `console=ttyS0 quiet panic=-1 fill=${fillMiB}`,
       '-display', 'none',
       '-serial', `file:${consolePath}`,
+      // ttyS1: the guest's command channel. Every guest has it, so source and destination of a migration match.
+      '-chardev', `socket,id=snapctl,path=${join(dir, 'control.sock')},server=on,wait=off`,
+      '-device', 'isa-serial,chardev=snapctl',
       '-qmp', `unix:${qmpPath},server=on,wait=off`,
       '-no-reboot',
       ...(opts.incoming ? ['-S', '-incoming', 'defer'] : []),
@@ -268,6 +277,41 @@ export class Guest {
   /** Waits for a SNAPPIPE-TICK printed after byte `fromByte` of the console (the guest runs). */
   waitTick(timeoutMs = 30_000, fromByte = this.consoleBytes()): Promise<string> {
     return this.waitConsole(/SNAPPIPE-TICK \d+/, timeoutMs, fromByte);
+  }
+
+  /**
+   * Asks the running guest to hash what it wrote and never changes after READY: its random fill, and /init with
+   * busybox (scripts/guest.sh). The guest reads the whole fill back, so a wrong byte anywhere in it shows here.
+   */
+  async contentHash(timeoutMs = 120_000): Promise<{ fill: string; init: string }> {
+    const nonce = ++this.commandCount;
+    const from = this.consoleBytes();
+    await this.command(`hash ${nonce}`, timeoutMs);
+    const line = await this.waitConsole(new RegExp(`SNAPPIPE-HASH ${nonce} `), timeoutMs, from);
+    const m = /fill=([0-9a-f]{32}|none) init=([0-9a-f]{32})/.exec(line);
+    if (!m) throw this.failure(`the guest's hash line is malformed: ${line}`);
+    return { fill: m[1], init: m[2] };
+  }
+
+  /** Writes one line to the guest's command channel (ttyS1). */
+  private command(line: string, timeoutMs: number): Promise<void> {
+    return new Promise((resolve, reject) => {
+      const sock = connect(this.controlPath);
+      const timer = setTimeout(() => {
+        sock.destroy();
+        reject(this.failure(`the command channel took over ${timeoutMs} ms to take '${line}'`));
+      }, timeoutMs);
+      sock.once('error', (err) => {
+        clearTimeout(timer);
+        reject(this.failure(`command channel ${this.controlPath}: ${err.message}`));
+      });
+      sock.once('connect', () => {
+        sock.end(`${line}\n`, () => {
+          clearTimeout(timer);
+          resolve();
+        });
+      });
+    });
   }
 
   /** Runs a QMP command; failures name the guest. */

@@ -10,7 +10,7 @@ import { afterAll, afterEach, beforeAll, describe, expect, test } from 'vitest';
 import { ImageReader } from '../../src/image/reader.js';
 import { Guest, delayMs, guestFiles, snapPipeBin } from '../../src/qemu/guest.js';
 import { hasBackgroundSnapshot, qemuAtLeast, testedQemus, type Qemu } from '../../src/qemu/versions.js';
-import { info } from '../helpers/cli.js';
+import { info, runCli } from '../helpers/cli.js';
 import { firstDifference, LEGACY_WINDOW, saveUri, loadUri } from '../helpers/e2e.js';
 
 const MiB = 1024 * 1024;
@@ -124,11 +124,13 @@ describe.each(testedQemus())('snap-pipe load behind a real QEMU incoming migrati
 
   // background-snapshot came in QEMU 6.0: older QEMUs have no such test.
   if (hasBackgroundSnapshot(qemu)) {
-    test('a background snapshot of a running guest is restored and runs', async () => {
+    test('a background snapshot of a running guest: verify passes, and restored, the guest reads back the content it had', async () => {
       const img = join(dir, 'background.qcow2');
 
       source = await Guest.start({ qemu, name: 'load-bg-src', memMiB, fillMiB });
       await source.waitReady(180_000);
+      // The guest's own account of what it wrote: its random fill and /init never change after READY.
+      const before = await source.contentHash();
       await source.unthrottle();
       await source.setCapabilities({ 'background-snapshot': true });
       await source.waitTick(30_000);
@@ -136,6 +138,8 @@ describe.each(testedQemus())('snap-pipe load behind a real QEMU incoming migrati
       console.log(`${qemu.label} save (background, ${memMiB} MiB): ${saveMs} ms`);
       await source.quit();
       source = null;
+      const verified = await runCli(['verify', img]);
+      expect(verified.code, verified.stderr).toBe(0);
 
       const r = await restore(qemu, 'load-bg-dst', img);
       dest = r.guest;
@@ -144,6 +148,8 @@ describe.each(testedQemus())('snap-pipe load behind a real QEMU incoming migrati
       await dest.cont();
       expect(await dest.queryStatus()).toMatchObject({ status: 'running', running: true });
       await dest.waitTick(30_000, from);
+      // Judged by content, with zero tolerance: every byte of the fill and /init as the running guest had them.
+      expect(await dest.contentHash()).toEqual(before);
       await dest.waitTick(30_000);
     }, 600_000);
   }

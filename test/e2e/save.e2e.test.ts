@@ -243,6 +243,9 @@ describe.each(testedQemus())('snap-pipe save behind a real QEMU migration: $labe
       expect(info.sawRamEnd).toBe(false); // a background snapshot sends no ram END section
       expect(info.switchoverStarts).toBe(0); // nor a SWITCHOVER_START (migration.c bg_migration_thread)
       expect(pages).toBe(migration.ram!.normal + migration.ram!.duplicate);
+    // Every cluster's recorded CRC-32C matches its bytes (its content is compared with the guest's own in load's
+    // background test, which restores such an image).
+    run(process.execPath, [snapPipeBin(), 'verify', img], 120_000);
     }, 420_000);
   }
 });
