@@ -17,6 +17,23 @@ const MiB = 1024 * 1024;
 const memMiB = 384;
 const fillMiB = 120;
 
+/** Every guest this file starts; each test quits its own at the end. */
+const guests: Guest[] = [];
+
+async function start(opts: Parameters<typeof Guest.start>[0]): Promise<Guest> {
+  const g = await Guest.start(opts);
+  guests.push(g);
+  return g;
+}
+
+afterEach(async () => {
+  for (const g of guests.splice(0)) await g.quit();
+});
+// And any left by a beforeAll that failed before a test ran.
+afterAll(async () => {
+  for (const g of guests.splice(0)) await g.quit();
+});
+
 /** Every tested QEMU older than 10.0, each restored by 10.0. */
 const older = testedQemus().filter((q) => q.major < 10);
 
@@ -25,14 +42,6 @@ describe.each(older)('across QEMU versions: saved under $label, restored by QEMU
   let current: Qemu;
   let img: string;
   let before: string;
-  const guests: Guest[] = [];
-
-  async function start(opts: Parameters<typeof Guest.start>[0]): Promise<Guest> {
-    const g = await Guest.start(opts);
-    guests.push(g);
-    return g;
-  }
-
   beforeAll(async () => {
     guestFiles();
     snapPipeBin();
@@ -50,10 +59,6 @@ describe.each(older)('across QEMU versions: saved under $label, restored by QEMU
     if (m.status !== 'completed') throw src.failure(`save ${m.status}: ${m['error-desc'] ?? '?'}`);
     expect((await info(img)).machineType).toBe(i440fxMachine(old));
   }, 300_000);
-
-  afterEach(async () => {
-    for (const g of guests.splice(0)) await g.quit();
-  });
 
   afterAll(() => {
     if (dir) rmSync(dir, { recursive: true, force: true });
@@ -83,22 +88,13 @@ describe.each(older)('across QEMU versions: saved under $label, restored by QEMU
 
 describe('across QEMU versions: back to an older QEMU', () => {
   let dir: string;
-  const guests: Guest[] = [];
-
-  async function start(opts: Parameters<typeof Guest.start>[0]): Promise<Guest> {
-    const g = await Guest.start(opts);
-    guests.push(g);
-    return g;
-  }
-
   beforeAll(() => {
     guestFiles();
     snapPipeBin();
     dir = mkdtempSync(join(tmpdir(), 'snap-pipe-crossversion-down-'));
   });
 
-  afterAll(async () => {
-    for (const g of guests.splice(0)) await g.quit();
+  afterAll(() => {
     if (dir) rmSync(dir, { recursive: true, force: true });
   });
 
