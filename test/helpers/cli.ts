@@ -61,6 +61,38 @@ export function runCli(args: string[], input?: Uint8Array, seed = 1, env?: Recor
   });
 }
 
+/** `s` quoted for sh. */
+function shQuote(s: string): string {
+  return `'${s.replace(/'/g, `'\\''`)}'`;
+}
+
+export interface TerminalRun {
+  /** snap-pipe's exit code. */
+  code: number;
+  /** What it printed on the terminal (stderr, and stdout unless redirected), line by line. */
+  lines: string[];
+}
+
+/**
+ * Runs `snap-pipe ARGS` with a real terminal on stdin and stderr: a pty from util-linux `script`. stdout goes to
+ * `stdoutPath` (a file) when given, else to the terminal as well. Fails, rather than passing for the wrong reason,
+ * when stdin is not a terminal inside `script`.
+ */
+export function runOnTerminal(args: string[], stdoutPath?: string): TerminalRun {
+  const cmd =
+    'test -t 0 || { echo "stdin is not a terminal"; exit 99; }; ' +
+    `${[process.execPath, BIN, ...args].map(shQuote).join(' ')}${stdoutPath ? ` > ${shQuote(stdoutPath)}` : ''}; ` +
+    'echo "exit=$?"';
+  const r = spawnSync('script', ['-qec', cmd, '/dev/null'], { encoding: 'utf8', timeout: 30_000 });
+  if (r.error) throw new Error(`script (util-linux) failed: ${r.error.message}`);
+  // A terminal ends lines with CR LF.
+  const lines = r.stdout.split(/\r?\n/).filter((l) => l !== '');
+  const exit = lines.pop() ?? '';
+  const m = /^exit=(\d+)$/.exec(exit);
+  if (!m) throw new Error(`snap-pipe ${args.join(' ')} on a terminal: no exit status (status ${r.status}): ${JSON.stringify(r.stdout)}`);
+  return { code: Number(m[1]), lines };
+}
+
 export function qemuImg(args: string[]): { code: number | null; out: string } {
   const r = spawnSync('qemu-img', args, { encoding: 'utf8' });
   if (r.error) throw new Error(`qemu-img is missing (apt-get install qemu-utils): ${r.error.message}`);

@@ -36,6 +36,31 @@ export interface Collected {
  * `startPosition`: the ring's first position (an int32), to cross the sign flip and the 2^32 wrap of positions.
  */
 export function parseAll(bytes: Uint8Array, seed = 1, ringBytes = 65536, maxPiece?: number, startPosition = 0): Collected {
+  const out = emptyCollected();
+  out.parsed = collect(bytes, out, seed, ringBytes, maxPiece, startPosition);
+  return out;
+}
+
+/**
+ * For a stream that stops early (a load cut short): what the parser collected up to the point it threw, and what
+ * it threw. `got.parsed` is left undefined; `error` is undefined when the stream turned out whole.
+ */
+export function parseUntilFailure(bytes: Uint8Array): { got: Collected; error: unknown } {
+  const got = emptyCollected();
+  try {
+    got.parsed = collect(bytes, got, 1, 1 << 20);
+  } catch (error) {
+    return { got, error };
+  }
+  return { got, error: undefined };
+}
+
+function emptyCollected(): Collected {
+  return { parsed: undefined as unknown as ParsedStream, ram: [], sent: [], data: [], records: [], kindRuns: [] };
+}
+
+/** Parses `bytes` into `out` as it goes, so what was collected is kept when the parser throws. */
+function collect(bytes: Uint8Array, out: Collected, seed: number, ringBytes: number, maxPiece?: number, startPosition = 0): ParsedStream {
   const ctrl = new Int32Array(new SharedArrayBuffer(CTRL_INTS * 4));
   Atomics.store(ctrl, CTRL.IN_RELEASED, startPosition);
   const ringMem = new Uint8Array(ringBytes);
@@ -45,7 +70,6 @@ export function parseAll(bytes: Uint8Array, seed = 1, ringBytes = 65536, maxPiec
       Atomics.store(ctrl, CTRL.IN_RELEASED, cursor);
     },
   });
-  const out: Collected = { parsed: undefined as unknown as ParsedStream, ram: [], sent: [], data: [], records: [], kindRuns: [] };
   const kind = (k: string) => {
     if (out.kindRuns[out.kindRuns.length - 1] !== k) out.kindRuns.push(k);
   };
@@ -70,7 +94,5 @@ export function parseAll(bytes: Uint8Array, seed = 1, ringBytes = 65536, maxPiec
       kind('z');
     },
   });
-  out.parsed = parser.parse();
-  return out;
+  return parser.parse();
 }
-

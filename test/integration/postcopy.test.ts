@@ -25,7 +25,7 @@ import {
   SEC_PART,
 } from '../../src/stream/constants.js';
 import { encodePong, encodeReqPages, encodeShut, encodeSwitchoverAck } from '../../src/stream/returnpath.js';
-import { BIN, runCli } from '../helpers/cli.js';
+import { BIN, runCli, runOnTerminal } from '../helpers/cli.js';
 import { buildStream, pulledForward, rng, sequentialOps, type BlockSpec, type ModelStream, type Op } from '../helpers/model.js';
 
 const MiB = 1 << 20;
@@ -605,6 +605,13 @@ describe('snap-pipe load --postcopy against a scripted destination', () => {
   });
 
   it('refuses a terminal on stdin, and a bad PERCENT', async () => {
+    // stdin must be QEMU's return path: on a terminal (a real pty; stdout to a file, so only stdin is one) it is a
+    // usage error, one line, and nothing is written.
+    const out = join(dir, 'tty.stream');
+    const t = runOnTerminal(['load', '--postcopy', img], out);
+    expect(t.lines).toEqual(["snap-pipe: load: --postcopy: stdin is a terminal; it must be QEMU's return path (run under migrate_incoming exec:)"]);
+    expect(t.code).toBe(2);
+    expect(readFileSync(out).length, 'bytes on stdout').toBe(0);
     for (const p of ['101', 'x', '-1', '']) {
       const r = await runCli(['load', img, `--postcopy=${p}`]);
       expect(r.code, r.stderr).toBe(2);

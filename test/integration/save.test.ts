@@ -4,7 +4,7 @@ import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'no
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { expectImageMatches, info, runCli } from '../helpers/cli.js';
+import { expectImageMatches, info, runCli, runOnTerminal } from '../helpers/cli.js';
 import { mountSmallFs } from '../helpers/smallfs.js';
 import { SMALL_PC_BLOCKS, buildStream, pulledForward, rng, sequentialOps, type Op } from '../helpers/model.js';
 
@@ -176,6 +176,15 @@ describe('snap-pipe save: refusals and failures', () => {
     const r = await runCli(['save', join(dir, 'junk.qcow2')], new TextEncoder().encode('hello, this is not QEMU\n'.repeat(100)));
     expect(r.code).toBe(1);
     expect(r.stderr).toMatch(/not a QEMU migration stream .* at byte 0/);
+  });
+
+  it('refuses a terminal on stdin: one line, exit 2, no image', () => {
+    // A real pty on stdin (and stderr): someone typed `snap-pipe save IMG` at a shell instead of piping QEMU into it.
+    const img = join(dir, 'tty.qcow2');
+    const t = runOnTerminal(['save', img]);
+    expect(t.lines).toEqual(['snap-pipe: save: stdin is a terminal; pipe a QEMU migration stream into it (see snap-pipe save --help)']);
+    expect(t.code).toBe(2);
+    expect(existsSync(img), 'an image was created').toBe(false);
   });
 
   it('never overwrites a complete image or another file without --force', async () => {

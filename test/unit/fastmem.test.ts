@@ -6,7 +6,7 @@ import { execFileSync } from 'node:child_process';
 import { closeSync, fstatSync, mkdtempSync, openSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { describe, expect, it } from 'vitest';
+import { describe, expect, it, vi } from 'vitest';
 import { crc32c, crc32cImplementation, crc32cJs, crc32cOfPages, crc32cZeros, fastmemAddon, preallocate, RangeCopier, zeroFill } from '../../src/native/fastmem.js';
 import { alignedShared } from '../../src/ring/memory.js';
 
@@ -107,21 +107,43 @@ describe('crc32cOfPages', () => {
 });
 
 describe('zeroFill', () => {
-  it('zeroes exactly the range, through the addon and without it', () => {
-    const mem = bytes(8192, 5);
-    const want = mem.slice();
-    want.fill(0, 100, 5000);
-    zeroFill(mem, 100, 5000);
-    expect(Buffer.compare(mem, want)).toBe(0);
-    zeroFill(mem, 10, 10); // empty range: nothing
-    expect(Buffer.compare(mem, want)).toBe(0);
-    expect(() => addon().zero(mem, 8000, 193)).toThrow(/outside the view/);
-    // A view into the middle of a buffer: offsets count from the view.
-    const inner = bytes(64, 6);
-    const innerWant = inner.slice();
-    innerWant.fill(0, 12, 20);
-    addon().zero(inner.subarray(8), 4, 8);
-    expect(Buffer.compare(inner, innerWant)).toBe(0);
+  /** The zeroFill of a fresh copy of the module loaded with SNAP_PIPE_NO_FASTMEM=1: the JavaScript fallback. */
+  async function fallbackZeroFill(): Promise<typeof zeroFill> {
+    const before = process.env.SNAP_PIPE_NO_FASTMEM;
+    process.env.SNAP_PIPE_NO_FASTMEM = '1';
+    vi.resetModules();
+    try {
+      const m = await import('../../src/native/fastmem.js');
+      expect(m.fastmemAddon, 'the fallback module loaded no addon').toBeUndefined();
+      expect(m.crc32cImplementation).toBe('javascript');
+      return m.zeroFill;
+    } finally {
+      if (before === undefined) delete process.env.SNAP_PIPE_NO_FASTMEM;
+      else process.env.SNAP_PIPE_NO_FASTMEM = before;
+      vi.resetModules();
+    }
+  }
+
+  it('zeroes exactly the range, through the addon and without it', async () => {
+    addon();
+    const fallback = await fallbackZeroFill();
+    expect(fallback).not.toBe(zeroFill);
+    for (const [how, fill] of [['addon', zeroFill], ['JavaScript', fallback]] as const) {
+      const mem = bytes(8192, 5);
+      const want = mem.slice();
+      want.fill(0, 100, 5000);
+      fill(mem, 100, 5000);
+      expect(Buffer.compare(mem, want), how).toBe(0);
+      fill(mem, 10, 10); // empty range: nothing
+      expect(Buffer.compare(mem, want), how).toBe(0);
+      // A view into the middle of a buffer: offsets count from the view.
+      const inner = bytes(64, 6);
+      const innerWant = inner.slice();
+      innerWant.fill(0, 12, 20);
+      fill(inner.subarray(8), 4, 12);
+      expect(Buffer.compare(inner, innerWant), how).toBe(0);
+    }
+    expect(() => addon().zero(bytes(8192, 5), 8000, 193)).toThrow(/outside the view/);
   });
 });
 

@@ -226,15 +226,40 @@ describe('io_uring addon', () => {
     expect(catchError(() => ring.prepWrite(fd, mem, 16, 4096, 0, 1)).message).toMatch(
       /^write of 4096 bytes at file offset 0: buffer address 0x[0-9a-f]+ not a multiple of 512/,
     );
-    // A plain SharedArrayBuffer view is checked by its real address.
-    const sab = new Uint8Array(new SharedArrayBuffer(64 * KiB));
-    let sabQueued = false;
-    try {
-      sabQueued = ring.prepWrite(fd, sab, 0, 512, 0, 2);
-    } catch (err) {
-      expect((err as Error).message).toMatch(/buffer address 0x[0-9a-f]+ not a multiple of 512 \(SharedArrayBuffer/);
-    }
-    if (sabQueued) expect(ring.wait(1, new Int32Array(2))).toBe(1);
+    // A plain SharedArrayBuffer view is checked by its real address, not by its offset in the buffer. Its data lies
+    // wherever malloc put it (16-byte aligned, so sometimes 512-aligned by chance). Where: a view one byte in is
+    // refused wherever the data lies (an odd address), and the refusal names the address. Take a buffer whose data
+    // is not 512-aligned, so that offsets and addresses disagree both ways.
+    const addressOf = (sab: Uint8Array): number => {
+      const probe = catchError(() => ring.prepWrite(fd, sab, 1, 512, 0, 2)).message;
+      const m = /buffer address 0x([0-9a-f]+) not a multiple of 512/.exec(probe);
+      if (!m) throw new Error(`no address in: ${probe}`);
+      return Number.parseInt(m[1], 16) - 1;
+    };
+    const kept: Uint8Array[] = [];
+    let sab: Uint8Array;
+    let base: number;
+    do {
+      sab = new Uint8Array(new SharedArrayBuffer(64 * KiB));
+      kept.push(sab); // not freed and reused while we look for another
+      base = addressOf(sab);
+    } while (base % 512 === 0 && kept.length < 64);
+    expect(base % 512, 'a SharedArrayBuffer whose data is not 512-aligned').not.toBe(0);
+    const pad = 512 - (base % 512);
+    // Offset 0 (a multiple of 512) at a misaligned address: refused, naming that address, nothing queued.
+    expect(catchError(() => ring.prepWrite(fd, sab, 0, 512, 0, 2)).message).toBe(
+      `write of 512 bytes at file offset 0: buffer address 0x${base.toString(16)} not a multiple of 512 ` +
+        '(SharedArrayBuffer memory is not page aligned; use a shared WebAssembly.Memory)',
+    );
+    expect(ring.inFlight).toBe(0);
+    // Offset `pad` (not a multiple of 512) at an aligned address: queued, and the kernel, which fails an O_DIRECT
+    // write from a misaligned buffer with EINVAL, writes it.
+    sab.set(patterned(4096, 3).subarray(0, 512), pad);
+    expect(ring.prepWrite(fd, sab, pad, 512, 0, 2)).toBe(true);
+    const done = new Int32Array(2);
+    expect(ring.wait(1, done)).toBe(1);
+    expect([...done]).toEqual([2, 512]);
+    expect(readFileSync(`/proc/self/fd/${fd}`).equals(Buffer.from(sab.subarray(pad, pad + 512)))).toBe(true);
     expect(catchError(() => ring.prepWrite(fd, mem, 0, 4096, 4096, 1.5)).message).toMatch(/tag must be an integer/);
     expect(catchError(() => ring.prepWrite(fd, mem, 60 * KiB, 8192, 0, 1)).code).toBe('ERR_OUT_OF_RANGE');
     expect(ring.inFlight).toBe(0);
