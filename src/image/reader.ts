@@ -7,6 +7,7 @@ import { crc32 } from 'node:zlib';
 import { SnapPipeError, ioError } from '../errors.js';
 import { alignedShared } from '../ring/memory.js';
 import { decodeMeta } from './metadata.js';
+import { openImageFile } from './open.js';
 import {
   ENTRIES_PER_TABLE_CLUSTER,
   HEADER_AREA_BYTES,
@@ -102,15 +103,7 @@ export class ImageReader {
 
   static open(path: string, opts: { direct?: boolean; allowIncomplete?: boolean } = {}): ImageReader {
     const direct = opts.direct ?? false;
-    let fd: number;
-    try {
-      fd = fs.openSync(path, fs.constants.O_RDONLY | (direct ? fs.constants.O_DIRECT : 0));
-    } catch (err) {
-      if (direct && (err as NodeJS.ErrnoException).code === 'EINVAL') {
-        throw new SnapPipeError('NO_DIRECT', `${path}: the file system refuses O_DIRECT; use --no-direct`);
-      }
-      throw ioError(`open ${path}`, err);
-    }
+    const fd = openImageFile(path, { direct });
     try {
       let fileBytes: number;
       try {

@@ -10,6 +10,7 @@ import { SnapPipeError, ioError } from '../errors.js';
 import { preallocate } from '../native/fastmem.js';
 import { alignedShared } from '../ring/memory.js';
 import { encodeMeta } from './metadata.js';
+import { nonRegularKind, notRegular, openImageFile } from './open.js';
 import {
   ENTRIES_PER_TABLE_CLUSTER,
   HEADER_AREA_BYTES,
@@ -78,20 +79,21 @@ function checkOverwrite(path: string, force: boolean): void {
     throw ioError(`stat ${path}`, err);
   }
   // Even with --force: the writer relies on a regular file's holes reading as zeros (clusters written in part) and
-  // on ftruncate, neither of which a device gives.
-  if (!st.isFile()) throw new SnapPipeError('EXISTS', `${path} exists and is not a regular file; snap-pipe writes images to regular files only`);
+  // on ftruncate, neither of which a device gives. Nothing else is opened, let alone removed or truncated: a FIFO
+  // opened for writing could wait for a reader forever.
+  const kind = nonRegularKind(st);
+  if (kind !== undefined) throw notRegular(path, kind, 'writes');
   if (force) return;
   if (st.size === 0) return;
   const head = new Uint8Array(HEADER_AREA_BYTES);
   let got = 0;
-  let fd = -1;
+  const fd = openImageFile(path, { direct: false });
   try {
-    fd = fs.openSync(path, 'r');
     got = fs.readSync(fd, head, 0, head.byteLength, 0);
   } catch (err) {
     throw ioError(`read ${path}`, err);
   } finally {
-    if (fd >= 0) fs.closeSync(fd);
+    fs.closeSync(fd);
   }
   const decoded = decodeHeader(head.subarray(0, got));
   if (decoded.kind === 'ok' && decoded.snap !== undefined) {
@@ -99,6 +101,25 @@ function checkOverwrite(path: string, force: boolean): void {
     throw new SnapPipeError('EXISTS', `${path} holds a complete snap-pipe image; use --force to overwrite`);
   }
   throw new SnapPipeError('EXISTS', `${path} exists and is not a snap-pipe image; use --force to overwrite`);
+}
+
+/** nonRegularKind of what `fd` is open on. */
+function fstatKind(path: string, fd: number): string | undefined {
+  try {
+    return nonRegularKind(fs.fstatSync(fd));
+  } catch (err) {
+    fs.closeSync(fd);
+    throw ioError(`stat ${path}`, err);
+  }
+}
+
+/** nonRegularKind of what `path` names now (undefined when it cannot tell). */
+function kindAt(path: string): string | undefined {
+  try {
+    return nonRegularKind(fs.statSync(path));
+  } catch {
+    return undefined;
+  }
 }
 
 /** What a replaced file's successor takes over from it. */
@@ -142,9 +163,9 @@ function removeForReplace(path: string, direct: boolean): Replaced | undefined {
   let fd: number;
   try {
     // With O_DIRECT this is also the probe: on a file system that refuses it, nothing has changed yet.
-    fd = fs.openSync(path, fs.constants.O_RDONLY | (direct ? fs.constants.O_DIRECT : 0));
+    fd = openImageFile(path, { direct });
   } catch (err) {
-    if (direct && isEinval(err)) throw noDirect(path);
+    if (err instanceof SnapPipeError && err.code === 'NO_DIRECT') throw err;
     return undefined;
   }
   try {
@@ -200,9 +221,18 @@ export class ImageWriter {
       if (opts.direct && isEinval(err)) {
         // O_CREAT made the file before O_DIRECT was refused: leave nothing behind that was not there before.
         if (!existed) fs.rmSync(path, { force: true });
+        // EINVAL speaks of the file system only for a regular file (the name may have been taken since the check).
+        const kind = existed ? kindAt(path) : undefined;
+        if (kind !== undefined) throw notRegular(path, kind, 'writes');
         throw noDirect(path);
       }
       throw ioError(`open ${path}`, err);
+    }
+    // checkOverwrite saw a regular file or none; whatever took the name since then is not written to.
+    const kind = fstatKind(path, fd);
+    if (kind !== undefined) {
+      fs.closeSync(fd);
+      throw notRegular(path, kind, 'writes');
     }
     if (replaced) {
       try {

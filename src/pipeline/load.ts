@@ -18,6 +18,7 @@ import { crc32c, crc32cImplementation } from '../native/fastmem.js';
 import { SnapPipeError, ioError } from '../errors.js';
 import { popcount8 } from '../image/bits.js';
 import { chunksOf, pagesOf } from '../image/metadata.js';
+import { openImageFile } from '../image/open.js';
 import { ImageReader } from '../image/reader.js';
 import { CLUSTER_BYTES, PAGE_BYTES, PAGES_PER_CHUNK, type SnapshotMeta } from '../image/types.js';
 import { checkDeviceStateEnd } from '../stream/parser.js';
@@ -520,11 +521,7 @@ export async function runLoad(opts: LoadOptions): Promise<LoadReport> {
     // A 64 KiB pipe makes QEMU and us take turns in small pieces; grow it (postcopy does not: a deep pipe would
     // queue background pages ahead of the pages the guest is waiting for).
     enlargePipe(opts.out);
-    try {
-      fd = fs.openSync(path, fs.constants.O_RDONLY | (opts.direct ? fs.constants.O_DIRECT : 0));
-    } catch (err) {
-      throw ioError(`open ${path}${opts.direct ? ' with O_DIRECT' : ''}`, err);
-    }
+    fd = openImageFile(path, { direct: opts.direct });
     const depth = Math.max(1, Math.min(opts.queueDepth, plan.chunks.length));
     // One slot more than reads in flight: the cluster being sent keeps its slot while `depth` reads go on.
     const slotCount = depth + 1;

@@ -38,6 +38,7 @@ import fs from 'node:fs';
 import net from 'node:net';
 import { SnapPipeError, ioError } from '../errors.js';
 import { chunksOf, pagesOf } from '../image/metadata.js';
+import { openImageFile } from '../image/open.js';
 import { ImageReader } from '../image/reader.js';
 import { CLUSTER_BYTES, PAGE_BYTES, PAGES_PER_CHUNK, type SnapshotMeta } from '../image/types.js';
 import { crc32cImplementation } from '../native/fastmem.js';
@@ -467,11 +468,7 @@ export async function runPostcopyLoad(opts: PostcopyOptions): Promise<PostcopyRe
       assert.equal(at, pkg.length);
     }
     if (pkg.length > PACKAGED_BYTES_MAX) throw new SnapPipeError('UNSUPPORTED', `${path}: device state of ${pkg.length} bytes is too large for a postcopy package`);
-    try {
-      fd = fs.openSync(path, fs.constants.O_RDONLY | (opts.direct ? fs.constants.O_DIRECT : 0));
-    } catch (err) {
-      throw ioError(`open ${path}${opts.direct ? ' with O_DIRECT' : ''}`, err);
-    }
+    fd = openImageFile(path, { direct: opts.direct });
     rp = new ReturnPathIn(opts.rpIn);
     const depth = Math.max(1, Math.min(opts.queueDepth, plan.chunks.length));
     const slotCount = depth + URGENT_SLOTS;

@@ -13,7 +13,7 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import { crc32c } from '../native/fastmem.js';
 import { Piscina } from 'piscina';
-import { SnapPipeError, ioError } from '../errors.js';
+import { SnapPipeError } from '../errors.js';
 import { summarizeBlocks } from '../image/info.js';
 import { chunksOf } from '../image/metadata.js';
 import {
@@ -29,6 +29,7 @@ import {
   type Qcow2Header,
   type TailLayout,
 } from '../image/qcow2.js';
+import { openImageFile } from '../image/open.js';
 import { ImageReader, readAt } from '../image/reader.js';
 import { CLUSTER_BYTES } from '../image/types.js';
 import { openIoBackend, reapNamed, type IoBackend, type IoBackendName } from '../native/io.js';
@@ -336,11 +337,7 @@ export async function runVerify(opts: VerifyOptions): Promise<VerifyReport> {
     assert(meta, 'a complete image has metadata');
     checkStreamParts(path, meta);
     const checks = planChecks(path, reader);
-    try {
-      fd = fs.openSync(path, fs.constants.O_RDONLY | (opts.direct ? fs.constants.O_DIRECT : 0));
-    } catch (err) {
-      throw ioError(`open ${path}${opts.direct ? ' with O_DIRECT' : ''}`, err);
-    }
+    fd = openImageFile(path, { direct: opts.direct });
     checkLayout(path, fd, reader, checks);
 
     const depth = Math.max(1, Math.min(opts.queueDepth, checks.length));

@@ -295,7 +295,7 @@ describe('snap-pipe load: refusals write nothing to stdout', () => {
     expect(q.status, q.stderr).toBe(0);
     expectRefused(await runLoad([plain]), /plain\.qcow2: QCOW2 but not a snap-pipe image/);
     expectRefused(await runLoad([join(dir, 'nope.qcow2')]), /nope\.qcow2.*ENOENT/);
-    expectRefused(await runLoad([dir, '--no-direct']), /EISDIR|not a QCOW2|shorter/);
+    expectRefused(await runLoad([dir, '--no-direct']), / is a directory, not an image file \(snap-pipe reads images from regular files only\)$/);
   });
 
   it('a flipped byte in a data cluster: CHECKSUM naming block and offset, stopped before that chunk and the device state', async () => {

@@ -205,6 +205,6 @@ describe('snap-pipe save: refusals and failures', () => {
     // has holes, and cannot be sized).
     const r3 = await runCli(['save', '/dev/null', '--force'], m.bytes);
     expect(r3.code).toBe(1);
-    expect(r3.stderr.trim()).toBe('snap-pipe: /dev/null exists and is not a regular file; snap-pipe writes images to regular files only');
+    expect(r3.stderr.trim()).toBe('snap-pipe: /dev/null is a character device, not an image file (snap-pipe writes images to regular files only)');
   });
 });
