@@ -5,6 +5,7 @@ import { isatty } from 'node:tty';
 import { formatHelp, integerFlag, onePath, parseArgs, parseInteger, parseIo, type FlagSpec } from './args.js';
 import { SnapPipeError } from './errors.js';
 import { formatBytes } from './format.js';
+import { printErr, printOut, tellErr } from './output.js';
 import { DEFAULT_LOAD_QUEUE_DEPTH, LOAD_QUEUE_DEPTH_MAX, runLoad, type LoadReport } from './pipeline/load.js';
 import type { PostcopyReport } from './pipeline/postcopy.js';
 
@@ -106,7 +107,7 @@ interface LoadProgressSeen {
 async function load(argv: string[], progress: LoadProgressSeen): Promise<number> {
   const { flags, positionals } = parseArgs('load', argv, LOAD_FLAGS);
   if (flags.has('help')) {
-    process.stdout.write(formatHelp('snap-pipe load IMG [options] > STREAM', LOAD_ABOUT, LOAD_FLAGS));
+    printOut(formatHelp('snap-pipe load IMG [options] > STREAM', LOAD_ABOUT, LOAD_FLAGS));
     return 0;
   }
   const path = onePath('load', positionals);
@@ -133,10 +134,10 @@ async function load(argv: string[], progress: LoadProgressSeen): Promise<number>
       queueDepth,
       io,
       precopyPercent,
-      onNote: (line) => process.stderr.write(`snap-pipe: ${line}\n`),
+      onNote: (line) => tellErr(`snap-pipe: ${line}\n`),
       onProgress: (p) => (progress.bytesOut = p.bytesOut),
     });
-    if (stats === true) process.stderr.write(formatPostcopyReport(report) + '\n');
+    if (stats === true) printErr(formatPostcopyReport(report) + '\n');
     else if (typeof stats === 'string') writeFileSync(stats, JSON.stringify(report, null, 2) + '\n');
     return 0;
   }
@@ -148,10 +149,10 @@ async function load(argv: string[], progress: LoadProgressSeen): Promise<number>
     verify: !flags.has('no-verify'),
     queueDepth,
     io,
-    onNote: (line) => process.stderr.write(`snap-pipe: ${line}\n`),
+    onNote: (line) => tellErr(`snap-pipe: ${line}\n`),
     onProgress: (p) => (progress.bytesOut = p.bytesOut),
   });
-  if (stats === true) process.stderr.write(formatLoadReport(report) + '\n');
+  if (stats === true) printErr(formatLoadReport(report) + '\n');
   else if (typeof stats === 'string') writeFileSync(stats, JSON.stringify(report, null, 2) + '\n');
   return 0;
 }

@@ -3,6 +3,7 @@
 import { formatHelp, integerFlag, onePath, parseArgs, parseIo, type FlagSpec } from './args.js';
 import { SnapPipeError } from './errors.js';
 import { formatBytes } from './format.js';
+import { printErr, printOut, tellErr } from './output.js';
 import {
   DEFAULT_VERIFY_QUEUE_DEPTH,
   VERIFY_QUEUE_DEPTH_MAX,
@@ -54,7 +55,7 @@ export function formatVerifyReport(r: VerifyReport): string {
 export async function cmdVerify(argv: string[]): Promise<number> {
   const { flags, positionals } = parseArgs('verify', argv, VERIFY_FLAGS);
   if (flags.has('help')) {
-    process.stdout.write(formatHelp('snap-pipe verify IMG [options]', VERIFY_ABOUT, VERIFY_FLAGS));
+    printOut(formatHelp('snap-pipe verify IMG [options]', VERIFY_ABOUT, VERIFY_FLAGS));
     return 0;
   }
   const path = onePath('verify', positionals);
@@ -68,9 +69,9 @@ export async function cmdVerify(argv: string[]): Promise<number> {
     io,
     queueDepth,
     threads,
-    onNote: (line) => process.stderr.write(`snap-pipe: ${line}\n`),
+    onNote: (line) => tellErr(`snap-pipe: ${line}\n`),
   });
-  process.stdout.write(flags.has('json') ? JSON.stringify(report, null, 2) + '\n' : formatVerifyReport(report) + '\n');
+  printOut(flags.has('json') ? JSON.stringify(report, null, 2) + '\n' : formatVerifyReport(report) + '\n');
   if (!report.sound) {
     const m = report.mismatches[0];
     throw new SnapPipeError(

@@ -8,6 +8,7 @@ import { isatty } from 'node:tty';
 import { formatHelp, integerFlag, onePath, parseArgs, parseIo, parseSize, type FlagSpec } from './args.js';
 import { SnapPipeError } from './errors.js';
 import { formatBytes } from './format.js';
+import { printErr, printOut, tellErr } from './output.js';
 import { DEFAULT_QUEUE_DEPTH, DEFAULT_RING_BYTES, SavePipeline, type SaveReport } from './pipeline/save.js';
 import { VERSION } from './version.js';
 
@@ -80,7 +81,7 @@ function formatReport(r: SaveReport): string {
 async function cmdSave(argv: string[]): Promise<number> {
   const { flags, positionals } = parseArgs('save', argv, SAVE_FLAGS);
   if (flags.has('help')) {
-    process.stdout.write(formatHelp('snap-pipe save IMG [options] < STREAM', SAVE_ABOUT, SAVE_FLAGS));
+    printOut(formatHelp('snap-pipe save IMG [options] < STREAM', SAVE_ABOUT, SAVE_FLAGS));
     return 0;
   }
   const path = onePath('save', positionals);
@@ -98,17 +99,17 @@ async function cmdSave(argv: string[]): Promise<number> {
     direct: !flags.has('no-direct'),
     force: flags.has('force'),
     io: ioFlag,
-    onNote: (line) => process.stderr.write(`snap-pipe: ${line}\n`),
+    onNote: (line) => tellErr(`snap-pipe: ${line}\n`),
   });
   const onSignal = (sig: NodeJS.Signals) => {
     pipeline.abort();
-    process.stderr.write(`snap-pipe save: ${sig}: stopped; ${path} is left marked incomplete\n`);
+    tellErr(`snap-pipe save: ${sig}: stopped; ${path} is left marked incomplete\n`);
     process.exit(sig === 'SIGINT' ? 130 : 143);
   };
   process.once('SIGINT', onSignal);
   process.once('SIGTERM', onSignal);
   const report = await pipeline.run();
-  if (stats === true) process.stderr.write(formatReport(report) + '\n');
+  if (stats === true) printErr(formatReport(report) + '\n');
   else if (typeof stats === 'string') writeFileSync(stats, JSON.stringify(report, null, 2) + '\n');
   return 0;
 }
@@ -116,12 +117,12 @@ async function cmdSave(argv: string[]): Promise<number> {
 async function cmdInfo(argv: string[]): Promise<number> {
   const { flags, positionals } = parseArgs('info', argv, INFO_FLAGS);
   if (flags.has('help')) {
-    process.stdout.write(formatHelp('snap-pipe info IMG [--json]', 'Shows what a snap-pipe image holds: RAM blocks, pages stored as data and as zero, clusters, device state, whether the save completed.', INFO_FLAGS));
+    printOut(formatHelp('snap-pipe info IMG [--json]', 'Shows what a snap-pipe image holds: RAM blocks, pages stored as data and as zero, clusters, device state, whether the save completed.', INFO_FLAGS));
     return 0;
   }
   const { formatInfo, readInfo } = await import('./image/info.js');
   const info = readInfo(onePath('info', positionals));
-  process.stdout.write(flags.has('json') ? JSON.stringify(info, null, 2) + '\n' : formatInfo(info) + '\n');
+  printOut(flags.has('json') ? JSON.stringify(info, null, 2) + '\n' : formatInfo(info) + '\n');
   return 0;
 }
 
@@ -158,34 +159,36 @@ async function main(argv: string[]): Promise<number> {
         case 'verify':
           return cmdVerify(['--help']);
         case undefined:
-          process.stdout.write(MAIN_HELP);
+          printOut(MAIN_HELP);
           return 0;
         default:
           return usage(`help: unknown command '${rest[0]}' (see snap-pipe --help)`);
       }
     case '--help':
     case '-h':
-      process.stdout.write(MAIN_HELP);
+      printOut(MAIN_HELP);
       return 0;
     case '--version':
-      process.stdout.write(`snap-pipe ${VERSION}\n`);
+      printOut(`snap-pipe ${VERSION}\n`);
       return 0;
     case undefined:
-      process.stderr.write(MAIN_HELP);
+      printErr(MAIN_HELP);
       return EXIT_USAGE;
     default:
       return usage(`unknown command '${command}' (see snap-pipe --help)`);
   }
 }
 
+// Every print above is complete when its call returns (output.ts), so nothing is lost to process.exit(), which ends
+// the process without waiting for writes Node still holds.
 main(process.argv.slice(2)).then(
   (code) => process.exit(code),
   (err: unknown) => {
     if (err instanceof SnapPipeError) {
-      process.stderr.write(`snap-pipe: ${err.message}\n`);
+      tellErr(`snap-pipe: ${err.message}\n`);
       process.exit(err.code === 'USAGE' ? EXIT_USAGE : 1);
     }
-    process.stderr.write(`snap-pipe: internal error: ${(err as Error)?.stack ?? String(err)}\n`);
+    tellErr(`snap-pipe: internal error: ${(err as Error)?.stack ?? String(err)}\n`);
     process.exit(1);
   },
 );
