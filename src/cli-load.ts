@@ -6,6 +6,7 @@ import { formatHelp, integerFlag, onePath, parseArgs, parseInteger, parseIo, typ
 import { SnapPipeError } from './errors.js';
 import { formatBytes } from './format.js';
 import { printErr, printOut, tellErr } from './output.js';
+import { jsonText, printable } from './text.js';
 import { DEFAULT_LOAD_QUEUE_DEPTH, LOAD_QUEUE_DEPTH_MAX, runLoad, type LoadReport } from './pipeline/load.js';
 import type { PostcopyReport } from './pipeline/postcopy.js';
 
@@ -47,7 +48,9 @@ function formatLoadReport(r: LoadReport): string {
     `  pages: ${r.dataPages} data, ${r.zeroPages} zero, ${r.unsentPages} never sent; ${r.blocks} RAM blocks; device state ${formatBytes(r.deviceStateBytes)}`,
     `  read: ${formatBytes(r.bytesRead)} in ${r.dataClusters} clusters${r.direct ? '' : ' (buffered)'}, ${r.readBackend} reads, queue depth ${r.queueDepth}; CRC-32C by ${r.checksum}`,
     `  time: reading ${ms(r.readMs)}, ${r.verified ? `verifying ${ms(r.verifyMs)}` : 'not verified'}, writing to the pipe ${ms(r.writeMs)} (${r.writeCalls} writes, ${r.ramSections} ram sections)`,
-  ].join('\n');
+  ]
+    .map(printable)
+    .join('\n');
 }
 
 /**
@@ -82,7 +85,9 @@ function formatPostcopyReport(r: PostcopyReport): string {
       `waiting for their clusters ${f(r.requestReadWaitMs)}, writing them ${f(r.requestWriteMs)} in all`,
     `  read: ${formatBytes(r.bytesRead)} (${r.backgroundReads} background + ${r.requestReads} request cluster reads)${r.direct ? '' : ' (buffered)'}, ${r.readBackend} reads, queue depth ${r.queueDepth}`,
     `  time: reading ${ms(r.readMs)}, ${r.verified ? `verifying ${ms(r.verifyMs)}` : 'not verified'}, writing to the pipe ${ms(r.writeMs)} (${r.writeCalls} writes, ${r.ramSections} ram sections)`,
-  ].join('\n');
+  ]
+    .map(printable)
+    .join('\n');
 }
 
 export async function cmdLoad(argv: string[]): Promise<number> {
@@ -134,11 +139,11 @@ async function load(argv: string[], progress: LoadProgressSeen): Promise<number>
       queueDepth,
       io,
       precopyPercent,
-      onNote: (line) => tellErr(`snap-pipe: ${line}\n`),
+      onNote: (line) => tellErr(`snap-pipe: ${printable(line)}\n`),
       onProgress: (p) => (progress.bytesOut = p.bytesOut),
     });
     if (stats === true) printErr(formatPostcopyReport(report) + '\n');
-    else if (typeof stats === 'string') writeFileSync(stats, JSON.stringify(report, null, 2) + '\n');
+    else if (typeof stats === 'string') writeFileSync(stats, jsonText(report) + '\n');
     return 0;
   }
 
@@ -149,10 +154,10 @@ async function load(argv: string[], progress: LoadProgressSeen): Promise<number>
     verify: !flags.has('no-verify'),
     queueDepth,
     io,
-    onNote: (line) => tellErr(`snap-pipe: ${line}\n`),
+    onNote: (line) => tellErr(`snap-pipe: ${printable(line)}\n`),
     onProgress: (p) => (progress.bytesOut = p.bytesOut),
   });
   if (stats === true) printErr(formatLoadReport(report) + '\n');
-  else if (typeof stats === 'string') writeFileSync(stats, JSON.stringify(report, null, 2) + '\n');
+  else if (typeof stats === 'string') writeFileSync(stats, jsonText(report) + '\n');
   return 0;
 }

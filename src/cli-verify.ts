@@ -4,6 +4,7 @@ import { formatHelp, integerFlag, onePath, parseArgs, parseIo, type FlagSpec } f
 import { SnapPipeError } from './errors.js';
 import { formatBytes } from './format.js';
 import { printErr, printOut, tellErr } from './output.js';
+import { jsonText, printable } from './text.js';
 import {
   DEFAULT_VERIFY_QUEUE_DEPTH,
   VERIFY_QUEUE_DEPTH_MAX,
@@ -49,7 +50,7 @@ export function formatVerifyReport(r: VerifyReport): string {
     );
   }
   if (r.badClusters > r.mismatches.length) lines.push(`  ... and ${r.badClusters - r.mismatches.length} more`);
-  return lines.join('\n');
+  return lines.map(printable).join('\n');
 }
 
 export async function cmdVerify(argv: string[]): Promise<number> {
@@ -69,9 +70,9 @@ export async function cmdVerify(argv: string[]): Promise<number> {
     io,
     queueDepth,
     threads,
-    onNote: (line) => tellErr(`snap-pipe: ${line}\n`),
+    onNote: (line) => tellErr(`snap-pipe: ${printable(line)}\n`),
   });
-  printOut(flags.has('json') ? JSON.stringify(report, null, 2) + '\n' : formatVerifyReport(report) + '\n');
+  printOut(flags.has('json') ? jsonText(report) + '\n' : formatVerifyReport(report) + '\n');
   if (!report.sound) {
     const m = report.mismatches[0];
     throw new SnapPipeError(

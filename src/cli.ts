@@ -10,6 +10,7 @@ import { SnapPipeError } from './errors.js';
 import { formatBytes } from './format.js';
 import { printErr, printOut, tellErr } from './output.js';
 import { DEFAULT_QUEUE_DEPTH, DEFAULT_RING_BYTES, SavePipeline, type SaveReport } from './pipeline/save.js';
+import { jsonText, printable } from './text.js';
 import { VERSION } from './version.js';
 
 const EXIT_USAGE = 2;
@@ -75,7 +76,9 @@ function formatReport(r: SaveReport): string {
     `  writer:    busy ${ms(s.writer.busyMs)}, waiting on coalescer ${ms(s.writer.upstreamWaitMs)}, in disk writes ${ms(s.writer.downstreamWaitMs)}`,
     `  finish:    ${ms(r.finishMs)} (metadata, tables, fdatasync)`,
     `  start-up:  stage threads ready ${ms(r.startup.stagesReadyMs)}, first byte read ${ms(r.startup.firstReadMs)}, first write ${ms(r.startup.firstWriteMs)} after the process started`,
-  ].join('\n');
+  ]
+    .map(printable)
+    .join('\n');
 }
 
 async function cmdSave(argv: string[]): Promise<number> {
@@ -99,18 +102,18 @@ async function cmdSave(argv: string[]): Promise<number> {
     direct: !flags.has('no-direct'),
     force: flags.has('force'),
     io: ioFlag,
-    onNote: (line) => tellErr(`snap-pipe: ${line}\n`),
+    onNote: (line) => tellErr(`snap-pipe: ${printable(line)}\n`),
   });
   const onSignal = (sig: NodeJS.Signals) => {
     pipeline.abort();
-    tellErr(`snap-pipe save: ${sig}: stopped; ${path} is left marked incomplete\n`);
+    tellErr(`snap-pipe save: ${sig}: stopped; ${printable(path)} is left marked incomplete\n`);
     process.exit(sig === 'SIGINT' ? 130 : 143);
   };
   process.once('SIGINT', onSignal);
   process.once('SIGTERM', onSignal);
   const report = await pipeline.run();
   if (stats === true) printErr(formatReport(report) + '\n');
-  else if (typeof stats === 'string') writeFileSync(stats, JSON.stringify(report, null, 2) + '\n');
+  else if (typeof stats === 'string') writeFileSync(stats, jsonText(report) + '\n');
   return 0;
 }
 
@@ -122,7 +125,7 @@ async function cmdInfo(argv: string[]): Promise<number> {
   }
   const { formatInfo, readInfo } = await import('./image/info.js');
   const info = readInfo(onePath('info', positionals));
-  printOut(flags.has('json') ? JSON.stringify(info, null, 2) + '\n' : formatInfo(info) + '\n');
+  printOut(flags.has('json') ? jsonText(info) + '\n' : formatInfo(info) + '\n');
   return 0;
 }
 
@@ -185,7 +188,8 @@ main(process.argv.slice(2)).then(
   (code) => process.exit(code),
   (err: unknown) => {
     if (err instanceof SnapPipeError) {
-      tellErr(`snap-pipe: ${err.message}\n`);
+      // One line: a name read from an image or a stream may hold a newline or a terminal's control sequence.
+      tellErr(`snap-pipe: ${printable(err.message)}\n`);
       process.exit(err.code === 'USAGE' ? EXIT_USAGE : 1);
     }
     tellErr(`snap-pipe: internal error: ${(err as Error)?.stack ?? String(err)}\n`);

@@ -2,6 +2,7 @@
 
 import { popcount8 } from './bits.js';
 import { formatBytes } from '../format.js';
+import { printable } from '../text.js';
 import { ImageReader, incompleteWhy } from './reader.js';
 import { bitmapBytesOf, pagesOf } from './metadata.js';
 import { CLUSTER_BYTES, type SnapshotMeta } from './types.js';
@@ -126,7 +127,7 @@ export function formatInfo(info: ImageInfo): string {
   lines.push(`status:         ${info.complete ? 'complete' : `INCOMPLETE: ${incompleteWhy(info.failure)}`}`);
   lines.push(`format version: ${info.formatVersion}`);
   lines.push(`file size:      ${formatBytes(info.fileBytes)} (${formatBytes(info.clusterBytes)} clusters)`);
-  if (!info.complete) return lines.join('\n');
+  if (!info.complete) return lines.map(printable).join('\n');
   if (info.machineType !== undefined) lines.push(`machine type:   ${info.machineType}`);
   if (info.virtualBytes !== undefined) lines.push(`virtual size:   ${formatBytes(info.virtualBytes)}`);
   if (info.dataClusters !== undefined) {
@@ -146,13 +147,16 @@ export function formatInfo(info: ImageInfo): string {
   if (info.savedAt !== undefined) lines.push(`saved at:       ${info.savedAt}${info.writer ? ` by ${info.writer}` : ''}`);
   if (info.blocks !== undefined && info.blocks.length > 0) {
     lines.push('RAM blocks:');
-    const idWidth = Math.max(...info.blocks.map((b) => b.id.length));
-    for (const b of info.blocks) {
+    const ids = info.blocks.map((b) => printable(b.id));
+    const idWidth = Math.max(...ids.map((id) => id.length));
+    info.blocks.forEach((b, i) => {
       lines.push(
-        `  ${b.id.padEnd(idWidth)}  ${formatBytes(b.lengthBytes).padStart(10)} at ${formatBytes(b.virtOffsetBytes).padStart(10)}` +
+        `  ${ids[i].padEnd(idWidth)}  ${formatBytes(b.lengthBytes).padStart(10)} at ${formatBytes(b.virtOffsetBytes).padStart(10)}` +
           `  ${b.dataPages} data, ${b.zeroPages} zero, ${b.unsentPages} unsent of ${b.pages} pages`,
       );
-    }
+    });
   }
-  return lines.join('\n');
+  // Every field read from the image (machine type, block names, writer, capabilities) with its control characters
+  // escaped: each stays on its line and none reaches a terminal raw.
+  return lines.map(printable).join('\n');
 }

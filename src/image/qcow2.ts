@@ -11,6 +11,7 @@
 //   refcount table            last, so a truncated file is noticed at once
 
 import assert from 'node:assert/strict';
+import { printable } from '../text.js';
 import { CLUSTER_BITS, CLUSTER_BYTES } from './types.js';
 
 export const QCOW2_MAGIC = 0x514649fb; // "QFI\xfb"
@@ -248,11 +249,6 @@ function truncateUtf8(text: string, maxBytes: number): Uint8Array {
   let end = maxBytes;
   while (end > 0 && (all[end] & 0xc0) === 0x80) end--;
   return all.subarray(0, end);
-}
-
-/** Control characters (C0, DEL, C1) escaped as \xNN: a note read from an image must not steer a terminal. */
-export function printable(text: string): string {
-  return text.replace(/[\u0000-\u001f\u007f-\u009f]/g, (c) => `\\x${c.charCodeAt(0).toString(16).padStart(2, '0')}`);
 }
 
 /** An L1 or L2 entry pointing at `hostOffsetBytes` with refcount 1 (COPIED). */
