@@ -22,7 +22,7 @@ export function parseArgs(command: string, argv: string[], spec: Record<string, 
   for (let i = 0; i < argv.length; i++) {
     const arg = argv[i];
     if (arg === '--') {
-      positionals.push(...argv.slice(i + 1));
+      for (let k = i + 1; k < argv.length; k++) positionals.push(argv[k]); // a loop: argv may be long
       break;
     }
     if (!arg.startsWith('-') || arg === '-') {

@@ -147,8 +147,11 @@ export function formatInfo(info: ImageInfo): string {
   if (info.savedAt !== undefined) lines.push(`saved at:       ${info.savedAt}${info.writer ? ` by ${info.writer}` : ''}`);
   if (info.blocks !== undefined && info.blocks.length > 0) {
     lines.push('RAM blocks:');
+    // A loop, not Math.max(...ids): spreading an image's block list into one call overflows the stack (150k blocks
+    // did).
     const ids = info.blocks.map((b) => printable(b.id));
-    const idWidth = Math.max(...ids.map((id) => id.length));
+    let idWidth = 0;
+    for (const id of ids) idWidth = Math.max(idWidth, id.length);
     info.blocks.forEach((b, i) => {
       lines.push(
         `  ${ids[i].padEnd(idWidth)}  ${formatBytes(b.lengthBytes).padStart(10)} at ${formatBytes(b.virtOffsetBytes).padStart(10)}` +

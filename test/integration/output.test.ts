@@ -1,7 +1,8 @@
 // Output through the real CLI (built dist/) into real pipes: all of it arrives, however slowly the reader takes it,
 // also when the pipe was left non-blocking by another process sharing it; a reader that goes away ends the command
-// with exit 1 and one line. Before, info of an image with many RAM blocks (the most a save accepts, MAX_BLOCKS)
-// into a pipe stopped at 64 KiB with exit 0.
+// with exit 1 and one line. And images with many RAM blocks: the most a save accepts (MAX_BLOCKS), the most load and
+// verify accept, and 150k blocks (written through the image writer) for info. Before, info into a pipe stopped at
+// 64 KiB with exit 0, and info on 150k blocks, like 200k arguments after --, died of a stack overflow.
 import { spawnSync } from 'node:child_process';
 import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -10,8 +11,12 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { ImageInfo } from '../../src/image/info.js';
 import { MAX_BLOCKS } from '../../src/ring/layout.js';
 import { BIN, ROOT, runCli } from '../helpers/cli.js';
+import { writeManyBlockImage } from '../helpers/manyblocks.js';
 import { buildStream, type BlockSpec, type Op } from '../helpers/model.js';
+import { parseAll } from '../helpers/parse.js';
 
+/** The most RAM blocks load and verify accept (load.ts checkStreamParts). */
+const LOAD_BLOCKS_MAX = 4096;
 const O_NONBLOCK = 0o4000;
 
 let dir: string;
@@ -98,5 +103,48 @@ describe('output into a pipe', () => {
       expect(r.code, `${args}: ${r.stderr}`).toBe(1);
       expect(r.stderr, args).toBe('snap-pipe: stdout: the reader closed it before the output was complete (EPIPE)\n');
     }
+  });
+});
+
+describe('long lists: many RAM blocks, many arguments', () => {
+  it('info on 150000 blocks (written through the image writer): every block, text and JSON, into a slow pipe', () => {
+    const count = 150_000;
+    const many = join(dir, 'many-150k.qcow2');
+    const written = writeManyBlockImage(many, count);
+    const text = bash(`$SNAP info "$IMG" | (sleep 0.5; cat) > "$OUT"; exit \${PIPESTATUS[0]}`, { IMG: many });
+    expect(text.code, text.stderr).toBe(0);
+    expect(text.stderr).toBe('');
+    const lines = text.out.split('\n');
+    const first = lines.indexOf('RAM blocks:');
+    expect(first).toBeGreaterThan(0);
+    expect(lines.length - first - 2, 'one line per block').toBe(count);
+    expect(lines[first + 1]).toMatch(/^  \/rom@many-000000  +4 KiB at +0 bytes  0 data, 1 zero, 0 unsent of 1 pages$/);
+    expect(lines[first + count]).toMatch(/^  \/rom@many-149999  +4 KiB at +146.48 GiB  0 data, 0 zero, 1 unsent of 1 pages$/);
+    const json = bash(`$SNAP info --json "$IMG" | (sleep 0.5; cat) > "$OUT"; exit \${PIPESTATUS[0]}`, { IMG: many });
+    expect(json.code, json.stderr).toBe(0);
+    const info = JSON.parse(json.out) as ImageInfo;
+    expect(info.blocks!.length).toBe(count);
+    expect(info.blocks!.every((b, i) => b.id === written[i].id && b.zeroPages === (i % 3 === 0 ? 1 : 0))).toBe(true);
+    rmSync(many);
+  });
+
+  it('200000 arguments after --: the usage error, not a stack overflow', async () => {
+    const r = await runCli(['info', '--', ...new Array<string>(200_000).fill('x')]);
+    expect(r.code, r.stderr).toBe(2);
+    expect(r.stderr).toBe("snap-pipe: info: unexpected argument 'x'\n");
+  });
+
+  it(`load and verify on ${LOAD_BLOCKS_MAX} blocks, the most they accept`, () => {
+    const most = join(dir, `many-${LOAD_BLOCKS_MAX}.qcow2`);
+    const written = writeManyBlockImage(most, LOAD_BLOCKS_MAX);
+    const verify = bash(`$SNAP verify "$IMG" | (sleep 0.2; cat) > "$OUT"; exit \${PIPESTATUS[0]}`, { IMG: most });
+    expect(verify.code, verify.stderr).toBe(0);
+    expect(verify.out).toMatch(new RegExp(`: sound\\n[^]*${LOAD_BLOCKS_MAX} RAM blocks`));
+    const stream = join(dir, 'many.stream');
+    const load = bash(`$SNAP load "$IMG" | (sleep 0.2; cat) > "$STREAM"; exit \${PIPESTATUS[0]}`, { IMG: most, STREAM: stream });
+    expect(load.code, load.stderr).toBe(0);
+    const parsed = parseAll(new Uint8Array(readFileSync(stream)), 1, 1 << 20);
+    expect(parsed.parsed.blocks.map((b) => b.id)).toEqual(written.map((b) => b.id));
+    expect(parsed.sent.map((s) => s[0])).toEqual(written.map((_, i) => i % 3 === 0));
   });
 });

@@ -1,5 +1,5 @@
 // Text from images on its way out: printable() and jsonText() leave no control character raw, JSON stays JSON and
-// gives every string back; formatInfo escapes every field.
+// gives every string back; formatInfo escapes every field and survives an image's worth of blocks.
 import { describe, expect, it } from 'vitest';
 import { formatInfo, type BlockSummary, type ImageInfo } from '../../src/image/info.js';
 import { jsonText, printable } from '../../src/text.js';
@@ -67,5 +67,12 @@ describe('formatInfo', () => {
     expect(blockLines).toHaveLength(2);
     expect(blockLines[1].startsWith('  evil\\x1b[2J\\x0aname\\x9b  ')).toBe(true);
     expect(blockLines[0].indexOf(' 4 KiB'), 'aligned').toBe(blockLines[1].indexOf(' 4 KiB'));
+  });
+
+  it('150000 blocks: no stack overflow, one line each', () => {
+    const count = 150_000;
+    const blocks = Array.from({ length: count }, (_, i) => summary(`/rom@many-${i}`, i));
+    const lines = formatInfo(infoOf(blocks)).split('\n');
+    expect(lines.length - lines.indexOf('RAM blocks:') - 1).toBe(count);
   });
 });
