@@ -178,7 +178,10 @@ export type HeaderDecode =
   | { kind: 'not-qcow2' }
   | { kind: 'short' }
   /** `failure`: the note of a failed save, made printable (it is read from a file anyone may have written). */
-  /** `ended`: the end-of-extensions marker was found within `src`, after the listed extensions. */
+  /**
+   * `ended`: the end-of-extensions marker (type 0, length 0) was found within `src`, after the listed extensions. QEMU
+   * checks the marker's length like any extension's: one running past the cluster is "Header extension too large".
+   */
   | { kind: 'ok'; header: Qcow2Header; extensions: HeaderExtensionRef[]; ended: boolean; snap: SnapExtension | undefined; failure?: string };
 
 /**
@@ -222,7 +225,7 @@ export function decodeHeader(src: Uint8Array): HeaderDecode {
     const type = view.getUint32(pos);
     const lengthBytes = view.getUint32(pos + 4);
     if (type === 0) {
-      ended = true;
+      ended = lengthBytes === 0;
       break;
     }
     const dataOffsetBytes = pos + 8;

@@ -263,7 +263,7 @@ export class ImageReader {
     const ours = extensions.length === 1 && extensions[0].type === SNAP_EXT_MAGIC && extensions[0].lengthBytes === SNAP_EXT_DATA_BYTES;
     if (!ours || !ended) {
       const types = extensions.map((e) => `0x${e.type.toString(16)} (${e.lengthBytes} bytes)`).join(', ');
-      throw this.bad(`QCOW2 header extensions ${types}${ended ? '' : ' and no end marker'}: snap-pipe writes its own and the end marker only`);
+      throw this.bad(`QCOW2 header extensions ${types}${ended ? '' : ' and no end marker (type 0, length 0)'}: snap-pipe writes its own and the end marker only`);
     }
   }
 

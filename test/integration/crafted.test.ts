@@ -311,6 +311,8 @@ const CASES: Case[] = [
   { name: 'header length 112', edit: poke(100, be32(112)), refused: 'reader', cause: /QCOW2 but not a snap-pipe image|QCOW2 header length 112/ },
   { name: 'cluster_bits 16', edit: poke(20, be32(16)), refused: 'reader', cause: /cluster_bits 16/ },
   { name: 'a foreign header extension', edit: poke(SNAP_EXT + 32, Buffer.concat([be32(0x23852875), be32(8), Buffer.alloc(8, 0xab)])), refused: 'reader', cause: /header extensions 0x534e5031 \(32 bytes\), 0x23852875 \(8 bytes\)/ },
+  // QEMU checks the end marker's length as any extension's ("Header extension too large"): found by the image fuzz.
+  { name: 'an end marker with a length', edit: poke(SNAP_EXT + 32 + 4, be32(0x534e5031)), refused: 'reader', cause: /and no end marker \(type 0, length 0\)/ },
   // snap-pipe's header extension
   { name: 'metadata offset 2^52', edit: poke(SNAP_EXT + 8, be64(2n ** 52n)), refused: 'reader', cause: /metadata region \(\d+ bytes at 4503599627370496\) outside the virtual disk/ },
   { name: 'metadata length 1 TiB', edit: poke(SNAP_EXT + 16, be64(2n ** 40n)), refused: 'reader', cause: /metadata region \(1099511627776 bytes/ },
