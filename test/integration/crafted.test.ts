@@ -47,15 +47,21 @@ interface Run {
   timedOut: boolean;
 }
 
-/** `snap-pipe ARGS` under the address-space cap and the time cap; stdout to `outPath` or discarded. */
-function runCapped(args: string[], outPath?: string): Promise<Run> {
+/**
+ * `snap-pipe ARGS` under the time cap and (unless `input` is given: save's three stage threads need more) the
+ * address-space cap; stdout to `outPath` or discarded; `input` on stdin.
+ */
+function runCapped(args: string[], outPath?: string, input?: Uint8Array): Promise<Run> {
   return new Promise((resolve, reject) => {
     const t0 = Date.now();
     const outFd = openSync(outPath ?? '/dev/null', 'w');
-    const child = spawn('prlimit', [`--as=${AS_CAP_BYTES}`, process.execPath, '--disable-wasm-trap-handler', BIN, ...args], {
-      stdio: ['ignore', outFd, 'pipe'],
+    const node = [process.execPath, '--disable-wasm-trap-handler', BIN, ...args];
+    const child = spawn(input ? node[0] : 'prlimit', input ? node.slice(1) : [`--as=${AS_CAP_BYTES}`, ...node], {
+      stdio: [input ? 'pipe' : 'ignore', outFd, 'pipe'],
     });
     closeSync(outFd);
+    child.stdin?.on('error', () => undefined);
+    child.stdin?.end(input);
     let stderr = '';
     let timedOut = false;
     const timer = setTimeout(() => {
@@ -428,6 +434,23 @@ describe('crafted images', () => {
       }
       if (img === small) expectModelRam(readFileSync(out), 'sound image');
       expect(qemuImgCheck(img).code).toBe(0);
+    }
+  });
+
+  it('save: a stream whose device state is 900 KiB of VM description look-alikes is saved, or refused, at once', async () => {
+    for (const valid of [true, false]) {
+      const b = new StreamBuilder().header().configuration('pc-i440fx-7.2').ramSetup(2, [{ id: 'pc.ram', lengthBytes: MiB }]);
+      b.ramPart(2).page('pc.ram', 0, pageContent(1)).ramEos(2).ramEnd(2).ramEos(2);
+      const img = join(dir, `flood-${valid}.qcow2`);
+      const r = await runCapped(['save', img], undefined, Buffer.concat([b.build(), candidateFlood(900 << 10, valid)]));
+      expect(r.timedOut, `save did not finish within ${TIME_CAP_MS} ms`).toBe(false);
+      if (valid) {
+        expect(r.code, r.stderr).toBe(0);
+      } else {
+        expect(r.code).toBe(1);
+        expect(r.stderr.trimEnd().split('\n'), r.stderr).toHaveLength(1);
+        expect(r.stderr).toMatch(/does not end with EOF and a VM description: the stream was cut short/);
+      }
     }
   });
 
