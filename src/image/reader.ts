@@ -356,9 +356,10 @@ export class ImageReader {
       const got = readAt(this.path, this.fd, s, C, h.refcountTableOffsetBytes + i * C, this.direct, 'refcount table');
       if (got !== C) throw truncated(this.path, 'refcount table');
       const view = new DataView(s.buffer, s.byteOffset, C);
+      const words = new Uint32Array(s.buffer, s.byteOffset, C / 4);
       for (let k = 0; k < ENTRIES_PER_TABLE_CLUSTER; k++) {
+        if ((words[2 * k] | words[2 * k + 1]) === 0) continue; // the usual case, without DataView calls
         const e: Entry = { hi: view.getUint32(k * 8), lo: view.getUint32(k * 8 + 4) };
-        if (e.hi === 0 && e.lo === 0) continue;
         const b = i * ENTRIES_PER_TABLE_CLUSTER + k;
         const fault = b >= blocksNeeded ? `past the ${blocksNeeded} refcount blocks the file needs` : refcountTableEntryFault(e);
         if (fault !== undefined) throw this.bad(`refcount table entry ${b} of ${entries} is 0x${entryHex(e)} (damaged refcount table: ${fault})`);
@@ -392,14 +393,13 @@ export class ImageReader {
       const got = readAt(this.path, this.fd, s, C, l2Offset, this.direct, 'L2 table');
       if (got !== C) throw truncated(this.path, `L2 table at byte ${l2Offset}`);
       const view = new DataView(s.buffer, s.byteOffset, C);
+      const words = new Uint32Array(s.buffer, s.byteOffset, C / 4);
       const first = l1Index * E;
       const inImage = Math.min(E, this.virtualClusters - first);
       const map = new Int32Array(E);
       for (let k = 0; k < E; k++) {
-        const hi = view.getUint32(k * 8);
-        const lo = view.getUint32(k * 8 + 4);
-        if (hi === 0 && lo === 0) continue;
-        const e: Entry = { hi, lo };
+        if ((words[2 * k] | words[2 * k + 1]) === 0) continue; // the usual case, without DataView calls
+        const e: Entry = { hi: view.getUint32(k * 8), lo: view.getUint32(k * 8 + 4) };
         const v = first + k;
         const fault = k >= inImage ? `past the virtual size of ${this.virtualClusters} clusters` : entryFault(e, 2);
         if (fault !== undefined) throw this.bad(`L2 entry for virtual cluster ${v} is 0x${entryHex(e)}: ${fault} (damaged L2 table)`);
@@ -464,7 +464,8 @@ export class ImageReader {
         if (got !== C) throw truncated(this.path, `refcount block at byte ${offsetBytes}`);
       }
       const first = b * REFCOUNTS_PER_BLOCK;
-      for (let k = 0; k < REFCOUNTS_PER_BLOCK; k++) {
+      const inFile = Math.min(REFCOUNTS_PER_BLOCK, use.clusters - first);
+      for (let k = 0; k < inFile; k++) {
         const got = (s[2 * k] << 8) | s[2 * k + 1];
         const want = use.usedBy(first + k) === Use.Free ? 0 : 1;
         if (got === want) continue;
@@ -472,6 +473,12 @@ export class ImageReader {
           throw this.bad(`cluster ${first + k} has no refcount block (refcount table entry ${b} is 0) (damaged refcount table)`);
         }
         throw this.bad(`cluster ${first + k} has refcount ${got}, expected ${want} (damaged refcount block)`);
+      }
+      // Past the end of the file every refcount is 0: checked 16 bits at a time (zero in either byte order).
+      const halves = new Uint16Array(s.buffer, s.byteOffset, REFCOUNTS_PER_BLOCK);
+      for (let k = inFile; k < REFCOUNTS_PER_BLOCK; k++) {
+        if (halves[k] === 0) continue;
+        throw this.bad(`cluster ${first + k} has refcount ${(s[2 * k] << 8) | s[2 * k + 1]}, expected 0 (damaged refcount block)`);
       }
     });
   }
