@@ -13,6 +13,7 @@
 import assert from 'node:assert/strict';
 import { crc32 } from 'node:zlib';
 import { SnapPipeError } from '../errors.js';
+import { BLOCK_ID_BYTES_MAX, BLOCKS_MAX, JSON_SECTION_BYTES_MAX } from './limits.js';
 import {
   CLUSTER_BYTES,
   PAGE_BYTES,
@@ -181,7 +182,7 @@ function decodeList(data: Uint8Array, name: string): Uint8Array[] {
     if (pos + 4 > data.byteLength) throw damaged(`${name} list item ${i} out of bounds`);
     const len = view.getUint32(pos, true);
     if (len > data.byteLength - pos - 4) throw damaged(`${name} list item ${i} out of bounds`);
-    items.push(data.slice(pos + 4, pos + 4 + len));
+    items.push(data.subarray(pos + 4, pos + 4 + len));
     pos += 4 + pad4(len);
   }
   if (pos !== data.byteLength) throw damaged(`${name} list has trailing bytes`);
@@ -204,9 +205,11 @@ function checkJson(j: unknown): MetaJson {
   if (typeof o.sawRamEnd !== 'boolean') throw damaged('sawRamEnd');
   if (typeof o.savedAt !== 'string' || typeof o.writer !== 'string') throw damaged('savedAt/writer');
   if (!Array.isArray(o.blocks)) throw damaged('block table');
+  if (o.blocks.length > BLOCKS_MAX) throw damaged(`${o.blocks.length} RAM blocks (at most ${BLOCKS_MAX})`);
   for (const b of o.blocks as unknown[]) {
     const blk = b as Partial<RamBlockInfo> | null;
     if (typeof blk !== 'object' || blk === null || typeof blk.id !== 'string') throw damaged('block table entry');
+    if (blk.id.length > BLOCK_ID_BYTES_MAX) throw damaged(`block name of ${blk.id.length} characters`);
     if (!isSafeUint(blk.lengthBytes) || blk.lengthBytes % PAGE_BYTES !== 0) throw damaged(`length of ${blk.id}`);
     if (!isSafeUint(blk.virtOffsetBytes) || blk.virtOffsetBytes % CLUSTER_BYTES !== 0) {
       throw damaged(`virtual offset of ${blk.id}`);
@@ -226,7 +229,11 @@ function checkJson(j: unknown): MetaJson {
   return o as MetaJson;
 }
 
-/** Decodes and validates bytes written by encodeMeta; every inconsistency is BAD_IMAGE "metadata damaged: ...". */
+/**
+ * Decodes and validates bytes written by encodeMeta; every inconsistency is BAD_IMAGE "metadata damaged: ...". The
+ * byte parts of the result (verbatim stream parts, bitmaps) are views into `src`, not copies: the metadata is held
+ * once (it may be as large as META_BYTES_MAX).
+ */
 export function decodeMeta(src: Uint8Array): SnapshotMeta {
   if (src.byteLength < CONTAINER_HEADER_BYTES) throw damaged('too short');
   for (let i = 0; i < META_MAGIC.length; i++) if (src[i] !== META_MAGIC[i]) throw damaged('bad magic');
@@ -255,6 +262,8 @@ export function decodeMeta(src: Uint8Array): SnapshotMeta {
   for (const tag of REQUIRED_TAGS) if (!found.has(tag)) throw damaged(`section ${tag} missing`);
   const get = (tag: MetaTag): Uint8Array => found.get(tag) as Uint8Array;
 
+  const jsonBytes = get(MetaTag.Json).byteLength;
+  if (jsonBytes > JSON_SECTION_BYTES_MAX) throw damaged(`scalar section of ${jsonBytes} bytes (at most ${JSON_SECTION_BYTES_MAX})`);
   let parsed: unknown;
   try {
     parsed = JSON.parse(new TextDecoder('utf-8', { fatal: true }).decode(get(MetaTag.Json)));
@@ -293,10 +302,10 @@ export function decodeMeta(src: Uint8Array): SnapshotMeta {
     capabilities: json.capabilities,
     ramSectionId: json.ramSectionId,
     ramVersionId: json.ramVersionId,
-    head: get(MetaTag.Head).slice(),
-    ramSetup: get(MetaTag.RamSetup).slice(),
-    switchoverCommands: (found.get(MetaTag.SwitchoverCommands) ?? new Uint8Array(0)).slice(),
-    deviceState: get(MetaTag.DeviceState).slice(),
+    head: get(MetaTag.Head),
+    ramSetup: get(MetaTag.RamSetup),
+    switchoverCommands: found.get(MetaTag.SwitchoverCommands) ?? new Uint8Array(0),
+    deviceState: get(MetaTag.DeviceState),
     sawRamEnd: json.sawRamEnd,
     blocks,
     pages,

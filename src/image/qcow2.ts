@@ -179,7 +179,11 @@ export type HeaderDecode =
   | { kind: 'not-qcow2' }
   | { kind: 'short' }
   /** `failure`: the note of a failed save, made printable (it is read from a file anyone may have written). */
-  | { kind: 'ok'; header: Qcow2Header; extensions: HeaderExtensionRef[]; snap: SnapExtension | undefined; failure?: string };
+  /**
+   * `ended`: the end-of-extensions marker (type 0, length 0) was found within `src`, after the listed extensions. QEMU
+   * checks the marker's length like any extension's: one running past the cluster is "Header extension too large".
+   */
+  | { kind: 'ok'; header: Qcow2Header; extensions: HeaderExtensionRef[]; ended: boolean; snap: SnapExtension | undefined; failure?: string };
 
 /**
  * Decodes a QCOW2 header and lists its extensions from the first bytes of a file (`src` = what could be read, up to
@@ -215,12 +219,16 @@ export function decodeHeader(src: Uint8Array): HeaderDecode {
   const extensions: HeaderExtensionRef[] = [];
   let snap: SnapExtension | undefined;
   let failure: string | undefined;
+  let ended = false;
   let pos = header.headerLengthBytes;
   // Bounded walk: every extension takes at least 8 bytes and all must lie in `src`.
   while (pos + 8 <= src.byteLength) {
     const type = view.getUint32(pos);
     const lengthBytes = view.getUint32(pos + 4);
-    if (type === 0) break;
+    if (type === 0) {
+      ended = lengthBytes === 0;
+      break;
+    }
     const dataOffsetBytes = pos + 8;
     if (lengthBytes > src.byteLength - dataOffsetBytes) break; // runs past what we read: not ours
     extensions.push({ type, offsetBytes: dataOffsetBytes, lengthBytes });
@@ -239,7 +247,7 @@ export function decodeHeader(src: Uint8Array): HeaderDecode {
     }
     pos = dataOffsetBytes + Math.ceil(lengthBytes / 8) * 8;
   }
-  return { kind: 'ok', header, extensions, snap, ...(failure !== undefined ? { failure } : {}) };
+  return { kind: 'ok', header, extensions, ended, snap, ...(failure !== undefined ? { failure } : {}) };
 }
 
 /** The UTF-8 of `text`, cut at a character boundary to at most `maxBytes`. */
@@ -263,6 +271,18 @@ export function writeEntry(dst: Uint8Array, index: number, entry: bigint): void 
 
 export function readEntry(src: Uint8Array, index: number): bigint {
   return new DataView(src.buffer, src.byteOffset, src.byteLength).getBigUint64(index * TABLE_ENTRY_BYTES);
+}
+
+/** Places RAM blocks (in setup order) at cluster-aligned virtual offsets, each rounded up to whole clusters. */
+export function layoutBlocks(lengthsBytes: number[]): { virtOffsetsBytes: number[]; ramEndBytes: number } {
+  const virtOffsetsBytes: number[] = [];
+  let ramEndBytes = 0;
+  for (const lengthBytes of lengthsBytes) {
+    assert(Number.isSafeInteger(lengthBytes) && lengthBytes >= 0, `layoutBlocks: bad length ${lengthBytes}`);
+    virtOffsetsBytes.push(ramEndBytes);
+    ramEndBytes += Math.ceil(lengthBytes / CLUSTER_BYTES) * CLUSTER_BYTES;
+  }
+  return { virtOffsetsBytes, ramEndBytes };
 }
 
 export interface TailLayout {

@@ -18,6 +18,7 @@ import {
   decodeHeader,
   encodeHeader,
   fillRefcountBlock,
+  layoutBlocks,
   layoutTail,
   snapHeader,
   tableEntry,
@@ -25,6 +26,8 @@ import {
   type TailLayout,
 } from './qcow2.js';
 import { CLUSTER_BYTES, FORMAT_VERSION, type SnapshotMeta } from './types.js';
+
+export { layoutBlocks };
 
 /**
  * The file's blocks are allocated (fallocate) this far ahead of the data clusters handed out, and the file is cut to
@@ -47,18 +50,6 @@ const VIRT_CLUSTER_MAX = 0x7fff_ffff;
 
 function roundUpToCluster(bytes: number): number {
   return Math.ceil(bytes / CLUSTER_BYTES) * CLUSTER_BYTES;
-}
-
-/** Places RAM blocks (in setup order) at cluster-aligned virtual offsets, each rounded up to whole clusters. */
-export function layoutBlocks(lengthsBytes: number[]): { virtOffsetsBytes: number[]; ramEndBytes: number } {
-  const virtOffsetsBytes: number[] = [];
-  let ramEndBytes = 0;
-  for (const lengthBytes of lengthsBytes) {
-    assert(Number.isSafeInteger(lengthBytes) && lengthBytes >= 0, `layoutBlocks: bad length ${lengthBytes}`);
-    virtOffsetsBytes.push(ramEndBytes);
-    ramEndBytes += roundUpToCluster(lengthBytes);
-  }
-  return { virtOffsetsBytes, ramEndBytes };
 }
 
 function isEinval(err: unknown): boolean {

@@ -16,33 +16,22 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import { crc32c, crc32cImplementation } from '../native/fastmem.js';
 import { SnapPipeError, ioError } from '../errors.js';
-import { popcount8 } from '../image/bits.js';
-import { chunksOf, pagesOf } from '../image/metadata.js';
+import { pagesOf } from '../image/metadata.js';
 import { openImageFile } from '../image/open.js';
 import { ImageReader } from '../image/reader.js';
 import { CLUSTER_BYTES, PAGE_BYTES, PAGES_PER_CHUNK, type SnapshotMeta } from '../image/types.js';
-import { checkDeviceStateEnd } from '../stream/parser.js';
-import { countSwitchoverStarts } from '../stream/switchover.js';
 import { openIoBackend, reapNamed, type IoBackend, type IoBackendName } from '../native/io.js';
 import { enlargePipe } from '../native/uring.js';
 import { alignedShared } from '../ring/memory.js';
 import {
-  CAP_IGNORE_SHARED,
-  QEVM_MAGIC,
-  QEVM_VERSION,
   RAM_CONTINUE,
   RAM_EOS,
-  RAM_IDSTR,
-  RAM_MEM_SIZE,
   RAM_PAGE,
   RAM_ZERO,
-  SEC_CONFIGURATION,
-  SEC_EOF,
   SEC_FOOTER,
-  SEC_FULL,
   SEC_PART,
-  SEC_START,
 } from '../stream/constants.js';
+import { checkImage, validMask, type DataChunk } from './image-checks.js';
 
 export const DEFAULT_LOAD_QUEUE_DEPTH = 16;
 export const LOAD_QUEUE_DEPTH_MAX = 256;
@@ -334,100 +323,6 @@ export class StreamOut {
 // ---------------------------------------------------------------------------------------------------------------
 // Validation (before any output)
 
-export function damaged(path: string, what: string): SnapPipeError {
-  return new SnapPipeError('BAD_IMAGE', `${path}: metadata damaged: ${what}`);
-}
-
-/** Big-endian cursor over a verbatim stream part; running off the end is `fail`. */
-class Cursor {
-  at = 0;
-  constructor(
-    private readonly b: Uint8Array,
-    private readonly fail: (what: string) => SnapPipeError,
-  ) {}
-  need(n: number, what: string): void {
-    if (this.at + n > this.b.length) throw this.fail(`${what} runs past the end`);
-  }
-  u8(what: string): number {
-    this.need(1, what);
-    return this.b[this.at++];
-  }
-  be32(what: string): number {
-    this.need(4, what);
-    const b = this.b;
-    const v = ((b[this.at] << 24) | (b[this.at + 1] << 16) | (b[this.at + 2] << 8) | b[this.at + 3]) >>> 0;
-    this.at += 4;
-    return v;
-  }
-  be64(what: string): number {
-    const hi = this.be32(what);
-    return hi * TWO_32 + this.be32(what);
-  }
-  str8(what: string): string {
-    const n = this.u8(what);
-    this.need(n, what);
-    const s = new TextDecoder('latin1').decode(this.b.subarray(this.at, this.at + n));
-    this.at += n;
-    return s;
-  }
-  get rest(): number {
-    return this.b.length - this.at;
-  }
-}
-
-/** The verbatim parts must be what the stream needs around the pages: a header, the RAM setup for these blocks, an end. */
-export function checkStreamParts(path: string, meta: SnapshotMeta): void {
-  const bad = (what: string) => damaged(path, what);
-  if (meta.blocks.length === 0) throw bad('no RAM blocks');
-  if (meta.blocks.length > 4096) throw bad(`${meta.blocks.length} RAM blocks`);
-
-  const h = new Cursor(meta.head, (w) => bad(`stream header: ${w}`));
-  if (h.be32('magic') !== QEVM_MAGIC || h.be32('version') !== QEVM_VERSION) throw bad('stream header is not QEVM version 3');
-  if (h.rest > 0 && h.u8('configuration') !== SEC_CONFIGURATION) throw bad('stream header: unexpected bytes after the file header');
-
-  // ram START: header, MEM_SIZE + block list matching the block table, EOS, footer.
-  const id = meta.ramSectionId;
-  const s = new Cursor(meta.ramSetup, (w) => bad(`RAM setup section: ${w}`));
-  if (s.u8('section type') !== SEC_START || s.be32('section id') !== id || s.str8('section name') !== RAM_IDSTR) {
-    throw bad(`RAM setup section is not a ram START section with id ${id}`);
-  }
-  s.be32('instance id');
-  if (s.be32('version id') !== meta.ramVersionId) throw bad('RAM setup section version differs from the block table');
-  const sizeRecord = s.be64('MEM_SIZE record');
-  if ((sizeRecord % 4096) !== RAM_MEM_SIZE) throw bad('RAM setup section does not start with MEM_SIZE');
-  const totalBytes = sizeRecord - RAM_MEM_SIZE;
-  const ignoreShared = meta.capabilities.includes(CAP_IGNORE_SHARED);
-  let sum = 0;
-  for (const b of meta.blocks) {
-    const name = s.str8('block name');
-    const lengthBytes = s.be64('block length');
-    const addr = ignoreShared ? s.be64('block address') : undefined;
-    if (name !== b.id || lengthBytes !== b.lengthBytes || addr !== b.addr) {
-      throw bad(`RAM setup section names ${name} (${lengthBytes} bytes) where the block table has ${b.id} (${b.lengthBytes} bytes)`);
-    }
-    if (b.id.length > IDSTR_BYTES_MAX) throw bad(`block name of ${b.id.length} bytes`);
-    sum += lengthBytes;
-  }
-  if (sum !== totalBytes) throw bad(`RAM setup announces ${totalBytes} bytes, the blocks add up to ${sum}`);
-  if (s.be64('EOS') !== RAM_EOS || s.u8('footer') !== SEC_FOOTER || s.be32('footer id') !== id || s.rest !== 0) {
-    throw bad('RAM setup section does not end with EOS and its footer');
-  }
-
-  if (countSwitchoverStarts(meta.switchoverCommands) === null) {
-    throw bad(`switch-over commands (${meta.switchoverCommands.length} bytes) are not SWITCHOVER_START commands`);
-  }
-
-  const dev = meta.deviceState;
-  if (dev.length === 0 || (dev[0] !== SEC_FULL && dev[0] !== SEC_EOF)) throw bad('device state does not start with a device section or EOF');
-  try {
-    checkDeviceStateEnd(dev, 0);
-  } catch (err) {
-    if (err instanceof SnapPipeError) throw bad('device state does not end with EOF (and a VM description)');
-    throw err;
-  }
-}
-
-/** A cluster to send: where it lies in the file and which block chunk it holds. */
 /**
  * Throws CHECKSUM, naming block, offset and chunk, when a cluster's CRC-32C differs from the one recorded at save;
  * `stoppedBefore` says what the stream stops short of.
@@ -444,65 +339,6 @@ export function checkClusterCrc(path: string, meta: SnapshotMeta, ch: DataChunk,
   );
 }
 
-export interface DataChunk {
-  hostOffsetBytes: number;
-  block: number;
-  chunk: number;
-  pages: number;
-}
-
-/** Bits of page i's byte that are valid pages of the block (the last byte may be partial). */
-export function validMask(byteIndex: number, pages: number): number {
-  const rest = pages - byteIndex * 8;
-  return rest >= 8 ? 0xff : (1 << rest) - 1;
-}
-
-export interface Plan {
-  chunks: DataChunk[];
-  dataPages: number;
-  zeroPages: number;
-  unsentPages: number;
-}
-
-/** Every chunk with data pages must have a cluster; sorted by host offset so the file is read front to back. */
-export function planReads(path: string, reader: ImageReader, meta: SnapshotMeta): Plan {
-  const chunks: DataChunk[] = [];
-  let dataPages = 0;
-  let zeroPages = 0;
-  let unsentPages = 0;
-  meta.blocks.forEach((b, bi) => {
-    const pages = pagesOf(b);
-    const { sent, data } = meta.pages[bi];
-    const chunkCount = chunksOf(b);
-    for (let c = 0; c < chunkCount; c++) {
-      let n = 0;
-      const first = (c * PAGES_PER_CHUNK) / 8;
-      const last = Math.ceil(Math.min((c + 1) * PAGES_PER_CHUNK, pages) / 8);
-      for (let i = first; i < last; i++) {
-        const m = validMask(i, pages);
-        const d = sent[i] & data[i] & m;
-        n += popcount8(d);
-        zeroPages += popcount8(sent[i] & ~data[i] & m);
-        unsentPages += popcount8(~sent[i] & m);
-      }
-      if (n === 0) continue;
-      dataPages += n;
-      const host = reader.hostOffsetOf(b.virtOffsetBytes / CLUSTER_BYTES + c);
-      if (host === undefined) {
-        throw damaged(path, `block ${b.id} chunk ${c} has ${n} data pages but no cluster in the image`);
-      }
-      chunks.push({ hostOffsetBytes: host, block: bi, chunk: c, pages: n });
-    }
-  });
-  chunks.sort((x, y) => x.hostOffsetBytes - y.hostOffsetBytes);
-  for (let i = 1; i < chunks.length; i++) {
-    if (chunks[i].hostOffsetBytes === chunks[i - 1].hostOffsetBytes) {
-      throw damaged(path, `two chunks share the cluster at byte ${chunks[i].hostOffsetBytes}`);
-    }
-  }
-  return { chunks, dataPages, zeroPages, unsentPages };
-}
-
 // ---------------------------------------------------------------------------------------------------------------
 // The load
 
@@ -514,10 +350,7 @@ export async function runLoad(opts: LoadOptions): Promise<LoadReport> {
   let fd = -1;
   let reads: IoBackend | undefined;
   try {
-    const meta = reader.meta;
-    assert(meta, 'a complete image has metadata');
-    checkStreamParts(path, meta);
-    const plan = planReads(path, reader, meta);
+    const { meta, plan } = checkImage(reader);
     // A 64 KiB pipe makes QEMU and us take turns in small pieces; grow it (postcopy does not: a deep pipe would
     // queue background pages ahead of the pages the guest is waiting for).
     enlargePipe(opts.out);

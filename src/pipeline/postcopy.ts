@@ -57,7 +57,8 @@ import {
 } from '../stream/constants.js';
 import { vmdescStart } from '../stream/parser.js';
 import { ReturnPathDecoder, type RpMessage } from '../stream/returnpath.js';
-import { LOAD_QUEUE_DEPTH_MAX, StreamOut, checkClusterCrc, checkStreamParts, planReads, type LoadReport, type Plan } from './load.js';
+import { checkImage, type Plan } from './image-checks.js';
+import { LOAD_QUEUE_DEPTH_MAX, StreamOut, checkClusterCrc, type LoadReport } from './load.js';
 
 /** postcopy-ram.c MAX_DISCARDS_PER_COMMAND. */
 const DISCARDS_PER_COMMAND = 12;
@@ -452,10 +453,7 @@ export async function runPostcopyLoad(opts: PostcopyOptions): Promise<PostcopyRe
   let reads: IoBackend | undefined;
   let rp: ReturnPathIn | undefined;
   try {
-    const meta = reader.meta;
-    assert(meta, 'a complete image has metadata');
-    checkStreamParts(path, meta);
-    const plan = planReads(path, reader, meta);
+    const { meta, plan } = checkImage(reader);
     const devEnd = deviceSectionsEnd(meta.deviceState);
     const deviceSections = meta.deviceState.subarray(0, devEnd);
     const pkg = new Uint8Array(5 + deviceSections.length + 9 + 5);

@@ -1,8 +1,10 @@
 // `snap-pipe verify IMG`: reads the whole image and checks it the way load would use it, without sending anything.
-//   structure: the QCOW2 header and snap-pipe's extension, every L1/L2 entry, the metadata (CRC-checked) and the
-//     stream parts it keeps (ImageReader + the checks load makes before its first byte), then the layout snap-pipe
-//     writes: data clusters at host clusters 1..D each mapped once, metadata, L2 and L1 tables and refcounts where
-//     the writer puts them, every used cluster with refcount 1 and the file ending after the refcount table;
+//   structure: everything ImageReader.open checks (the QCOW2 header, features and extensions, every L1, L2 and
+//     refcount table entry, each cluster used once, every refcount exactly what its use calls for, the metadata and
+//     where it puts the blocks), everything load checks before its first byte (image-checks.ts: the stream parts,
+//     a cluster for every chunk with data pages), then the layout snap-pipe writes: data clusters at host clusters
+//     1..D, metadata, L2 and L1 tables and refcounts where the writer puts them, the file ending after the refcount
+//     table. So an image verify passes is one load sends whole, and one qemu-img check finds clean;
 //   content: every data cluster read (O_DIRECT through the I/O backend, queueDepth reads in flight) and its CRC-32
 //     compared with the one recorded at save. CRCs run on this thread (threads 0) or in a piscina pool of `threads`
 //     threads, reading the clusters from the shared read slots in place.
@@ -20,9 +22,6 @@ import {
   ENTRIES_PER_TABLE_CLUSTER,
   HEADER_AREA_BYTES,
   OFFSET_MASK,
-  QCOW_OFLAG_COPIED,
-  REFCOUNT_ENTRY_BYTES,
-  REFCOUNTS_PER_BLOCK,
   decodeHeader,
   layoutTail,
   readEntry,
@@ -35,7 +34,7 @@ import { CLUSTER_BYTES } from '../image/types.js';
 import { openIoBackend, reapNamed, type IoBackend, type IoBackendName } from '../native/io.js';
 import { alignedShared } from '../ring/memory.js';
 import type { CrcTask } from '../workers/crc-task.js';
-import { checkStreamParts } from './load.js';
+import { checkImage } from './image-checks.js';
 
 export const DEFAULT_VERIFY_QUEUE_DEPTH = 8;
 export const VERIFY_QUEUE_DEPTH_MAX = 256;
@@ -145,7 +144,7 @@ function planChecks(path: string, reader: ImageReader): ClusterCheck[] {
   return checks;
 }
 
-/** Header, L1 table and refcounts against the layout snap-pipe's writer produces for these data clusters. */
+/** Header, L1 table and refcount table against the layout snap-pipe's writer produces for these data clusters. */
 function checkLayout(path: string, fd: number, reader: ImageReader, checks: ClusterCheck[]): TailLayout {
   const C = CLUSTER_BYTES;
   // Aligned: `fd` may be O_DIRECT.
@@ -183,41 +182,24 @@ function checkLayout(path: string, fd: number, reader: ImageReader, checks: Clus
     }
   }
 
-  // L1: exactly the L2 tables the writer made, in host order, marked COPIED (refcount 1); nothing else.
+  // Where the writer puts the tables. Their entries' flags, reserved bits and every refcount were checked when the
+  // image was opened (ImageReader): what is left is that they sit where snap-pipe's layout has them.
   const l2At = new Map<number, number>();
   layout.l2ForL1Index.forEach((l1Index, k) => l2At.set(l1Index, (layout.l2FirstCluster + k) * C));
-  for (let i = 0; i < layout.l1Clusters; i++) {
-    readExact(path, fd, buf, C, (layout.l1FirstCluster + i) * C, 'L1 table');
-    const first = i * ENTRIES_PER_TABLE_CLUSTER;
-    const count = Math.min(ENTRIES_PER_TABLE_CLUSTER, layout.l1Entries - first);
-    for (let k = 0; k < count; k++) {
-      const entry = readEntry(buf, k);
-      const want = l2At.get(first + k);
-      const off = Number(entry & OFFSET_MASK);
-      if (want === undefined ? entry !== 0n : off !== want || (entry & QCOW_OFLAG_COPIED) === 0n || (entry & ~(OFFSET_MASK | QCOW_OFLAG_COPIED)) !== 0n) {
-        throw damaged(path, `L1 entry ${first + k} is 0x${entry.toString(16)} (damaged L1 table)`);
-      }
+  readExact(path, fd, buf, HEADER_AREA_BYTES, layout.l1FirstCluster * C, 'L1 table');
+  for (let i = 0; i < layout.l1Entries; i++) {
+    const entry = readEntry(buf, i);
+    const want = l2At.get(i) ?? 0;
+    if (Number(entry & OFFSET_MASK) !== want) {
+      throw damaged(path, `L1 entry ${i} is 0x${entry.toString(16)}, where snap-pipe's layout has ${want === 0 ? 'no L2 table' : `its L2 table at byte ${want}`} (damaged L1 table)`);
     }
   }
-  // Refcount table -> refcount blocks; every cluster of the file refcount 1, none beyond.
-  const tableEntries = layout.refcountTableClusters * ENTRIES_PER_TABLE_CLUSTER;
-  for (let i = 0; i < layout.refcountTableClusters; i++) {
-    readExact(path, fd, buf, C, (layout.refcountTableFirstCluster + i) * C, 'refcount table');
-    for (let k = 0; k < ENTRIES_PER_TABLE_CLUSTER; k++) {
-      const b = i * ENTRIES_PER_TABLE_CLUSTER + k;
-      const want = b < layout.refcountBlocks ? (layout.refcountBlockFirstCluster + b) * C : 0;
-      const entry = readEntry(buf, k);
-      if (entry !== BigInt(want)) throw damaged(path, `refcount table entry ${b} of ${tableEntries} is 0x${entry.toString(16)} (damaged refcount table)`);
-    }
-  }
+  readExact(path, fd, buf, C, layout.refcountTableFirstCluster * C, 'refcount table');
   for (let b = 0; b < layout.refcountBlocks; b++) {
-    readExact(path, fd, buf, C, (layout.refcountBlockFirstCluster + b) * C, 'refcount block');
-    const view = new DataView(buf.buffer, buf.byteOffset, C);
-    for (let k = 0; k < REFCOUNTS_PER_BLOCK; k++) {
-      const cluster = b * REFCOUNTS_PER_BLOCK + k;
-      const got = view.getUint16(k * REFCOUNT_ENTRY_BYTES);
-      const want = cluster < layout.totalClusters ? 1 : 0;
-      if (got !== want) throw damaged(path, `cluster ${cluster} has refcount ${got}, expected ${want} (damaged refcount block)`);
+    const entry = readEntry(buf, b);
+    const want = (layout.refcountBlockFirstCluster + b) * C;
+    if (entry !== BigInt(want)) {
+      throw damaged(path, `refcount table entry ${b} is 0x${entry.toString(16)}, where snap-pipe's layout has its refcount block at byte ${want} (damaged refcount table)`);
     }
   }
   return layout;
@@ -333,9 +315,8 @@ export async function runVerify(opts: VerifyOptions): Promise<VerifyReport> {
   let reads: IoBackend | undefined;
   let engine: CrcEngine | undefined;
   try {
-    const meta = reader.meta;
-    assert(meta, 'a complete image has metadata');
-    checkStreamParts(path, meta);
+    // What load checks before it sends anything, so that an image verify passes is one load accepts.
+    const { meta } = checkImage(reader);
     const checks = planChecks(path, reader);
     fd = openImageFile(path, { direct: opts.direct });
     checkLayout(path, fd, reader, checks);

@@ -6,6 +6,7 @@
 import { SnapPipeError } from '../errors.js';
 import { PAGE_BITS, PAGE_BYTES } from '../image/types.js';
 import { InputRing } from '../ring/input.js';
+import { isJsonText } from './json.js';
 import { SWITCHOVER_COMMANDS_MAX, SWITCHOVER_START_BYTES } from './switchover.js';
 import {
   CAP_IGNORE_SHARED,
@@ -445,22 +446,33 @@ function concatType(type: number, rest: Uint8Array): Uint8Array {
 }
 
 /**
- * Where the trailing EOF of a device state lies when VMDESCRIPTION + be32 length + JSON follow it and fill the rest
- * exactly (the JSON must parse); -1 if the device state does not end that way.
+ * Where the trailing EOF of a device state may lie, latest first: the positions k with EOF, VMDESCRIPTION and a be32
+ * length that runs exactly to the end. At most 6, whatever the input: the JSON after a true start holds no 0x00
+ * byte (a NUL is no JSON token and not allowed raw inside a JSON string), while the EOF byte at k is 0x00 (SEC_EOF),
+ * so the last 0x00 of the device state lies in [k, k + 5] (the VMDESCRIPTION byte and the length bytes may be zero).
+ * Looking at the 6 positions ending there, and only there, is linear in the device state instead of trying every
+ * EOF + VMDESCRIPTION pair in it, which a device state built to hold many (each with a length that runs to the end)
+ * made quadratic: minutes for a few hundred KiB.
  */
-export function vmdescStart(dev: Uint8Array): number {
+export function vmdescCandidates(dev: Uint8Array): number[] {
   const n = dev.length;
-  for (let k = n - 6; k >= 0; k--) {
+  const lastNul = dev.lastIndexOf(SEC_EOF);
+  const out: number[] = [];
+  for (let k = Math.min(lastNul, n - 6); k >= 0 && k >= lastNul - 5; k--) {
     if (dev[k] !== SEC_EOF || dev[k + 1] !== SEC_VMDESCRIPTION) continue;
     const len = ((dev[k + 2] << 24) | (dev[k + 3] << 16) | (dev[k + 4] << 8) | dev[k + 5]) >>> 0;
-    if (len !== n - k - 6) continue;
-    try {
-      JSON.parse(new TextDecoder().decode(dev.subarray(k + 6)));
-      return k;
-    } catch {
-      continue;
-    }
+    if (len === n - k - 6) out.push(k);
   }
+  return out;
+}
+
+/**
+ * Where the trailing EOF of a device state lies when VMDESCRIPTION + be32 length + JSON follow it and fill the rest
+ * exactly (the JSON must be valid); -1 if the device state does not end that way. The latest such position, as when
+ * every position was tried (see vmdescCandidates); each candidate's JSON is checked once, in one pass.
+ */
+export function vmdescStart(dev: Uint8Array): number {
+  for (const k of vmdescCandidates(dev)) if (isJsonText(dev.subarray(k + 6))) return k;
   return -1;
 }
 

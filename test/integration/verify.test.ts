@@ -130,18 +130,19 @@ describe('snap-pipe verify', () => {
     const { header, l2, refBlock } = layoutOf(good);
     const reader = ImageReader.open(good);
     const chunk1Host = reader.hostOffsetOf(1)!;
-    const metaHost = reader.hostOffsetOf(reader.metaVirtOffsetBytes / MiB)!;
+    const metaVirt = reader.metaVirtOffsetBytes / MiB;
+    const metaHost = reader.hostOffsetOf(metaVirt)!;
     reader.close();
     const l1Entry = readEntry(readAt(good, header.l1OffsetBytes, 8), 0);
     // Each damage has one diagnosis, the whole line. Zeroing L1 entry 0 unmaps every cluster (one L2 table maps them
-    // all), the metadata among them: it reads as zeros, and its checksum is what fails first.
+    // all), the metadata among them: that is what is found first (before the refcounts that no longer match).
     const cases: [string, string, string][] = [
-      ['l2-duplicate', damagedCopy('l2-duplicate', l2, be64(BigInt(chunk1Host) | (1n << 63n))), `two RAM chunks map to the cluster at byte ${chunk1Host} (a damaged L2 table)`],
+      ['l2-duplicate', damagedCopy('l2-duplicate', l2, be64(BigInt(chunk1Host) | (1n << 63n))), `virtual clusters 0 and 1 both map to the cluster at byte ${chunk1Host} (damaged L2 table)`],
       ['l2-unaligned', damagedCopy('l2-unaligned', l2 + 8 * 3, be64(BigInt(chunk1Host + 4096) | (1n << 63n))), `data cluster offset ${chunk1Host + 4096} not cluster aligned`],
-      ['l1-zeroed', damagedCopy('l1-zeroed', header.l1OffsetBytes, be64(0n)), 'metadata damaged (checksum mismatch)'],
-      ['l1-not-copied', damagedCopy('l1-not-copied', header.l1OffsetBytes, be64(l1Entry & ~(1n << 63n))), `L1 entry 0 is 0x${(l1Entry & ~(1n << 63n)).toString(16)} (damaged L1 table)`],
+      ['l1-zeroed', damagedCopy('l1-zeroed', header.l1OffsetBytes, be64(0n)), `metadata cluster 0 (virtual cluster ${metaVirt}) is not mapped (damaged L1 or L2 table)`],
+      ['l1-not-copied', damagedCopy('l1-not-copied', header.l1OffsetBytes, be64(l1Entry & ~(1n << 63n))), `L1 entry 0 is 0x${(l1Entry & ~(1n << 63n)).toString(16)}: the COPIED flag clear, though every cluster has refcount 1 (damaged L1 table)`],
       ['refcount-block', damagedCopy('refcount-block', refBlock + 2 * 3, new Uint8Array([0, 2])), 'cluster 3 has refcount 2, expected 1 (damaged refcount block)'],
-      ['refcount-table', damagedCopy('refcount-table', header.refcountTableOffsetBytes + 8, be64(BigInt(refBlock))), `refcount table entry 1 of ${header.refcountTableClusters * (MiB / 8)} is 0x${refBlock.toString(16)} (damaged refcount table)`],
+      ['refcount-table', damagedCopy('refcount-table', header.refcountTableOffsetBytes + 8, be64(BigInt(refBlock))), `refcount table entry 1 of ${header.refcountTableClusters * (MiB / 8)} is 0x${refBlock.toString(16)} (damaged refcount table: past the 1 refcount blocks the file needs)`],
       ['metadata', damagedCopy('metadata', metaHost + 100, new Uint8Array([0x5a, 0xa5])), 'metadata damaged (checksum mismatch)'],
       ['header-virtual-size', damagedCopy('header-virtual-size', 24, be64(BigInt(header.virtualBytes + 64 * MiB))), `virtual size is ${header.virtualBytes + 64 * MiB}, snap-pipe's layout for this image has ${header.virtualBytes} (damaged header)`],
     ];

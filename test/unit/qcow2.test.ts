@@ -2,6 +2,14 @@
 
 import { describe, expect, it } from 'vitest';
 import { SnapPipeError } from '../../src/errors.js';
+import {
+  BLOCKS_MAX,
+  FILE_CLUSTERS_MAX,
+  JSON_SECTION_BYTES_MAX,
+  L1_ENTRIES_MAX,
+  REFCOUNT_TABLE_CLUSTERS_MAX,
+  VIRTUAL_BYTES_MAX,
+} from '../../src/image/limits.js';
 import { decodeMeta, encodeMeta } from '../../src/image/metadata.js';
 import {
   HEADER_AREA_BYTES,
@@ -216,5 +224,38 @@ describe('metadata container', () => {
     // An older reader skips unknown tags: a tag it does not know in place of 8 is skipped the same way here.
     view.setUint32(pos, 99, true);
     expect(decodeMeta(bytes)).toEqual({ ...meta, switchoverCommands: new Uint8Array(0) });
+  });
+});
+
+describe('limits on what an image may say', () => {
+  it('derive from what snap-pipe writes: 16 TiB of RAM in 4096 blocks, 2 GiB of metadata, the writer\'s tables', () => {
+    const TiB = 2 ** 40;
+    const GiB = 2 ** 30;
+    expect(VIRTUAL_BYTES_MAX).toBe(16 * TiB + 4096 * C + 2 * GiB);
+    expect(L1_ENTRIES_MAX).toBe(129);
+    // The largest image's tables: the header, 129 L2 tables, one L1 cluster, 33 refcount blocks, one table cluster.
+    expect(FILE_CLUSTERS_MAX).toBe(VIRTUAL_BYTES_MAX / C + 1 + 129 + 1 + 33 + 1);
+    expect(REFCOUNT_TABLE_CLUSTERS_MAX).toBe(1);
+  });
+
+  it('the metadata decoder refuses a JSON section over its bound and a block table over BLOCKS_MAX before using them', () => {
+    const big = { ...sampleMeta(), machineType: 'x'.repeat(JSON_SECTION_BYTES_MAX) };
+    expect(() => decodeMeta(encodeMeta(big))).toThrow(/^metadata damaged: scalar section of \d+ bytes \(at most 8388608\)$/);
+    const m = sampleMeta();
+    const many = {
+      ...m,
+      blocks: Array.from({ length: BLOCKS_MAX + 1 }, (_, i) => ({ id: `b${i}`, lengthBytes: 4096, virtOffsetBytes: i * C })),
+      pages: Array.from({ length: BLOCKS_MAX + 1 }, () => m.pages[1]),
+      chunkCrc32c: Array.from({ length: BLOCKS_MAX + 1 }, () => m.chunkCrc32c[1]),
+    };
+    expect(() => decodeMeta(encodeMeta(many))).toThrow(`metadata damaged: ${BLOCKS_MAX + 1} RAM blocks (at most ${BLOCKS_MAX})`);
+    const longName = { ...m, blocks: [m.blocks[0], { ...m.blocks[1], id: 'y'.repeat(256) }] };
+    expect(() => decodeMeta(encodeMeta(longName))).toThrow('metadata damaged: block name of 256 characters');
+  });
+
+  it('the metadata decoder hands out views of its input, not copies', () => {
+    const bytes = encodeMeta(sampleMeta());
+    const meta = decodeMeta(bytes);
+    for (const part of [meta.head, meta.deviceState, meta.pages[0].sent, meta.pages[0].data]) expect(part.buffer).toBe(bytes.buffer);
   });
 });
