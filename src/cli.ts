@@ -9,7 +9,7 @@ import { formatHelp, integerFlag, onePath, parseArgs, parseIo, parseSize, type F
 import { SnapPipeError } from './errors.js';
 import { formatBytes } from './format.js';
 import { printErr, printOut, tellErr } from './output.js';
-import { DEFAULT_QUEUE_DEPTH, DEFAULT_RING_BYTES, SavePipeline, type SaveReport } from './pipeline/save.js';
+import { DEFAULT_END_TIMEOUT_S, DEFAULT_QUEUE_DEPTH, DEFAULT_RING_BYTES, SavePipeline, type SaveReport } from './pipeline/save.js';
 import { jsonText, printable } from './text.js';
 import { VERSION } from './version.js';
 
@@ -26,6 +26,11 @@ const SAVE_FLAGS: Record<string, FlagSpec> = {
   'no-direct': { kind: 'bool', help: 'buffered writes, for file systems without O_DIRECT (tmpfs)' },
   force: { kind: 'bool', help: 'overwrite IMG even if it holds a complete image or another file' },
   stats: { kind: 'optional-value', valueName: 'FILE', help: 'at the end, a summary on stderr; with =FILE, JSON to FILE' },
+  'end-timeout': {
+    kind: 'value',
+    valueName: 'SECONDS',
+    help: `with QEMU's return path: how long the stream may pause in the device state before save gives up on its end (default ${DEFAULT_END_TIMEOUT_S})`,
+  },
   help: { kind: 'bool', help: 'show this help' },
 };
 
@@ -40,9 +45,12 @@ migration (re-sent pages: the last version wins) and with the background-snapsho
   (qemu) migrate_set_parameter max-bandwidth 100G
   (qemu) migrate "exec:snap-pipe save /path/vm.qcow2"
 IMG is marked complete only after everything is on disk. A failed save exits non-zero with one line naming IMG
-and the cause, and writes the cause into IMG, which stays incomplete ('snap-pipe info IMG' shows it). QEMU
-reports the migration as failed only while it is still writing: a failure after QEMU's last byte can leave it
-saying "completed" (it ignores the exit status of an exec: child).`;
+and the cause, and writes the cause into IMG, which stays incomplete ('snap-pipe info IMG' shows it).
+QEMU never reads an exec: child's exit status: without its return path it reports a failure only while it is
+still writing, so a failure after its last byte leaves it saying "completed". With the return-path capability
+  (qemu) migrate_set_capability return-path on
+QEMU waits for save's answer: "completed" then means IMG is complete on disk, and a failed save fails the
+migration (paused or running guests; QEMU refuses return-path with background-snapshot).`;
 
 const MAIN_HELP = `snap-pipe ${VERSION}: save and restore QEMU VM memory through the migration stream
 
@@ -90,6 +98,7 @@ async function cmdSave(argv: string[]): Promise<number> {
   const path = onePath('save', positionals);
   const ringBytes = flags.has('ring-size') ? parseSize('save', 'ring-size', flags.get('ring-size') as string) : DEFAULT_RING_BYTES;
   const queueDepth = integerFlag('save', flags, 'queue-depth', 1, 4096, DEFAULT_QUEUE_DEPTH);
+  const endTimeoutS = integerFlag('save', flags, 'end-timeout', 1, 3600, DEFAULT_END_TIMEOUT_S);
   const stats = flags.get('stats');
   const ioFlag = parseIo('save', flags.get('io'));
   // isatty, not process.stdin: touching process.stdin would put fd 0 in non-blocking mode under the reader.
@@ -102,6 +111,7 @@ async function cmdSave(argv: string[]): Promise<number> {
     direct: !flags.has('no-direct'),
     force: flags.has('force'),
     io: ioFlag,
+    endTimeoutMs: endTimeoutS * 1000,
     onNote: (line) => tellErr(`snap-pipe: ${printable(line)}\n`),
   });
   const onSignal = (sig: NodeJS.Signals) => {

@@ -27,7 +27,11 @@ function streamName(fd: number): string {
  * throw a SnapPipeError naming the stream.
  */
 export function writeText(fd: number, text: string): void {
-  const bytes = Buffer.from(text, 'utf8');
+  writeAll(fd, Buffer.from(text, 'utf8'));
+}
+
+/** Writes all of `bytes` to `fd`, as writeText does (save's answers on QEMU's return path go this way too). */
+export function writeAll(fd: number, bytes: Uint8Array): void {
   let done = 0;
   let stalledSince = 0;
   while (done < bytes.length) {

@@ -15,6 +15,7 @@ import type { CoalescerApi, CoalescerResult } from '../workers/coalescer.js';
 import type { ReaderApi, ReaderResult } from '../workers/reader.js';
 import { startStage, type Outcome, type StageHandle } from '../workers/rpc.js';
 import { allocateSave } from '../workers/stage-memory.js';
+import { SaveReturnPath } from './save-returnpath.js';
 import type { WriterApi, WriterResult } from '../workers/writer.js';
 
 export const DEFAULT_RING_BYTES = 64 << 20;
@@ -26,7 +27,15 @@ export const MIN_RING_BYTES = 4 << 20;
  * depend on it (the slots are the ring).
  */
 export const DEFAULT_QUEUE_DEPTH = 64;
+/**
+ * With QEMU's return path open, the quiet allowed in the device state before the save gives up on finding its end.
+ * QEMU writes the device state, EOF and the VM description in one go once the VM is stopped; 30 s leaves room for a
+ * machine under load and still ends a save whose source sent no VM description.
+ */
+export const DEFAULT_END_TIMEOUT_S = 30;
 const DESC_COUNT = 1 << 16;
+/** How often the main thread looks for something to answer on QEMU's return path. */
+const RETURN_PATH_POLL_MS = 10;
 /** How long a failing save waits for the writer to record the cause in the image (it may be stuck in a write). */
 const RECORD_FAILURE_WAIT_MS = 2_000;
 
@@ -43,6 +52,8 @@ export interface SaveOptions {
   io: IoBackendName | 'auto';
   /** One line for the user (e.g. why io_uring is not used). */
   onNote?: (line: string) => void;
+  /** With QEMU's return path open: how long the device state may stay quiet before the save gives up on its end. */
+  endTimeoutMs: number;
 }
 
 export interface StageStats {
@@ -149,6 +160,23 @@ export class SavePipeline {
     const coalescer = startStage<CoalescerApi>(stageUrl('coalescer'), 'snap-pipe coalescer');
     this.stages.push(writer, reader, coalescer);
     let imageOpened = false;
+    const rp = new SaveReturnPath(this.ctrl, this.opts.endTimeoutMs);
+    let rpTimer: NodeJS.Timeout | undefined;
+    // Answers the return path while the stages run, and fails the save when its end is overdue.
+    const rpOverdue = new Promise<never>((_, reject) => {
+      rpTimer = setInterval(() => {
+        let err: unknown;
+        try {
+          err = rp.poll(performance.now());
+        } catch (e) {
+          err = e;
+        }
+        if (err === undefined) return;
+        clearInterval(rpTimer);
+        reject(err);
+      }, RETURN_PATH_POLL_MS);
+    });
+    rpOverdue.catch(() => undefined); // raced below; an unraced rejection must not count as unhandled
     try {
       const { path, direct, force, io, queueDepth } = this.opts;
       const opened = await settle(writer, writer.api.open({ path, direct, force, io, queueDepth }));
@@ -156,11 +184,11 @@ export class SavePipeline {
       imageOpened = true;
       if (opened.value.note) this.opts.onNote?.(opened.value.note);
 
-      const [r, c, w] = await this.supervise([
+      const [r, c, w] = await Promise.race([rpOverdue, this.supervise([
         settle(reader, reader.api.run(this.shared)),
         settle(coalescer, coalescer.api.run(this.shared, maxOpen)),
         settle(writer, writer.api.run(this.shared)),
-      ]);
+      ])]);
       const rr = r as ReaderResult;
       const cr = c as CoalescerResult;
       const wr = w as WriterResult;
@@ -169,6 +197,9 @@ export class SavePipeline {
       const tFinish = performance.now();
       const finished = await settle(writer, writer.api.finish(meta));
       if (!finished.ok) throw deserializeError(finished.error);
+      clearInterval(rpTimer);
+      // Complete and durable: only now may QEMU call the migration completed.
+      rp.finished();
       const finishMs = performance.now() - tFinish;
 
       const seconds = (performance.now() - t0) / 1000;
@@ -214,7 +245,9 @@ export class SavePipeline {
       // anyway. The writer gets a bounded moment to write the cause into the image.
       signalFailure(this.ctrl, FAIL_ERROR);
       wakeBlockedReader();
+      clearInterval(rpTimer);
       const failure = imageOpened ? await this.recordFailure(writer, err) : err;
+      rp.failed();
       void this.stop();
       throw failure;
     }

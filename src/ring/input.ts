@@ -98,6 +98,8 @@ export class InputRing {
       return;
     }
     this.written = (this.written + got) | 0;
+    // Progress the main thread watches (save-returnpath.ts: is the stream still coming?).
+    Atomics.store(this.ctrl, CTRL.IN_WRITTEN, this.written);
   }
 
   private advance(n: number): void {
@@ -184,6 +186,20 @@ export class InputRing {
     const parts = this.capture ?? [];
     this.capture = undefined;
     return concat(parts);
+  }
+
+  /**
+   * Consumes the input piece by piece (what each read brought), handing each piece to `done`, until `done` says the
+   * stream is complete or the input ends. Reads no further than the piece that completes it.
+   */
+  consumeUntil(done: (piece: Uint8Array) => boolean): void {
+    while (this.ensure(1)) {
+      const n = this.available;
+      const piece = this.copyOut(this.cursor, n);
+      this.cursor = (this.cursor + n) | 0;
+      this.consumedBytes += n;
+      if (done(piece)) return;
+    }
   }
 
   /** Consumes everything up to the end of input, returning it. */

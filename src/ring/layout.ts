@@ -26,8 +26,24 @@ export const CTRL = {
   FREE_TAIL: 8 * LINE,
   /** RAM block table: number of blocks, valid once a SETUP descriptor is published. Writer: reader. */
   BLOCK_COUNT: 9 * LINE,
+  /**
+   * QEMU's return path (its return-path capability): RP_NONE, RP_OPEN once the stream's OPEN_RETURN_PATH was read,
+   * RP_OPEN_ACK when the machine type also says the source knows SWITCHOVER_ACK (8.1 or later). Writer: reader; the
+   * main thread, which owns stdout, answers on it.
+   */
+  RETURN_PATH: 10 * LINE,
+  /** PING commands read so far, and the value of the last one (answered with PONGs). Writer: reader. */
+  PINGS: 11 * LINE,
+  PING_VALUE: 11 * LINE + 1,
+  /** 1 once the reader is past the RAM, in the device state (the stream's last part). Writer: reader. */
+  IN_DEVICE_STATE: 12 * LINE,
 } as const;
-export const CTRL_INTS = 10 * LINE;
+export const CTRL_INTS = 13 * LINE;
+
+/** RETURN_PATH values. */
+export const RP_NONE = 0;
+export const RP_OPEN = 1;
+export const RP_OPEN_ACK = 2;
 
 /** FAILED reasons. */
 export const FAIL_NONE = 0;

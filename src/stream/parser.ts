@@ -8,8 +8,11 @@ import { PAGE_BITS, PAGE_BYTES } from '../image/types.js';
 import { InputRing } from '../ring/input.js';
 import { isJsonText } from './json.js';
 import { SWITCHOVER_COMMANDS_MAX, SWITCHOVER_START_BYTES } from './switchover.js';
+import { VmdescEnd } from './vmdesc-end.js';
 import {
   CAP_IGNORE_SHARED,
+  CMD_OPEN_RETURN_PATH,
+  CMD_PING,
   CMD_SWITCHOVER_START,
   QEVM_MAGIC,
   QEVM_VERSION,
@@ -53,6 +56,23 @@ export interface StreamSink {
   /** A data page: PAGE_BYTES at input ring position ringPos (u32, unmasked; may wrap the ring's end). */
   page(block: number, page: number, ringPos: number): void;
   zero(block: number, page: number): void;
+  /**
+   * QEMU opened its return path (only with `acceptReturnPath`); `switchoverAck`: the machine type says the source
+   * knows SWITCHOVER_ACK (8.1 or later).
+   */
+  returnPathOpened?(switchoverAck: boolean): void;
+  /** A PING on the return path, to be answered with a PONG of the same value. */
+  ping?(value: number): void;
+  /** The RAM is over; the device state begins. */
+  deviceState?(): void;
+}
+
+export interface ParserOptions {
+  /**
+   * Accept QEMU's return path (OPEN_RETURN_PATH, PING): the stream then ends with its VM description, not with the
+   * end of input (QEMU keeps the pipe open until the answer). Without it those commands are refused.
+   */
+  acceptReturnPath?: boolean;
 }
 
 export interface ParsedStream {
@@ -74,6 +94,8 @@ export interface ParsedStream {
   blocks: ParsedBlock[];
   streamBytes: number;
   ramSections: number;
+  /** The source opened its return path. */
+  returnPath: boolean;
 }
 
 const decoder = new TextDecoder('latin1');
@@ -111,10 +133,14 @@ export class StreamParser {
   private setupFlushAt: number[] = [];
   private setupCaptureAt = 0;
   private bareFlushes = 0;
+  private machineType = '';
+  private returnPath = false;
+  private pings = 0;
 
   constructor(
     private readonly ring: InputRing,
     private readonly sink: StreamSink,
+    private readonly opts: ParserOptions = {},
   ) {}
 
   private bad(what: string, at = this.ring.consumedBytes): SnapPipeError {
@@ -143,6 +169,7 @@ export class StreamParser {
       ({ machineType, capabilities, uuid } = this.parseConfiguration());
     }
     this.ignoreShared = capabilities.includes(CAP_IGNORE_SHARED);
+    this.machineType = machineType;
     const head = r.endCapture();
 
     let ramSetup: Uint8Array | undefined;
@@ -187,7 +214,7 @@ export class StreamParser {
         if (type === SEC_END) sawRamEnd = true;
         ramSections++;
       } else if (type === SEC_COMMAND) {
-        this.switchoverCommand(at);
+        if (!this.command(at)) continue;
         if (!ramSetup) throw this.bad('a SWITCHOVER_START command before the RAM setup', at);
         if (switchover.length === SWITCHOVER_COMMANDS_MAX) throw this.bad(`more than ${SWITCHOVER_COMMANDS_MAX} switch-over commands`, at);
         switchover.push(SWITCHOVER_START_BYTES);
@@ -199,7 +226,8 @@ export class StreamParser {
     }
     if (!ramSetup) throw this.bad('device state before any RAM section (no ram START)');
     const devAt = r.consumedBytes;
-    const deviceState = r.takeRest();
+    this.sink.deviceState?.();
+    const deviceState = this.returnPath ? this.takeToVmdescEnd() : r.takeRest();
     const vmdescPresent = checkDeviceStateEnd(deviceState, devAt);
     return {
       machineType,
@@ -214,6 +242,7 @@ export class StreamParser {
       vmdescPresent,
       sawRamEnd,
       bareFlushes: this.bareFlushes,
+      returnPath: this.returnPath,
       blocks: this.blocks,
       streamBytes: r.consumedBytes,
       ramSections,
@@ -252,17 +281,45 @@ export class StreamParser {
   }
 
   /**
-   * A COMMAND section; only SWITCHOVER_START (QEMU 10.0+, no payload) passes, for load to replay. Every other
-   * command belongs to a capability whose stream snap-pipe cannot store (savevm.c qemu_savevm_command_send's
-   * callers: the return path, postcopy and dirty-bitmaps, COLO, postcopy recovery). QEMU sends those right after
-   * the configuration (migration.c migration_thread), so they are refused before the first RAM byte.
+   * A COMMAND section. SWITCHOVER_START (QEMU 10.0+, no payload) is kept for load to replay: returns true. With
+   * `acceptReturnPath`, OPEN_RETURN_PATH and PING go to the sink (false). Every other command belongs to a
+   * capability whose stream snap-pipe cannot store (savevm.c qemu_savevm_command_send's callers: postcopy and
+   * dirty-bitmaps, COLO, postcopy recovery). QEMU sends those right after the configuration (migration.c
+   * migration_thread), so they are refused before the first RAM byte.
    */
-  private switchoverCommand(at: number): void {
+  private command(at: number): boolean {
     const r = this.ring;
     const cmd = r.be16('command');
     const len = r.be16('command length');
+    if (this.opts.acceptReturnPath && (cmd === CMD_OPEN_RETURN_PATH || cmd === CMD_PING)) {
+      this.returnPathCommand(cmd, len, at);
+      return false;
+    }
     if (cmd !== CMD_SWITCHOVER_START) throw this.unsupported(refusedCommand(cmd, len), at);
     if (len !== 0) throw this.bad(`a SWITCHOVER_START command with a ${len}-byte payload (QEMU sends none)`, at);
+    return true;
+  }
+
+  /** OPEN_RETURN_PATH (no payload), then PINGs (be32): savevm.c qemu_savevm_send_open_return_path, _send_ping. */
+  private returnPathCommand(cmd: number, len: number, at: number): void {
+    if (cmd === CMD_OPEN_RETURN_PATH) {
+      if (len !== 0) throw this.bad(`an OPEN_RETURN_PATH command with a ${len}-byte payload (QEMU sends none)`, at);
+      if (this.returnPath) throw this.bad('a second OPEN_RETURN_PATH command', at);
+      this.returnPath = true;
+      this.sink.returnPathOpened?.(knowsSwitchoverAck(this.machineType));
+      return;
+    }
+    if (len !== 4) throw this.bad(`a PING command with a ${len}-byte payload (QEMU sends 4)`, at);
+    if (!this.returnPath) throw this.bad('a PING command before the return path was opened', at);
+    if (++this.pings > PINGS_MAX) throw this.bad(`more than ${PINGS_MAX} PING commands`, at);
+    this.sink.ping?.(this.ring.be32('PING value'));
+  }
+
+  /** The device state up to the end of its VM description, read while the input stays open (a return path). */
+  private takeToVmdescEnd(): Uint8Array {
+    const end = new VmdescEnd();
+    this.ring.consumeUntil((piece) => end.push(piece));
+    return end.bytes;
   }
 
   /**
@@ -398,11 +455,25 @@ export function shown(name: string): string {
   return `'${out}${name.length > NAME_CHARS_MAX ? `...' (${name.length} bytes)` : "'"}`;
 }
 
+/** QEMU sends one PING after opening the return path in precopy (migration.c migration_thread); a few more pass. */
+const PINGS_MAX = 16;
+
+/**
+ * A machine type's version says the QEMU running it is at least that new: pc-q35-8.1 runs only on 8.1 or later, which
+ * knows SWITCHOVER_ACK (return-path message 7). Unversioned or unknown names: false.
+ */
+export function knowsSwitchoverAck(machineType: string): boolean {
+  const m = /-(\d+)\.(\d+)$/.exec(machineType);
+  if (!m) return false;
+  const major = Number(m[1]);
+  return major > 8 || (major === 8 && Number(m[2]) >= 1);
+}
+
 /** Why a command other than SWITCHOVER_START cannot be stored: the capability that makes QEMU send it. */
 function refusedCommand(cmd: number, len: number): string {
   const what =
     cmd === 1 || cmd === 2
-      ? 'the return-path capability (OPEN_RETURN_PATH/PING): snap-pipe save answers no return path; turn return-path off'
+      ? 'the return-path capability (OPEN_RETURN_PATH/PING), which this reader of the stream does not accept'
       : cmd === 3 && len === 0
         ? 'the dirty-bitmaps capability (a POSTCOPY_ADVISE without postcopy-ram): snap-pipe stores RAM only; turn dirty-bitmaps off'
       : cmd >= 3 && cmd <= 7

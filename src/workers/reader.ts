@@ -17,6 +17,8 @@ import {
   KIND_SETUP,
   KIND_ZERO,
   MAX_BLOCKS,
+  RP_OPEN,
+  RP_OPEN_ACK,
   type SaveShared,
 } from '../ring/layout.js';
 import { Aborted, failed } from '../ring/wait.js';
@@ -106,7 +108,18 @@ function run(shared: SaveShared): ReaderResult {
     zero(block, page) {
       producer.push(KIND_ZERO, block, page, 0);
     },
-  });
+    // QEMU's return path: the main thread, which owns stdout, answers what is published here (save-returnpath.ts).
+    returnPathOpened(switchoverAck) {
+      Atomics.store(v.ctrl, CTRL.RETURN_PATH, switchoverAck ? RP_OPEN_ACK : RP_OPEN);
+    },
+    ping(value) {
+      Atomics.store(v.ctrl, CTRL.PING_VALUE, value | 0);
+      Atomics.add(v.ctrl, CTRL.PINGS, 1);
+    },
+    deviceState() {
+      Atomics.store(v.ctrl, CTRL.IN_DEVICE_STATE, 1);
+    },
+  }, { acceptReturnPath: true });
   const parsed = parser.parse();
   producer.push(KIND_END, 0, 0, 0);
   producer.flush();

@@ -1,7 +1,7 @@
 // Runs the stream parser in one thread over a stream held in memory, fed in random pieces as a pipe would.
 import { InputRing, type ByteInput } from '../../src/ring/input.js';
 import { CTRL, CTRL_INTS } from '../../src/ring/layout.js';
-import { StreamParser, type ParsedStream } from '../../src/stream/parser.js';
+import { StreamParser, type ParsedStream, type StreamSink } from '../../src/stream/parser.js';
 import { rng } from './model.js';
 
 /** Hands out the stream in pieces of random size, as a pipe would. */
@@ -35,9 +35,16 @@ export interface Collected {
  * Runs the parser in one thread; the sink copies pages at once, so the ring can be released up to the cursor.
  * `startPosition`: the ring's first position (an int32), to cross the sign flip and the 2^32 wrap of positions.
  */
-export function parseAll(bytes: Uint8Array, seed = 1, ringBytes = 65536, maxPiece?: number, startPosition = 0): Collected {
+export interface ParseExtras {
+  /** Passed to the parser (QEMU's return path accepted). */
+  acceptReturnPath?: boolean;
+  /** The sink's optional callbacks (return path, device state). */
+  sink?: Pick<StreamSink, 'returnPathOpened' | 'ping' | 'deviceState'>;
+}
+
+export function parseAll(bytes: Uint8Array, seed = 1, ringBytes = 65536, maxPiece?: number, startPosition = 0, extras: ParseExtras = {}): Collected {
   const out = emptyCollected();
-  out.parsed = collect(bytes, out, seed, ringBytes, maxPiece, startPosition);
+  out.parsed = collect(bytes, out, seed, ringBytes, maxPiece, startPosition, extras);
   return out;
 }
 
@@ -60,7 +67,15 @@ function emptyCollected(): Collected {
 }
 
 /** Parses `bytes` into `out` as it goes, so what was collected is kept when the parser throws. */
-function collect(bytes: Uint8Array, out: Collected, seed: number, ringBytes: number, maxPiece?: number, startPosition = 0): ParsedStream {
+function collect(
+  bytes: Uint8Array,
+  out: Collected,
+  seed: number,
+  ringBytes: number,
+  maxPiece?: number,
+  startPosition = 0,
+  extras: ParseExtras = {},
+): ParsedStream {
   const ctrl = new Int32Array(new SharedArrayBuffer(CTRL_INTS * 4));
   Atomics.store(ctrl, CTRL.IN_RELEASED, startPosition);
   const ringMem = new Uint8Array(ringBytes);
@@ -93,6 +108,7 @@ function collect(bytes: Uint8Array, out: Collected, seed: number, ringBytes: num
       out.records[block][page]++;
       kind('z');
     },
-  });
+    ...extras.sink,
+  }, { acceptReturnPath: extras.acceptReturnPath });
   return parser.parse();
 }

@@ -98,9 +98,9 @@ describe('every stream save refuses leaves an incomplete image that load refuses
     { name: 'compression', bytes: () => withFlags(0x100), error: /compress flag .* at byte \d+$/ },
     { name: 'multifd', bytes: () => withFlags(0x200), error: /multifd flag .* at byte \d+$/ },
     {
-      name: 'a return path on the source (a migration command)',
-      bytes: () => new StreamBuilder().header().configuration('pc').ramSetup(2, BLOCKS).u8(0x08).be16(1).be16(0).build(),
-      error: /a migration command \(1\) from the return-path capability.* at byte \d+$/,
+      name: 'a PING on a return path never opened',
+      bytes: () => new StreamBuilder().header().configuration('pc').command(2, Uint8Array.of(0, 0, 0, 1)).ramSetup(2, BLOCKS).build(),
+      error: /a PING command before the return path was opened at byte \d+$/,
     },
     {
       name: 'postcopy on the source (POSTCOPY_ADVISE)',

@@ -113,7 +113,7 @@ describe('StreamParser', () => {
       expectError(() => parseAll(blk), 'UNSUPPORTED', /iterable section 'block'/);
       const cmd = (n: number, payload = new Uint8Array(0)) =>
         new StreamBuilder().header().configuration('pc').ramSetup(2, BLOCKS).ramPart(2).ramEos(2).command(n, payload).build();
-      expectError(() => parseAll(cmd(1)), 'UNSUPPORTED', /\(1\) from the return-path capability .*turn return-path off at byte \d+$/);
+      expectError(() => parseAll(cmd(1)), 'UNSUPPORTED', /\(1\) from the return-path capability .*does not accept at byte \d+$/);
       expectError(() => parseAll(cmd(2, new Uint8Array(4))), 'UNSUPPORTED', /\(2\) from the return-path capability/);
       for (const n of [4, 5, 6, 7]) expectError(() => parseAll(cmd(n)), 'UNSUPPORTED', /from the postcopy-ram capability.*turn postcopy-ram off/);
       expectError(() => parseAll(cmd(3, new Uint8Array(16))), 'UNSUPPORTED', /from the postcopy-ram capability.*turn postcopy-ram off/);
