@@ -31,6 +31,10 @@ const SAVE_FLAGS: Record<string, FlagSpec> = {
     valueName: 'SECONDS',
     help: `with QEMU's return path: how long the stream may pause in the device state before save gives up on its end (default ${DEFAULT_END_TIMEOUT_S})`,
   },
+  'switchover-ack': {
+    kind: 'bool',
+    help: 'with QEMU\'s return path: send SWITCHOVER_ACK even for a machine type older than 8.1 (a newer QEMU running an old machine type with switchover-ack on waits for it); a QEMU older than 8.1 fails on it',
+  },
   help: { kind: 'bool', help: 'show this help' },
 };
 
@@ -112,6 +116,7 @@ async function cmdSave(argv: string[]): Promise<number> {
     force: flags.has('force'),
     io: ioFlag,
     endTimeoutMs: endTimeoutS * 1000,
+    switchoverAck: flags.has('switchover-ack'),
     onNote: (line) => tellErr(`snap-pipe: ${printable(line)}\n`),
   });
   const onSignal = (sig: NodeJS.Signals) => {

@@ -14,7 +14,8 @@
 // A source of 8.1 or later with switchover-ack waits for SWITCHOVER_ACK before switching over a running VM
 // (migration.c migration_can_switchover); a destination sends it as the return path opens. A 7.2 source fails on
 // that message (it knows no type 7), and the stream does not say which QEMU sent it, only the machine type: save
-// sends it when the machine type is 8.1 or later, which only a QEMU of 8.1 or later can run.
+// sends it when the machine type is 8.1 or later, which only a QEMU of 8.1 or later can run, or when told to
+// (--switchover-ack: a QEMU of 8.1 or later running an older machine type with switchover-ack on).
 import { SnapPipeError } from '../errors.js';
 import { STDOUT_FD, writeAll } from '../output.js';
 import { CTRL, RP_NONE, RP_OPEN_ACK } from '../ring/layout.js';
@@ -26,10 +27,14 @@ export class SaveReturnPath {
   private lastWritten = 0;
   private quietSinceMs = 0;
 
-  /** `endTimeoutMs`: how long the input may stay quiet in the device state before the save gives up on its end. */
+  /**
+   * `endTimeoutMs`: how long the input may stay quiet in the device state before the save gives up on its end.
+   * `switchoverAck`: send SWITCHOVER_ACK whatever the machine type says.
+   */
   constructor(
     private readonly ctrl: Int32Array,
     private readonly endTimeoutMs: number,
+    private readonly switchoverAck: boolean,
   ) {}
 
   get open(): boolean {
@@ -50,7 +55,7 @@ export class SaveReturnPath {
     if (state === RP_NONE) return false;
     if (!this.opened) {
       this.opened = true;
-      if (state === RP_OPEN_ACK) writeAll(STDOUT_FD, encodeSwitchoverAck());
+      if (state === RP_OPEN_ACK || this.switchoverAck) writeAll(STDOUT_FD, encodeSwitchoverAck());
     }
     const pings = Atomics.load(this.ctrl, CTRL.PINGS);
     for (; this.pingsAnswered < pings; this.pingsAnswered++) writeAll(STDOUT_FD, encodePong(Atomics.load(this.ctrl, CTRL.PING_VALUE) >>> 0));

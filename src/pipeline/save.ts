@@ -54,6 +54,8 @@ export interface SaveOptions {
   onNote?: (line: string) => void;
   /** With QEMU's return path open: how long the device state may stay quiet before the save gives up on its end. */
   endTimeoutMs: number;
+  /** With QEMU's return path open: send SWITCHOVER_ACK even when the machine type does not say QEMU knows it. */
+  switchoverAck: boolean;
 }
 
 export interface StageStats {
@@ -160,7 +162,7 @@ export class SavePipeline {
     const coalescer = startStage<CoalescerApi>(stageUrl('coalescer'), 'snap-pipe coalescer');
     this.stages.push(writer, reader, coalescer);
     let imageOpened = false;
-    const rp = new SaveReturnPath(this.ctrl, this.opts.endTimeoutMs);
+    const rp = new SaveReturnPath(this.ctrl, this.opts.endTimeoutMs, this.opts.switchoverAck);
     let rpTimer: NodeJS.Timeout | undefined;
     // Answers the return path while the stages run, and fails the save when its end is overdue.
     const rpOverdue = new Promise<never>((_, reject) => {

@@ -109,6 +109,13 @@ describe('snap-pipe save with QEMU\'s return path open', () => {
     expect(seen.messages).toEqual([{ type: 'switchover-ack' }, { type: 'pong', value: 1 }, { type: 'shut', status: 0 }]);
   });
 
+  it('--switchover-ack: SWITCHOVER_ACK for an older machine type too (a newer QEMU running it with switchover-ack on)', async () => {
+    const img = join(dir, 'forced-ack.qcow2');
+    const seen = await runSave(img, withReturnPath('pc-i440fx-7.2', () => undefined), ['--switchover-ack']);
+    expect(seen.code, seen.stderr).toBe(0);
+    expect(seen.messages).toEqual([{ type: 'switchover-ack' }, { type: 'pong', value: 1 }, { type: 'shut', status: 0 }]);
+  });
+
   it('a save that fails after the stream\'s last byte answers SHUT(1): QEMU fails the migration', async () => {
     const img = join(dir, 'late.qcow2');
     // The device state cut short by 3 bytes, then valid-looking bytes: the VM description never ends (no JSON), so
