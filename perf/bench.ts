@@ -12,7 +12,7 @@ import { spawnSync } from 'node:child_process';
 import { appendFileSync, existsSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { cpus, totalmem } from 'node:os';
 import { join } from 'node:path';
-import { DEFAULT_QUEUE_DEPTH as QD } from '../src/pipeline/save.js';
+import { DEFAULT_QUEUE_DEPTH as QD } from '../src/save/pipeline.js';
 
 const ROOT = join(import.meta.dirname, '..');
 const BIN = join(ROOT, 'bin', 'snap-pipe');
@@ -427,7 +427,7 @@ function statsLine(rows: Row[]): string[] {
 
 function main(): void {
   const args = parseArgs(process.argv.slice(2));
-  if (!existsSync(join(ROOT, 'dist', 'cli.js'))) throw new Error('dist/ is missing: run npm run build first');
+  if (!existsSync(join(ROOT, 'dist', 'main.js'))) throw new Error('dist/ is missing: run npm run build first');
   for (const tool of ['fio', 'dd', TIME]) if (sh(`command -v ${tool}`, { allowFail: true }).code !== 0) throw new Error(`${tool} is missing (apt-get install fio time)`);
   const maxRam = Math.max(...args.ramSizes);
   const streamMax = maxRam * (1 - args.zero) * 1.01 + 64 * MiB;
@@ -527,7 +527,7 @@ function main(): void {
     const big = rssPoints.sort((a, b) => b[0] - a[0])[0];
     const ringBytes = parseSize(args.ringSize);
     const growthMiB = (big[1] - small[1]) / 1024;
-    // The park pool and the writer's old-content units (together half the ring, src/pipeline/save.ts ringSizes) are
+    // The park pool and the writer's old-content units (together half the ring, src/save/pipeline.ts ringSizes) are
     // allocated up front but only touched as pages are parked or overwritten: a bigger stream of the same order
     // touches more of them, up to their size, and no further.
     const parkMiB = ringBytes / 2 / MiB;

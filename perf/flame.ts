@@ -180,7 +180,7 @@ function main(argv: string[]): void {
     process.stdout.write(files.map((f) => formatTop(summarize(f), n)).join('\n\n') + '\n');
     return;
   }
-  if (!existsSync(join(ROOT, 'dist', 'cli.js'))) throw new Error('dist/ is missing: run npm run build first');
+  if (!existsSync(join(ROOT, 'dist', 'main.js'))) throw new Error('dist/ is missing: run npm run build first');
   const ramAt = args.indexOf('--ram');
   const ram = ramAt >= 0 ? args[ramAt + 1] : '2G';
   const clinic = !args.includes('--no-clinic');

@@ -44,10 +44,10 @@ import { spawnSync } from 'node:child_process';
 import { appendFileSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { cpus, totalmem } from 'node:os';
 import { join } from 'node:path';
-import type { LatencySummary, PostcopyReport } from '../src/pipeline/postcopy.js';
-import type { LoadReport } from '../src/pipeline/load.js';
-import { Guest, delayMs, guestFiles, shellQuote, snapPipeBin } from '../src/qemu/guest.js';
-import { chosenQemu, type Qemu } from '../src/qemu/versions.js';
+import type { LatencySummary, PostcopyReport } from '../src/load/postcopy.js';
+import type { LoadReport } from '../src/load/precopy.js';
+import { Guest, delayMs, guestFiles, shellQuote, snapPipeBin } from '../tools/qemu/guest.js';
+import { chosenQemu, type Qemu } from '../tools/qemu/versions.js';
 
 const ROOT = join(import.meta.dirname, '..');
 const RESULTS = join(ROOT, 'perf', 'RESULTS.md');

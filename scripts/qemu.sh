@@ -2,7 +2,7 @@
 # Fetches a QEMU the end-to-end tests run against besides the machine's own, unpacked (never installed) under
 # <repo>/.cache/qemu/NAME/:
 #   root/usr/bin/qemu-system-x86_64, root/usr/bin/qemu-img
-#   root/usr/share/{qemu,seabios}      its firmware, passed with -L (src/qemu/versions.ts)
+#   root/usr/share/{qemu,seabios}      its firmware, passed with -L (tools/qemu/versions.ts)
 #   root/usr/lib/x86_64-linux-gnu/qemu its modules (QEMU_MODULE_DIR)
 #   lib/                               libraries it needs that Debian 12 lacks (LD_LIBRARY_PATH), if any
 # NAME is one of:

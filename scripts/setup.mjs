@@ -76,7 +76,7 @@ function ensureGuest() {
   run('bash', [join(root, 'scripts', 'guest.sh')]);
 }
 
-/** The QEMUs besides the machine's own (src/qemu/versions.ts CACHED_QEMUS). */
+/** The QEMUs besides the machine's own (tools/qemu/versions.ts CACHED_QEMUS). */
 function ensureOtherQemus() {
   for (const name of ['10.0', '5.2']) run('bash', [join(root, 'scripts', 'qemu.sh'), name]);
 }

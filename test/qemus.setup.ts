@@ -1,6 +1,6 @@
 // Vitest global setup: names the QEMUs the end-to-end suites run against, once at the start of every run, so the
 // log says which versions were tested. Fails the run (never skips) when one of them is missing.
-import { testedQemus } from '../src/qemu/versions.js';
+import { testedQemus } from '../tools/qemu/versions.js';
 
 export default function setup(): void {
   const qemus = testedQemus();

@@ -9,15 +9,15 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import { crc32 } from 'node:zlib';
 import { SnapPipeError, ioError } from '../errors.js';
-import { alignedShared } from '../ring/memory.js';
+import { alignedShared } from '../native/memory.js';
 import {
   FILE_BYTES_MAX,
   L1_ENTRIES_MAX,
   META_BYTES_MAX,
   REFCOUNT_TABLE_CLUSTERS_MAX,
   VIRTUAL_BYTES_MAX,
-} from './limits.js';
-import { decodeMeta } from './metadata.js';
+} from '../format/image/limits.js';
+import { decodeMeta } from '../format/image/metadata.js';
 import { openImageFile } from './open.js';
 import {
   ENTRIES_PER_TABLE_CLUSTER,
@@ -35,7 +35,7 @@ import {
   type HeaderExtensionRef,
   type Qcow2Header,
   type SnapExtension,
-} from './qcow2.js';
+} from '../format/image/qcow2.js';
 import {
   ClusterUse,
   Use,
@@ -46,8 +46,8 @@ import {
   refcountTableOffset,
   useName,
   type Entry,
-} from './tables.js';
-import { CLUSTER_BITS, CLUSTER_BYTES, FORMAT_VERSION, type SnapshotMeta } from './types.js';
+} from '../format/image/tables.js';
+import { CLUSTER_BITS, CLUSTER_BYTES, FORMAT_VERSION, type SnapshotMeta } from '../format/image/types.js';
 
 /** Why an image is incomplete, for one line: the failure its save recorded, or that it never finished. */
 export function incompleteWhy(failure: string | undefined): string {

@@ -8,8 +8,8 @@ import { dirname } from 'node:path';
 import { crc32 } from 'node:zlib';
 import { SnapPipeError, ioError } from '../errors.js';
 import { preallocate } from '../native/fastmem.js';
-import { alignedShared } from '../ring/memory.js';
-import { encodeMeta } from './metadata.js';
+import { alignedShared } from '../native/memory.js';
+import { encodeMeta } from '../format/image/metadata.js';
 import { nonRegularKind, notRegular, openImageFile } from './open.js';
 import {
   ENTRIES_PER_TABLE_CLUSTER,
@@ -24,8 +24,8 @@ import {
   tableEntry,
   writeEntry,
   type TailLayout,
-} from './qcow2.js';
-import { CLUSTER_BYTES, FORMAT_VERSION, type SnapshotMeta } from './types.js';
+} from '../format/image/qcow2.js';
+import { CLUSTER_BYTES, FORMAT_VERSION, type SnapshotMeta } from '../format/image/types.js';
 
 export { layoutBlocks };
 

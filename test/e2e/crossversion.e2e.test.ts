@@ -8,8 +8,8 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, test } from 'vitest';
-import { Guest, delayMs, guestFiles, snapPipeBin } from '../../src/qemu/guest.js';
-import { cachedQemu, i440fxMachine, systemQemu, testedQemus, type Qemu } from '../../src/qemu/versions.js';
+import { Guest, delayMs, guestFiles, snapPipeBin } from '../../tools/qemu/guest.js';
+import { cachedQemu, i440fxMachine, systemQemu, testedQemus, type Qemu } from '../../tools/qemu/versions.js';
 import { info } from '../helpers/cli.js';
 import { firstDifference, LEGACY_WINDOW, loadUri, saveUri } from '../helpers/e2e.js';
 

@@ -2,8 +2,8 @@
 // exited snap-pipe fails with EPIPE; it never reads the exit status), the source VM keeps running, and the image
 // does not look complete and says why.
 import { afterEach, describe, expect, test } from 'vitest';
-import { Guest } from '../../src/qemu/guest.js';
-import { testedQemus } from '../../src/qemu/versions.js';
+import { Guest } from '../../tools/qemu/guest.js';
+import { testedQemus } from '../../tools/qemu/versions.js';
 import { info } from '../helpers/cli.js';
 import { saveUri } from '../helpers/e2e.js';
 import { mountSmallFs, type SmallFs } from '../helpers/smallfs.js';

@@ -4,9 +4,9 @@ import { mkdtempSync, openSync, readSync, closeSync, rmSync, statSync } from 'no
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
-import { Guest, guestFiles, shellQuote } from '../../src/qemu/guest.js';
-import { hasBackgroundSnapshot, testedQemus } from '../../src/qemu/versions.js';
-import { recordStream } from '../../src/qemu/record.js';
+import { Guest, guestFiles, shellQuote } from '../../tools/qemu/guest.js';
+import { hasBackgroundSnapshot, testedQemus } from '../../tools/qemu/versions.js';
+import { recordStream } from '../../tools/qemu/record.js';
 
 /** Each test fails (never skips) on a machine without the guest files (testedQemus() throws without a QEMU). */
 function requirePrerequisites(): void {

@@ -2,14 +2,14 @@
 // fresh QEMU (-incoming defer) with `migrate_incoming exec:snap-pipe load IMG`: its memory byte for byte equal to a
 // pmemsave dump taken before the save, and it goes on running after `cont`. Also a background snapshot of a running
 // guest, restored and running.
-// Fails (never skips) when QEMU, the guest files (scripts/guest.sh) or the build (dist/cli.js) are missing.
+// Fails (never skips) when QEMU, the guest files (scripts/guest.sh) or the build (dist/main.js) are missing.
 import { closeSync, copyFileSync, mkdtempSync, openSync, readFileSync, readSync, rmSync, statSync, writeSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, test } from 'vitest';
 import { ImageReader } from '../../src/image/reader.js';
-import { Guest, delayMs, guestFiles, snapPipeBin } from '../../src/qemu/guest.js';
-import { hasBackgroundSnapshot, qemuAtLeast, testedQemus, type Qemu } from '../../src/qemu/versions.js';
+import { Guest, delayMs, guestFiles, snapPipeBin } from '../../tools/qemu/guest.js';
+import { hasBackgroundSnapshot, qemuAtLeast, testedQemus, type Qemu } from '../../tools/qemu/versions.js';
 import { info, runCli } from '../helpers/cli.js';
 import { firstDifference, LEGACY_WINDOW, saveUri, loadUri } from '../helpers/e2e.js';
 

@@ -13,14 +13,14 @@
 // The destination is started with -S (as the precopy tests): QEMU then leaves the guest paused at POSTCOPY_RUN
 // (savevm.c loadvm_postcopy_handle_run_bh: autostart is false) and `cont` starts it while postcopy is active. Without
 // -S it would start by itself at RUN.
-// Fails (never skips) when QEMU, the guest files (scripts/guest.sh) or the build (dist/cli.js) are missing.
+// Fails (never skips) when QEMU, the guest files (scripts/guest.sh) or the build (dist/main.js) are missing.
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, test } from 'vitest';
-import type { PostcopyReport } from '../../src/pipeline/postcopy.js';
-import { Guest, delayMs, guestFiles, shellQuote, snapPipeBin } from '../../src/qemu/guest.js';
-import { qemuAtLeast, testedQemus } from '../../src/qemu/versions.js';
+import type { PostcopyReport } from '../../src/load/postcopy.js';
+import { Guest, delayMs, guestFiles, shellQuote, snapPipeBin } from '../../tools/qemu/guest.js';
+import { qemuAtLeast, testedQemus } from '../../tools/qemu/versions.js';
 import { info } from '../helpers/cli.js';
 import { firstDifference, LEGACY_WINDOW, loadUri, saveUri } from '../helpers/e2e.js';
 

@@ -4,8 +4,8 @@ import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { recordStream } from '../../src/qemu/record.js';
-import { hasBackgroundSnapshot, qemuAtLeast, testedQemus } from '../../src/qemu/versions.js';
+import { recordStream } from '../../tools/qemu/record.js';
+import { hasBackgroundSnapshot, qemuAtLeast, testedQemus } from '../../tools/qemu/versions.js';
 import { info, qemuImg, runCli } from '../helpers/cli.js';
 import { parseAll } from '../helpers/parse.js';
 

@@ -12,8 +12,8 @@ import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, test } from 'vitest';
-import { Guest, delayMs, guestFiles, shellQuote, snapPipeBin } from '../../src/qemu/guest.js';
-import { testedQemus, type Qemu } from '../../src/qemu/versions.js';
+import { Guest, delayMs, guestFiles, shellQuote, snapPipeBin } from '../../tools/qemu/guest.js';
+import { testedQemus, type Qemu } from '../../tools/qemu/versions.js';
 import { info } from '../helpers/cli.js';
 import { loadUri } from '../helpers/e2e.js';
 

@@ -12,8 +12,8 @@ import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, test } from 'vitest';
-import { Guest, guestFiles, shellQuote, snapPipeBin } from '../../src/qemu/guest.js';
-import { qemuAtLeast, testedQemus } from '../../src/qemu/versions.js';
+import { Guest, guestFiles, shellQuote, snapPipeBin } from '../../tools/qemu/guest.js';
+import { qemuAtLeast, testedQemus } from '../../tools/qemu/versions.js';
 import { info, runCli } from '../helpers/cli.js';
 import { saveUri } from '../helpers/e2e.js';
 

@@ -1,14 +1,14 @@
 // `snap-pipe save` behind a real QEMU migration (`migrate exec:<repo>/bin/snap-pipe save IMG`), checked with
 // independent tools: qemu-img check / info, qemu-img convert of the pc.ram region compared byte for byte with a
 // pmemsave dump, and snap-pipe info's counters against what QEMU says it sent.
-// Fails (never skips) when QEMU, the guest files (scripts/guest.sh) or the build (dist/cli.js) are missing.
+// Fails (never skips) when QEMU, the guest files (scripts/guest.sh) or the build (dist/main.js) are missing.
 import { spawnSync } from 'node:child_process';
 import { mkdtempSync, readFileSync, rmSync, statSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, test } from 'vitest';
-import { Guest, guestFiles, snapPipeBin, type MigrationStatus } from '../../src/qemu/guest.js';
-import { hasBackgroundSnapshot, qemuAtLeast, testedQemus, type Qemu } from '../../src/qemu/versions.js';
+import { Guest, guestFiles, snapPipeBin, type MigrationStatus } from '../../tools/qemu/guest.js';
+import { hasBackgroundSnapshot, qemuAtLeast, testedQemus, type Qemu } from '../../tools/qemu/versions.js';
 import type { ImageInfo } from '../../src/image/info.js';
 import { firstDifference, LEGACY_WINDOW, saveUri } from '../helpers/e2e.js';
 

@@ -1,5 +1,5 @@
-// Shared pieces of the end-to-end tests: exec: URIs for snap-pipe; the dump comparison lives in src/qemu/compare.ts.
-import { shellQuote, snapPipeBin } from '../../src/qemu/guest.js';
+// Shared pieces of the end-to-end tests: exec: URIs for snap-pipe; the dump comparison lives in tools/qemu/compare.ts.
+import { shellQuote, snapPipeBin } from '../../tools/qemu/guest.js';
 
 export function saveUri(img: string, args: string[] = []): string {
   return `exec:${[snapPipeBin(), 'save', img, ...args].map(shellQuote).join(' ')}`;
@@ -9,4 +9,4 @@ export function loadUri(img: string, args: string[] = []): string {
   return `exec:${[snapPipeBin(), 'load', img, ...args].map(shellQuote).join(' ')}`;
 }
 
-export { firstDifference, LEGACY_WINDOW } from '../../src/qemu/compare.js';
+export { firstDifference, LEGACY_WINDOW } from '../../tools/qemu/compare.js';

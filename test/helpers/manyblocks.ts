@@ -2,7 +2,7 @@
 // hostile or future image may hold, for the commands that read images. The stream parts (head, RAM setup, device
 // state) come from a real stream parsed in this thread, so load and verify find them consistent.
 import { layoutBlocks, ImageWriter } from '../../src/image/writer.js';
-import { FORMAT_VERSION, PAGE_BYTES, type SnapshotMeta } from '../../src/image/types.js';
+import { FORMAT_VERSION, PAGE_BYTES, type SnapshotMeta } from '../../src/format/image/types.js';
 import { buildStream, type BlockSpec, type Op } from './model.js';
 import { parseAll } from './parse.js';
 

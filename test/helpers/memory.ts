@@ -8,8 +8,8 @@ import { statSync } from 'node:fs';
 import { join } from 'node:path';
 import { expect } from 'vitest';
 import type { ImageInfo } from '../../src/image/info.js';
-import { firstDifference } from '../../src/qemu/compare.js';
-import type { Guest } from '../../src/qemu/guest.js';
+import { firstDifference } from '../../tools/qemu/compare.js';
+import type { Guest } from '../../tools/qemu/guest.js';
 
 export interface MappedRange {
   gpa: number;

@@ -1,8 +1,8 @@
 // Builds migration streams from a list of page operations and keeps the RAM they should leave behind, so tests can
 // check an image against what the stream meant (the last record of each page wins).
-import { StreamBuilder } from '../../src/stream/builder.js';
-import { CMD_SWITCHOVER_START, RAM_MEM_SIZE, RAM_MULTIFD_FLUSH, RAM_VERSION, SEC_START } from '../../src/stream/constants.js';
-import { SWITCHOVER_START_BYTES } from '../../src/stream/switchover.js';
+import { StreamBuilder } from '../../src/format/stream/builder.js';
+import { CMD_SWITCHOVER_START, RAM_MEM_SIZE, RAM_MULTIFD_FLUSH, RAM_VERSION, SEC_START } from '../../src/format/stream/constants.js';
+import { SWITCHOVER_START_BYTES } from '../../src/format/stream/switchover.js';
 
 export interface BlockSpec {
   id: string;

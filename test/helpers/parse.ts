@@ -1,7 +1,7 @@
 // Runs the stream parser in one thread over a stream held in memory, fed in random pieces as a pipe would.
-import { InputRing, type ByteInput } from '../../src/ring/input.js';
-import { CTRL, CTRL_INTS } from '../../src/ring/layout.js';
-import { StreamParser, type ParsedStream, type StreamSink } from '../../src/stream/parser.js';
+import { InputRing, type ByteInput } from '../../src/save/ring/input.js';
+import { CTRL, CTRL_INTS } from '../../src/save/ring/layout.js';
+import { StreamParser, type ParsedStream, type StreamSink } from '../../src/format/stream/parser.js';
 import { rng } from './model.js';
 
 /** Hands out the stream in pieces of random size, as a pipe would. */

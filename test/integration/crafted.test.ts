@@ -13,9 +13,9 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { crc32 } from 'node:zlib';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { VIRTUAL_BYTES_MAX } from '../../src/image/limits.js';
-import { decodeHeader } from '../../src/image/qcow2.js';
-import { StreamBuilder } from '../../src/stream/builder.js';
+import { VIRTUAL_BYTES_MAX } from '../../src/format/image/limits.js';
+import { decodeHeader } from '../../src/format/image/qcow2.js';
+import { StreamBuilder } from '../../src/format/stream/builder.js';
 import { BIN, ROOT, runCli } from '../helpers/cli.js';
 import { SMALL_PC_BLOCKS, buildStream, pageContent, sequentialOps, type ModelStream } from '../helpers/model.js';
 import { parseAll } from '../helpers/parse.js';
@@ -402,7 +402,7 @@ function qemuImgCheck(img: string): { code: number | null; out: string } {
 // ---------------------------------------------------------------------------------------------------------------
 
 beforeAll(async () => {
-  if (!existsSync(join(ROOT, 'dist', 'cli.js'))) throw new Error('dist/ is missing: run npm run build');
+  if (!existsSync(join(ROOT, 'dist', 'main.js'))) throw new Error('dist/ is missing: run npm run build');
   dir = mkdtempSync(join(tmpdir(), 'snap-pipe-crafted-'));
   model = buildStream(SMALL_PC_BLOCKS, sequentialOps(SMALL_PC_BLOCKS, 6), { ramEnd: true });
   small = join(dir, 'small.qcow2');

@@ -28,7 +28,7 @@ const made: LoopFs[] = [];
 let m: ReturnType<typeof buildStream>;
 
 beforeAll(() => {
-  if (!existsSync(join(ROOT, 'dist', 'cli.js'))) throw new Error('dist/ is missing: run npm run build');
+  if (!existsSync(join(ROOT, 'dist', 'main.js'))) throw new Error('dist/ is missing: run npm run build');
   m = buildStream(BLOCKS, sequentialOps(BLOCKS, 1e9));
   expect(m.bytes.length).toBeGreaterThan(FIRST_PART_BYTES + 16 * MiB);
 });

@@ -9,7 +9,7 @@ import { open } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { StreamBuilder } from '../../src/stream/builder.js';
+import { StreamBuilder } from '../../src/format/stream/builder.js';
 import { BIN, info, ROOT, runCli } from '../helpers/cli.js';
 import { buildStream, pageContent, sequentialOps, type BlockSpec } from '../helpers/model.js';
 
@@ -18,7 +18,7 @@ const MiB = 1 << 20;
 const PROMPT_MS_MAX = 10_000;
 let dir: string;
 beforeAll(() => {
-  if (!existsSync(join(ROOT, 'dist', 'cli.js'))) throw new Error('dist/ is missing: run npm run build');
+  if (!existsSync(join(ROOT, 'dist', 'main.js'))) throw new Error('dist/ is missing: run npm run build');
   dir = mkdtempSync(join(tmpdir(), 'snap-pipe-faults-'));
 });
 afterAll(() => rmSync(dir, { recursive: true, force: true }));

@@ -17,7 +17,7 @@ import { SMALL_PC_BLOCKS, buildStream, pulledForward, rng, sequentialOps, type B
 const MiB = 1 << 20;
 let dir: string;
 beforeAll(() => {
-  if (!existsSync(join(import.meta.dirname, '..', '..', 'dist', 'cli.js'))) throw new Error('dist/ is missing: run npm run build');
+  if (!existsSync(join(import.meta.dirname, '..', '..', 'dist', 'main.js'))) throw new Error('dist/ is missing: run npm run build');
   dir = mkdtempSync(join(tmpdir(), 'snap-pipe-load-'));
 });
 afterAll(() => rmSync(dir, { recursive: true, force: true }));

@@ -26,7 +26,7 @@ function run(cmd: string, args: string[]): { ok: boolean; out: string } {
 }
 
 beforeAll(async () => {
-  if (!statSync(join(ROOT, 'dist', 'cli.js'), { throwIfNoEntry: false })) throw new Error('dist/ is missing: run npm run build');
+  if (!statSync(join(ROOT, 'dist', 'main.js'), { throwIfNoEntry: false })) throw new Error('dist/ is missing: run npm run build');
   dir = mkdtempSync(join(tmpdir(), 'snap-pipe-nonregular-'));
   const fifo = join(dir, 'fifo.qcow2');
   const mkfifo = run('mkfifo', [fifo]);

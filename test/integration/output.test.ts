@@ -10,8 +10,8 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { ImageInfo } from '../../src/image/info.js';
-import { BLOCKS_MAX } from '../../src/image/limits.js';
-import { MAX_BLOCKS } from '../../src/ring/layout.js';
+import { BLOCKS_MAX } from '../../src/format/image/limits.js';
+import { MAX_BLOCKS } from '../../src/save/ring/layout.js';
 import { BIN, ROOT, runCli } from '../helpers/cli.js';
 import { writeManyBlockImage } from '../helpers/manyblocks.js';
 import { buildStream, type BlockSpec, type Op } from '../helpers/model.js';
@@ -26,7 +26,7 @@ let img: string;
 let blocks: BlockSpec[];
 
 beforeAll(async () => {
-  if (!existsSync(join(ROOT, 'dist', 'cli.js'))) throw new Error('dist/ is missing: run npm run build');
+  if (!existsSync(join(ROOT, 'dist', 'main.js'))) throw new Error('dist/ is missing: run npm run build');
   dir = mkdtempSync(join(tmpdir(), 'snap-pipe-output-'));
   // As many blocks as a save takes, one or two pages each, every other one with a data page.
   blocks = [];

@@ -11,7 +11,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { ImageReader } from '../../src/image/reader.js';
-import type { PostcopyReport } from '../../src/pipeline/postcopy.js';
+import type { PostcopyReport } from '../../src/load/postcopy.js';
 import {
   RAM_CONTINUE,
   RAM_EOS,
@@ -23,8 +23,8 @@ import {
   SEC_EOF,
   SEC_FOOTER,
   SEC_PART,
-} from '../../src/stream/constants.js';
-import { encodePong, encodeReqPages, encodeShut, encodeSwitchoverAck } from '../../src/stream/returnpath.js';
+} from '../../src/format/stream/constants.js';
+import { encodePong, encodeReqPages, encodeShut, encodeSwitchoverAck } from '../../src/format/stream/returnpath.js';
 import { BIN, runCli, runOnTerminal } from '../helpers/cli.js';
 import { buildStream, pulledForward, rng, sequentialOps, type BlockSpec, type ModelStream, type Op } from '../helpers/model.js';
 
@@ -32,7 +32,7 @@ const MiB = 1 << 20;
 const PAGE = 4096;
 let dir: string;
 beforeAll(() => {
-  if (!existsSync(join(import.meta.dirname, '..', '..', 'dist', 'cli.js'))) throw new Error('dist/ is missing: run npm run build');
+  if (!existsSync(join(import.meta.dirname, '..', '..', 'dist', 'main.js'))) throw new Error('dist/ is missing: run npm run build');
   dir = mkdtempSync(join(tmpdir(), 'snap-pipe-postcopy-'));
 });
 afterAll(() => rmSync(dir, { recursive: true, force: true }));

@@ -10,15 +10,15 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { readInfo } from '../../src/image/info.js';
-import { StreamBuilder } from '../../src/stream/builder.js';
-import { CMD_OPEN_RETURN_PATH, CMD_PING } from '../../src/stream/constants.js';
-import { ReturnPathDecoder, type RpMessage } from '../../src/stream/returnpath.js';
+import { StreamBuilder } from '../../src/format/stream/builder.js';
+import { CMD_OPEN_RETURN_PATH, CMD_PING } from '../../src/format/stream/constants.js';
+import { ReturnPathDecoder, type RpMessage } from '../../src/format/stream/returnpath.js';
 import { BIN, ROOT } from '../helpers/cli.js';
 import { SMALL_PC_BLOCKS, buildStream, sequentialOps } from '../helpers/model.js';
 
 let dir: string;
 beforeAll(() => {
-  if (!existsSync(join(ROOT, 'dist', 'cli.js'))) throw new Error('dist/ is missing: run npm run build');
+  if (!existsSync(join(ROOT, 'dist', 'main.js'))) throw new Error('dist/ is missing: run npm run build');
   dir = mkdtempSync(join(tmpdir(), 'snap-pipe-save-rp-'));
 });
 afterAll(() => rmSync(dir, { recursive: true, force: true }));

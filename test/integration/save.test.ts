@@ -10,7 +10,7 @@ import { SMALL_PC_BLOCKS, buildStream, pulledForward, rng, sequentialOps, type O
 
 let dir: string;
 beforeAll(() => {
-  if (!existsSync(join(import.meta.dirname, '..', '..', 'dist', 'cli.js'))) throw new Error('dist/ is missing: run npm run build');
+  if (!existsSync(join(import.meta.dirname, '..', '..', 'dist', 'main.js'))) throw new Error('dist/ is missing: run npm run build');
   dir = mkdtempSync(join(tmpdir(), 'snap-pipe-save-'));
 });
 afterAll(() => rmSync(dir, { recursive: true, force: true }));

@@ -8,8 +8,8 @@ import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { ImageInfo } from '../../src/image/info.js';
 import { ImageReader } from '../../src/image/reader.js';
-import type { VerifyReport } from '../../src/pipeline/verify.js';
-import { printable } from '../../src/text.js';
+import type { VerifyReport } from '../../src/verify/verify.js';
+import { printable } from '../../src/format/text.js';
 import { runCli } from '../helpers/cli.js';
 import { buildStream, sequentialOps, type BlockSpec } from '../helpers/model.js';
 

@@ -7,10 +7,10 @@ import { closeSync, copyFileSync, existsSync, mkdtempSync, openSync, readSync, r
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { decodeHeader, readEntry, OFFSET_MASK } from '../../src/image/qcow2.js';
+import { decodeHeader, readEntry, OFFSET_MASK } from '../../src/format/image/qcow2.js';
 import { ImageReader } from '../../src/image/reader.js';
 import { crc32cJs } from '../../src/native/fastmem.js';
-import type { VerifyReport } from '../../src/pipeline/verify.js';
+import type { VerifyReport } from '../../src/verify/verify.js';
 import { ROOT, runCli } from '../helpers/cli.js';
 import { buildStream, sequentialOps, type BlockSpec } from '../helpers/model.js';
 
@@ -24,7 +24,7 @@ const BLOCKS: BlockSpec[] = [
 ];
 
 beforeAll(async () => {
-  if (!existsSync(join(ROOT, 'dist', 'cli.js'))) throw new Error('dist/ is missing: run npm run build');
+  if (!existsSync(join(ROOT, 'dist', 'main.js'))) throw new Error('dist/ is missing: run npm run build');
   dir = mkdtempSync(join(tmpdir(), 'snap-pipe-verify-'));
   good = join(dir, 'good.qcow2');
   const r = await runCli(['save', good], buildStream(BLOCKS, sequentialOps(BLOCKS, 6), { ramEnd: true }).bytes);

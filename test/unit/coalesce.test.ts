@@ -1,7 +1,7 @@
 import { describe, expect, it } from 'vitest';
-import { Coalescer } from '../../src/pipeline/coalesce.js';
+import { Coalescer } from '../../src/save/coalesce.js';
 import { crc32cJs } from '../../src/native/fastmem.js';
-import { SPARSE_FIRST_PAGES_MAX } from '../../src/pipeline/coalesce.js';
+import { SPARSE_FIRST_PAGES_MAX } from '../../src/save/coalesce.js';
 import {
   BLOCK_F64S,
   SLOT_BLOCK,
@@ -14,7 +14,7 @@ import {
   SLOT_SEEN_BITS,
   SLOT_SEEN_COUNT,
   SLOT_WHOLE,
-} from '../../src/ring/layout.js';
+} from '../../src/save/ring/layout.js';
 import { pageContent } from '../helpers/model.js';
 
 /** The clusters as the writer leaves them on disk, and the CRC it holds for each. */

@@ -8,7 +8,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { describe, expect, it, vi } from 'vitest';
 import { crc32c, crc32cImplementation, crc32cJs, crc32cOfPages, crc32cZeros, fastmemAddon, preallocate, RangeCopier, zeroFill } from '../../src/native/fastmem.js';
-import { alignedShared } from '../../src/ring/memory.js';
+import { alignedShared } from '../../src/native/memory.js';
 
 function addon(): NonNullable<typeof fastmemAddon> {
   if (!fastmemAddon) throw new Error('build/Release/fastmem.node is not built (run node scripts/build-native.mjs)');

@@ -13,7 +13,7 @@ import { join } from 'node:path';
 import { Worker } from 'node:worker_threads';
 import { crc32 } from 'node:zlib';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { StreamBuilder } from '../../src/stream/builder.js';
+import { StreamBuilder } from '../../src/format/stream/builder.js';
 import { buildStream, pageContent, pulledForward, rng, sequentialOps, type BlockSpec } from '../helpers/model.js';
 
 const ROOT = join(import.meta.dirname, '..', '..');
@@ -264,7 +264,7 @@ function judge(m: Mutation, reply: Reply, seed: Seed, base: Result): string | un
 describe(`stream reader fuzz (${FUZZ_SECONDS} s, seed ${FUZZ_SEED})`, () => {
   let parser: Parser;
   beforeAll(() => {
-    if (!existsSync(join(ROOT, 'dist', 'stream', 'parser.js'))) throw new Error('dist/ is missing: run npm run build');
+    if (!existsSync(join(ROOT, 'dist', 'format', 'stream', 'parser.js'))) throw new Error('dist/ is missing: run npm run build');
     parser = new Parser();
   });
   afterAll(async () => parser?.close());

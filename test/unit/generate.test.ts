@@ -11,7 +11,7 @@ import { parseAll } from '../helpers/parse.js';
 
 let dir: string;
 beforeAll(() => {
-  if (!existsSync(join(ROOT, 'dist', 'cli.js'))) throw new Error('dist/ is missing: run npm run build');
+  if (!existsSync(join(ROOT, 'dist', 'main.js'))) throw new Error('dist/ is missing: run npm run build');
   dir = mkdtempSync(join(tmpdir(), 'snap-pipe-generate-'));
 });
 afterAll(() => rmSync(dir, { recursive: true, force: true }));

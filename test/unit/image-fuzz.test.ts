@@ -14,7 +14,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { crc32 } from 'node:zlib';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { decodeHeader } from '../../src/image/qcow2.js';
+import { decodeHeader } from '../../src/format/image/qcow2.js';
 import { ROOT, runCli } from '../helpers/cli.js';
 import { buildStream, rng, sequentialOps, type BlockSpec, type ModelStream } from '../helpers/model.js';
 import { parseAll } from '../helpers/parse.js';
@@ -260,7 +260,7 @@ describe(`image reader fuzz (${FUZZ_SECONDS} s, seed ${FUZZ_SEED})`, () => {
   let model: ModelStream;
   let L: Layout;
   beforeAll(async () => {
-    if (!existsSync(join(ROOT, 'dist', 'pipeline', 'load.js'))) throw new Error('dist/ is missing: run npm run build');
+    if (!existsSync(join(ROOT, 'dist', 'load', 'precopy.js'))) throw new Error('dist/ is missing: run npm run build');
     dir = mkdtempSync(join(tmpdir(), 'snap-pipe-image-fuzz-'));
     model = buildStream(BLOCKS, sequentialOps(BLOCKS, 5), { ramEnd: true, deviceBytes: 2000 });
     const img = join(dir, 'seed.qcow2');

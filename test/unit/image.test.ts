@@ -8,13 +8,14 @@ import path from 'node:path';
 import { crc32cJs } from '../../src/native/fastmem.js';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { SnapPipeError } from '../../src/errors.js';
-import { formatInfo, readInfo } from '../../src/image/info.js';
-import { encodeMeta } from '../../src/image/metadata.js';
+import { readInfo } from '../../src/image/info.js';
+import { formatInfo } from '../../src/commands/info.js';
+import { encodeMeta } from '../../src/format/image/metadata.js';
 import { ImageReader } from '../../src/image/reader.js';
-import { CLUSTER_BYTES, FORMAT_VERSION, PAGE_BYTES, type RamBlockInfo, type SnapshotMeta } from '../../src/image/types.js';
+import { CLUSTER_BYTES, FORMAT_VERSION, PAGE_BYTES, type RamBlockInfo, type SnapshotMeta } from '../../src/format/image/types.js';
 import { ImageWriter, layoutBlocks, SIZE_AHEAD_BYTES } from '../../src/image/writer.js';
 import { mountSmallFs } from '../helpers/smallfs.js';
-import { alignedShared } from '../../src/ring/memory.js';
+import { alignedShared } from '../../src/native/memory.js';
 
 const C = CLUSTER_BYTES;
 const MiB = 1 << 20;

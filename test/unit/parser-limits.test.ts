@@ -3,11 +3,11 @@
 // and accepts the largest setup within the limits.
 import { describe, expect, it } from 'vitest';
 import { SnapPipeError } from '../../src/errors.js';
-import { InputRing } from '../../src/ring/input.js';
-import { CTRL, CTRL_INTS } from '../../src/ring/layout.js';
-import { StreamBuilder } from '../../src/stream/builder.js';
-import { RAM_EOS, RAM_MEM_SIZE, RAM_VERSION, SEC_START } from '../../src/stream/constants.js';
-import { BLOCK_PAGES_MAX, RAM_TOTAL_BYTES_MAX, StreamParser, type ParsedBlock } from '../../src/stream/parser.js';
+import { InputRing } from '../../src/save/ring/input.js';
+import { CTRL, CTRL_INTS } from '../../src/save/ring/layout.js';
+import { StreamBuilder } from '../../src/format/stream/builder.js';
+import { RAM_EOS, RAM_MEM_SIZE, RAM_VERSION, SEC_START } from '../../src/format/stream/constants.js';
+import { BLOCK_PAGES_MAX, RAM_TOTAL_BYTES_MAX, StreamParser, type ParsedBlock } from '../../src/format/stream/parser.js';
 import { pageContent } from '../helpers/model.js';
 import { parseAll, piecewise } from '../helpers/parse.js';
 

@@ -9,8 +9,8 @@ import {
   L1_ENTRIES_MAX,
   REFCOUNT_TABLE_CLUSTERS_MAX,
   VIRTUAL_BYTES_MAX,
-} from '../../src/image/limits.js';
-import { decodeMeta, encodeMeta } from '../../src/image/metadata.js';
+} from '../../src/format/image/limits.js';
+import { decodeMeta, encodeMeta } from '../../src/format/image/metadata.js';
 import {
   HEADER_AREA_BYTES,
   REFCOUNTS_PER_BLOCK,
@@ -22,8 +22,8 @@ import {
   fillRefcountBlock,
   layoutTail,
   snapHeader,
-} from '../../src/image/qcow2.js';
-import { CLUSTER_BYTES, FORMAT_VERSION, type SnapshotMeta } from '../../src/image/types.js';
+} from '../../src/format/image/qcow2.js';
+import { CLUSTER_BYTES, FORMAT_VERSION, type SnapshotMeta } from '../../src/format/image/types.js';
 import { layoutBlocks } from '../../src/image/writer.js';
 
 const C = CLUSTER_BYTES;

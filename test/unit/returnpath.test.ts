@@ -3,9 +3,9 @@
 // refusals QEMU's own source_return_path_thread makes; and the fault-latency histogram.
 import { describe, expect, it } from 'vitest';
 import { SnapPipeError } from '../../src/errors.js';
-import { LatencyHistogram, adviseCommand, deviceSectionsEnd, discardCommand, pingCommand } from '../../src/pipeline/postcopy.js';
-import { StreamBuilder } from '../../src/stream/builder.js';
-import { ReturnPathDecoder, encodePong, encodeReqPages, encodeShut, encodeSwitchoverAck, type RpMessage } from '../../src/stream/returnpath.js';
+import { LatencyHistogram, adviseCommand, deviceSectionsEnd, discardCommand, pingCommand } from '../../src/load/postcopy.js';
+import { StreamBuilder } from '../../src/format/stream/builder.js';
+import { ReturnPathDecoder, encodePong, encodeReqPages, encodeShut, encodeSwitchoverAck, type RpMessage } from '../../src/format/stream/returnpath.js';
 
 function hex(s: string): Uint8Array {
   return Uint8Array.from(Buffer.from(s.replace(/\s+/g, ''), 'hex'));

@@ -1,9 +1,9 @@
 import { describe, expect, it } from 'vitest';
-import { DescriptorConsumer, DescriptorProducer } from '../../src/ring/descriptors.js';
-import { CTRL, CTRL_INTS, DESC_INTS, DESC_PAGE, DESC_POS, FAIL_ERROR, KIND_PAGE } from '../../src/ring/layout.js';
-import { alignedShared } from '../../src/ring/memory.js';
-import { IntQueueConsumer, IntQueueProducer } from '../../src/ring/queue.js';
-import { Aborted, signalFailure, waitChange, WaitClock } from '../../src/ring/wait.js';
+import { DescriptorConsumer, DescriptorProducer } from '../../src/save/ring/descriptors.js';
+import { CTRL, CTRL_INTS, DESC_INTS, DESC_PAGE, DESC_POS, FAIL_ERROR, KIND_PAGE } from '../../src/save/ring/layout.js';
+import { alignedShared } from '../../src/native/memory.js';
+import { IntQueueConsumer, IntQueueProducer } from '../../src/save/ring/queue.js';
+import { Aborted, signalFailure, waitChange, WaitClock } from '../../src/save/ring/wait.js';
 
 const ctrlOf = () => new Int32Array(new SharedArrayBuffer(CTRL_INTS * 4));
 

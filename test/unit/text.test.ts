@@ -1,8 +1,9 @@
 // Text from images on its way out: printable() and jsonText() leave no control character raw, JSON stays JSON and
 // gives every string back; formatInfo escapes every field and survives an image's worth of blocks.
 import { describe, expect, it } from 'vitest';
-import { formatInfo, type BlockSummary, type ImageInfo } from '../../src/image/info.js';
-import { jsonText, printable } from '../../src/text.js';
+import { formatInfo } from '../../src/commands/info.js';
+import type { BlockSummary, ImageInfo } from '../../src/image/info.js';
+import { jsonText, printable } from '../../src/format/text.js';
 
 const CONTROL = /[\u0000-\u001f\u007f-\u009f]/;
 

@@ -9,7 +9,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { SnapPipeError } from '../../src/errors.js';
 import { openIoBackend, type IoBackend, type IoBackendName } from '../../src/native/io.js';
 import { UringRing, uringAvailable } from '../../src/native/uring.js';
-import { alignedShared } from '../../src/ring/memory.js';
+import { alignedShared } from '../../src/native/memory.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;

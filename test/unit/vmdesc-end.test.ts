@@ -3,10 +3,10 @@
 // Also the parser with acceptReturnPath: OPEN_RETURN_PATH and PING reach the sink, and the parse ends at the VM
 // description.
 import { describe, expect, it } from 'vitest';
-import { StreamBuilder } from '../../src/stream/builder.js';
-import { CMD_OPEN_RETURN_PATH, CMD_PING } from '../../src/stream/constants.js';
-import { knowsSwitchoverAck } from '../../src/stream/parser.js';
-import { VmdescEnd } from '../../src/stream/vmdesc-end.js';
+import { StreamBuilder } from '../../src/format/stream/builder.js';
+import { CMD_OPEN_RETURN_PATH, CMD_PING } from '../../src/format/stream/constants.js';
+import { knowsSwitchoverAck } from '../../src/format/stream/parser.js';
+import { VmdescEnd } from '../../src/format/stream/vmdesc-end.js';
 import { buildStream, rng, sequentialOps, SMALL_PC_BLOCKS } from '../helpers/model.js';
 import { parseAll } from '../helpers/parse.js';
 

@@ -1,0 +1,159 @@
+// `snap-pipe load IMG`: writes the migration stream stored in IMG to stdout, for a QEMU started with -incoming defer.
+// Only --help prints to stdout; everything else for people goes to stderr (stdout is the stream).
+import { fstatSync, writeSync, writeFileSync } from 'node:fs';
+import { isatty } from 'node:tty';
+import { formatHelp, integerFlag, onePath, parseArgs, parseInteger, parseIo, usage, type FlagSpec } from './args.js';
+import { formatBytes } from '../format/units.js';
+import { printErr, printOut, tellErr } from '../output.js';
+import { jsonText, printable } from '../format/text.js';
+import { DEFAULT_LOAD_QUEUE_DEPTH, LOAD_QUEUE_DEPTH_MAX, runLoad, type LoadReport } from '../load/precopy.js';
+import type { PostcopyReport } from '../load/postcopy.js';
+
+const STDIN_FD = 0;
+const STDOUT_FD = 1;
+
+export const LOAD_FLAGS: Record<string, FlagSpec> = {
+  io: { kind: 'value', valueName: 'uring|sync', help: 'I/O backend (default: uring where io_uring works, else sync)' },
+  'no-direct': { kind: 'bool', help: 'buffered reads, for file systems without O_DIRECT (tmpfs)' },
+  'no-verify': { kind: 'bool', help: 'send clusters even if their CRC-32C does not match the one stored at save' },
+  'queue-depth': { kind: 'value', valueName: 'N', help: `cluster reads kept in flight (default ${DEFAULT_LOAD_QUEUE_DEPTH})` },
+  postcopy: {
+    kind: 'optional-value',
+    valueName: 'PERCENT',
+    help: 'postcopy: the guest runs once the device state is in, pages it touches are served first (stdin is QEMU\'s return path); with =PERCENT, that share of the data pages goes first (default 0)',
+  },
+  stats: { kind: 'optional-value', valueName: 'FILE', help: 'at the end, a summary on stderr; with =FILE, JSON to FILE' },
+  help: { kind: 'bool', help: 'show this help' },
+};
+
+const LOAD_ABOUT = `Writes the migration stream stored in IMG (by snap-pipe save) to stdout, for a QEMU started with the same
+machine, memory size and devices plus -incoming defer:
+  (qemu) migrate_incoming "exec:snap-pipe load /path/vm.qcow2"
+The image is checked before anything is written; zero pages go first, then the data clusters in file order, each
+checked against the CRC-32C recorded at save (a mismatch stops the stream before the device state, so QEMU fails
+the migration instead of running on damaged memory), then the device state. Then 'cont' resumes the guest.
+With --postcopy the destination needs the postcopy-ram capability (migrate_set_capability postcopy-ram on, before
+migrate_incoming): the device state goes first and the guest runs (at once unless QEMU was started with -S) while
+the pages follow, the ones it touches ahead of the rest.`;
+
+
+function formatLoadReport(r: LoadReport): string {
+  const ms = (x: number) => `${(x / 1000).toFixed(2)}s`;
+  return [
+    `snap-pipe load: ${r.path}: ${formatBytes(r.bytesOut)} of stream in ${r.seconds.toFixed(2)}s (${r.outMBps.toFixed(0)} MB/s)`,
+    `  pages: ${r.dataPages} data, ${r.zeroPages} zero, ${r.unsentPages} never sent; ${r.blocks} RAM blocks; device state ${formatBytes(r.deviceStateBytes)}`,
+    `  read: ${formatBytes(r.bytesRead)} in ${r.dataClusters} clusters${r.direct ? '' : ' (buffered)'}, ${r.readBackend} reads, queue depth ${r.queueDepth}; CRC-32C by ${r.checksum}`,
+    `  time: reading ${ms(r.readMs)}, ${r.verified ? `verifying ${ms(r.verifyMs)}` : 'not verified'}, writing to the pipe ${ms(r.writeMs)} (${r.writeCalls} writes, ${r.ramSections} ram sections)`,
+  ]
+    .map(printable)
+    .join('\n');
+}
+
+/**
+ * QEMU 7.2 only starts an exec: incoming migration when its pipe becomes readable, and a pipe closed with nothing
+ * written never is (HUP only): refused before the first byte, QEMU would wait forever. So when stdout is a pipe,
+ * a refusal writes these bytes, which are not a migration stream (QEMU fails at once: "not a migration stream").
+ * To a regular file (or anything else) nothing is written.
+ */
+export const REFUSAL_MARKER = new Uint8Array(4);
+
+function writeRefusalMarker(): void {
+  try {
+    if (!fstatSync(STDOUT_FD).isFIFO()) return;
+    writeSync(STDOUT_FD, REFUSAL_MARKER);
+  } catch {
+    // the reader is gone (EPIPE) or stdout is closed: the refusal being reported matters more
+  }
+}
+
+function formatPostcopyReport(r: PostcopyReport): string {
+  const ms = (x: number) => `${(x / 1000).toFixed(2)}s`;
+  const at = (x: number | null) => (x === null ? '-' : `${(x / 1000).toFixed(3)}s`);
+  const l = r.faultLatency;
+  const f = (x: number) => `${x.toFixed(2)}ms`;
+  return [
+    `snap-pipe load --postcopy=${r.precopyPercent}: ${r.path}: ${formatBytes(r.bytesOut)} of stream in ${r.seconds.toFixed(2)}s (${r.outMBps.toFixed(0)} MB/s)`,
+    `  pages: ${r.dataPages} data, ${r.zeroPages} zero, ${r.unsentPages} never saved (sent as zero); ${r.blocks} RAM blocks; device state ${formatBytes(r.deviceStateBytes)}`,
+    `  precopy share: ${r.precopyDataPages} data pages in ${r.precopyClusters} clusters, ${r.precopyZeroPages} zero; ${r.discardRanges} ranges discarded in ${r.discardCommands} commands`,
+    `  timeline: package sent ${at(r.packageSentMs)}, devices loaded ${at(r.devicesLoadedMs)}, EOF sent ${at(r.eofSentMs)}, SHUT ${at(r.shutMs)}`,
+    `  requests: ${r.requests} for ${r.requestedPages} pages: ${r.requestedDataPages} data, ${r.requestedZeroPages} zero, ${r.requestedAlreadySent} already sent; ${r.requestReads} cluster reads for requests, ${r.evictions} dropped`,
+    `  fault latency (${l.count} requests): p50 ${f(l.p50Ms)}, p90 ${f(l.p90Ms)}, p99 ${f(l.p99Ms)}, max ${f(l.maxMs)}, mean ${f(l.meanMs)}; ` +
+      `waiting for their clusters ${f(r.requestReadWaitMs)}, writing them ${f(r.requestWriteMs)} in all`,
+    `  read: ${formatBytes(r.bytesRead)} (${r.backgroundReads} background + ${r.requestReads} request cluster reads)${r.direct ? '' : ' (buffered)'}, ${r.readBackend} reads, queue depth ${r.queueDepth}`,
+    `  time: reading ${ms(r.readMs)}, ${r.verified ? `verifying ${ms(r.verifyMs)}` : 'not verified'}, writing to the pipe ${ms(r.writeMs)} (${r.writeCalls} writes, ${r.ramSections} ram sections)`,
+  ]
+    .map(printable)
+    .join('\n');
+}
+
+export async function cmdLoad(argv: string[]): Promise<number> {
+  const progress: LoadProgressSeen = { bytesOut: 0, untracked: false };
+  try {
+    return await load(argv, progress);
+  } catch (err) {
+    // Any refusal, a bad command line included: under QEMU it must not leave the pipe empty. Never after stream
+    // bytes went out (or might have: a runner that reports no progress), where the marker would join the stream.
+    if (progress.bytesOut === 0 && !progress.untracked) writeRefusalMarker();
+    throw err;
+  }
+}
+
+/** What the failure path needs to know: did stream bytes go out? */
+interface LoadProgressSeen {
+  bytesOut: number;
+  /** A runner without a progress hook started: bytes may have gone out. */
+  untracked: boolean;
+}
+
+async function load(argv: string[], progress: LoadProgressSeen): Promise<number> {
+  const { flags, positionals } = parseArgs('load', argv, LOAD_FLAGS);
+  if (flags.has('help')) {
+    printOut(formatHelp('snap-pipe load IMG [options] > STREAM', LOAD_ABOUT, LOAD_FLAGS));
+    return 0;
+  }
+  const path = onePath('load', positionals);
+  const queueDepth = integerFlag('load', flags, 'queue-depth', 1, LOAD_QUEUE_DEPTH_MAX, DEFAULT_LOAD_QUEUE_DEPTH);
+  const stats = flags.get('stats');
+  const io = parseIo('load', flags.get('io'));
+  const postcopy = flags.get('postcopy');
+  const precopyPercent = postcopy === undefined ? undefined : postcopy === true ? 0 : parseInteger('load', 'postcopy', postcopy, 0, 100);
+  // isatty, not process.stdout: touching process.stdout could switch fd 1 to non-blocking mode.
+  if (isatty(STDOUT_FD)) usage('load: stdout is a terminal; redirect it or run under QEMU (see snap-pipe load --help)');
+  if (precopyPercent !== undefined && isatty(STDIN_FD)) {
+    usage('load: --postcopy: stdin is a terminal; it must be QEMU\'s return path (run under migrate_incoming exec:)');
+  }
+
+  if (precopyPercent !== undefined) {
+    // Imported only here: a plain load (QEMU waits for its first bytes) starts without compiling it.
+    const { runPostcopyLoad } = await import('../load/postcopy.js');
+    const report = await runPostcopyLoad({
+      path,
+      out: STDOUT_FD,
+      rpIn: STDIN_FD,
+      direct: !flags.has('no-direct'),
+      verify: !flags.has('no-verify'),
+      queueDepth,
+      io,
+      precopyPercent,
+      onNote: (line) => tellErr(`snap-pipe: ${printable(line)}\n`),
+      onProgress: (p) => (progress.bytesOut = p.bytesOut),
+    });
+    if (stats === true) printErr(formatPostcopyReport(report) + '\n');
+    else if (typeof stats === 'string') writeFileSync(stats, jsonText(report) + '\n');
+    return 0;
+  }
+
+  const report = await runLoad({
+    path,
+    out: STDOUT_FD,
+    direct: !flags.has('no-direct'),
+    verify: !flags.has('no-verify'),
+    queueDepth,
+    io,
+    onNote: (line) => tellErr(`snap-pipe: ${printable(line)}\n`),
+    onProgress: (p) => (progress.bytesOut = p.bytesOut),
+  });
+  if (stats === true) printErr(formatLoadReport(report) + '\n');
+  else if (typeof stats === 'string') writeFileSync(stats, jsonText(report) + '\n');
+  return 0;
+}

@@ -1,0 +1,1192 @@
+// `snap-pipe load --postcopy[=PERCENT] IMG`: the image -> a postcopy migration stream on `out` (QEMU's exec: pipe),
+// for a destination with the postcopy-ram capability. snap-pipe plays QEMU's migration source:
+//   header + configuration, ram START (verbatim from the image),
+//   POSTCOPY_ADVISE(0x1000, 0x1000)   after the setup (the saved setup has no per-block page-size fields; the
+//                                       destination wipes all of RAM here, so nothing may precede it),
+//   OPEN_RETURN_PATH, PING 1          from here on QEMU writes to our stdin (its return path),
+//   [precopy share]                   with PERCENT > 0: ZERO records for every non-data page, then whole data
+//                                       clusters (host-file order) until PERCENT% of the data pages went out,
+//   POSTCOPY_RAM_DISCARD ...           every page not sent yet, per block, 12 ranges a command (as QEMU's
+//                                       postcopy_discard_send_range does); needed even with no precopy share,
+//                                       see run(),
+//   PACKAGED{ LISTEN, device sections (the saved device state without its trailing EOF + VMDESCRIPTION), PING 3,
+//             RUN }                   QEMU loads the devices and starts the guest (unless started with -S),
+//   PART sections                     requested pages first, else the rest in host-file order (ZERO records for
+//                                       the non-data pages spread among them); every page goes out exactly once,
+//   ram END (EOS), EOF                then snap-pipe waits for SHUT (or the pipe closing) and exits.
+//
+// Page requests (REQ_PAGES / REQ_PAGES_ID on stdin) are served ahead of the background stream: a data page's whole
+// 1 MiB cluster is read (random O_DIRECT read through the I/O backend, alongside the background read-ahead), its
+// CRC-32C checked, the requested page written and flushed at once, and the rest of that cluster sent right after the
+// pending requests (the guest tends to touch neighbours). A request for a zero page (or a page never saved) is
+// answered with a ZERO record; a request for a page already sent is ignored (it is in the pipe). Answers go
+// through their own small output, written ahead of background sections still buffered; once the guest runs, the
+// background keeps only BG_READS_IN_FLIGHT cluster reads in the device queue, so a request's read waits behind few.
+// Fault latency (reading a request off stdin -> the write holding its page returned) goes into a histogram.
+//
+// Every page goes out before EOF (never-saved pages as ZERO): after EOF the destination unregisters userfaultfd,
+// and a fault it could still send us then would find us gone.
+//
+// stdin is read without blocking, between sections and while idle: through a second open file description of the
+// same pipe (/proc/self/fd/0 with O_NONBLOCK), or for a socket (Node's child_process pipes) fd 0 itself switched to
+// non-blocking mode. After EOF, with nothing left to send, the wait for SHUT blocks in the event loop (libuv's epoll
+// on that fd: no polling, no thread stuck in a read) for at most SHUT_WAIT_MS_MAX, so a SHUT or the pipe closing is
+// seen at once, and a destination that never says SHUT ends the load with an error instead of hanging it.
+
+import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import net from 'node:net';
+import { SnapPipeError, ioError } from '../errors.js';
+import { chunksOf, pagesOf } from '../format/image/metadata.js';
+import { openImageFile } from '../image/open.js';
+import { ImageReader } from '../image/reader.js';
+import { CLUSTER_BYTES, PAGE_BYTES, PAGES_PER_CHUNK, type SnapshotMeta } from '../format/image/types.js';
+import { crc32cImplementation } from '../native/fastmem.js';
+import { openIoBackend, reapNamed, type IoBackend, type IoBackendName } from '../native/io.js';
+import { alignedShared } from '../native/memory.js';
+import { StreamBuilder } from '../format/stream/builder.js';
+import {
+  CMD_OPEN_RETURN_PATH,
+  CMD_PACKAGED,
+  CMD_PING,
+  CMD_POSTCOPY_ADVISE,
+  CMD_POSTCOPY_LISTEN,
+  CMD_POSTCOPY_RAM_DISCARD,
+  CMD_POSTCOPY_RUN,
+  SEC_EOF,
+} from '../format/stream/constants.js';
+import { vmdescStart } from '../format/stream/parser.js';
+import { ReturnPathDecoder, type RpMessage } from '../format/stream/returnpath.js';
+import { checkImage, type Plan } from '../image/checks.js';
+import { LOAD_QUEUE_DEPTH_MAX, StreamOut, checkClusterCrc, type LoadReport } from './precopy.js';
+
+/** postcopy-ram.c MAX_DISCARDS_PER_COMMAND. */
+const DISCARDS_PER_COMMAND = 12;
+/** savevm.c MAX_VM_CMD_PACKAGED_SIZE (UINT32_MAX in 7.2). */
+const PACKAGED_BYTES_MAX = 0xffff_ffff;
+
+export const PING_AFTER_OPEN = 1;
+export const PING_IN_PACKAGE = 3;
+
+/** Pages per PART section after LISTEN: small, so a request never waits behind much of our own buffer. */
+const SECTION_PAGES = 16;
+/** ZERO records per PART section. */
+const ZERO_SECTION_RECORDS = 256;
+/** Background output is written once this much is buffered (requests are flushed at once). */
+const FLUSH_BYTES = 128 << 10;
+/**
+ * Background cluster reads in flight once the guest runs: a request's read queues behind them in the device, so
+ * they are few (sequential 1 MiB reads at this depth still outrun what QEMU places).
+ */
+const BG_READS_IN_FLIGHT = 2;
+/** Cluster slots kept for requests beyond the background read-ahead. */
+const URGENT_SLOTS = 16;
+/**
+ * After EOF, how long QEMU may take to say SHUT. It says it once its listen thread has loaded everything and torn
+ * down postcopy (userfaultfd unregistered): well under a second for the guests measured, seconds at worst.
+ */
+export const SHUT_WAIT_MS_MAX = 60_000;
+/** Tests shorten the wait for SHUT through this variable (ms). */
+const SHUT_WAIT_ENV = 'SNAP_PIPE_TEST_SHUT_WAIT_MS';
+
+// ---------------------------------------------------------------------------------------------------------------
+// Fault latency histogram: log-linear buckets (8 per power of two) over microseconds, exact min/max/mean.
+
+const SUB_BUCKETS = 8;
+const BUCKETS = 40 * SUB_BUCKETS; // up to 2^40 us
+
+export interface LatencySummary {
+  count: number;
+  minMs: number;
+  meanMs: number;
+  p50Ms: number;
+  p90Ms: number;
+  p99Ms: number;
+  maxMs: number;
+  /** Non-empty buckets: upper bound (ms) and count. */
+  buckets: { leMs: number; count: number }[];
+}
+
+export class LatencyHistogram {
+  private readonly counts = new Float64Array(BUCKETS);
+  count = 0;
+  private sum = 0;
+  private min = Infinity;
+  private max = 0;
+
+  /**
+   * Bucket i holds values in (upper(i-1), upper(i)] microseconds: 1 us wide up to 8 us, then 8 buckets for each
+   * power of two ((8, 16] in steps of 1, (16, 32] in steps of 2, ...).
+   */
+  static upperUs(i: number): number {
+    if (i < SUB_BUCKETS) return i + 1;
+    const k = 3 + Math.floor((i - SUB_BUCKETS) / SUB_BUCKETS);
+    const sub = (i - SUB_BUCKETS) % SUB_BUCKETS;
+    return 2 ** k * (1 + (sub + 1) / SUB_BUCKETS);
+  }
+
+  static indexOf(us: number): number {
+    let i: number;
+    if (us <= SUB_BUCKETS) {
+      i = Math.max(0, Math.ceil(us) - 1);
+    } else {
+      const k = Math.floor(Math.log2(us));
+      const base = 2 ** k;
+      i = SUB_BUCKETS + (k - 3) * SUB_BUCKETS + Math.ceil(((us - base) / base) * SUB_BUCKETS) - 1;
+    }
+    // Floating-point edges: make sure the value is within the bucket's bounds.
+    while (i > 0 && us <= LatencyHistogram.upperUs(i - 1)) i--;
+    while (i < BUCKETS - 1 && us > LatencyHistogram.upperUs(i)) i++;
+    return Math.max(0, Math.min(i, BUCKETS - 1));
+  }
+
+  add(ms: number): void {
+    const v = Math.max(0, ms);
+    this.counts[LatencyHistogram.indexOf(v * 1000)]++;
+    this.count++;
+    this.sum += v;
+    if (v < this.min) this.min = v;
+    if (v > this.max) this.max = v;
+  }
+
+  /** Upper bound of the bucket holding the q-quantile, capped at the exact maximum. */
+  quantileMs(q: number): number {
+    if (this.count === 0) return 0;
+    const rank = Math.max(1, Math.ceil(q * this.count));
+    let seen = 0;
+    for (let i = 0; i < BUCKETS; i++) {
+      seen += this.counts[i];
+      if (seen >= rank) return Math.min(LatencyHistogram.upperUs(i) / 1000, this.max);
+    }
+    return this.max;
+  }
+
+  summary(): LatencySummary {
+    const buckets: { leMs: number; count: number }[] = [];
+    for (let i = 0; i < BUCKETS; i++) if (this.counts[i] > 0) buckets.push({ leMs: LatencyHistogram.upperUs(i) / 1000, count: this.counts[i] });
+    return {
+      count: this.count,
+      minMs: this.count ? this.min : 0,
+      meanMs: this.count ? this.sum / this.count : 0,
+      p50Ms: this.quantileMs(0.5),
+      p90Ms: this.quantileMs(0.9),
+      p99Ms: this.quantileMs(0.99),
+      maxMs: this.max,
+      buckets,
+    };
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Options and report
+
+export interface PostcopyOptions {
+  path: string;
+  /** File descriptor the stream goes to; 1 under QEMU. */
+  out: number;
+  /** File descriptor of the return path (QEMU writes to it); 0 under QEMU. Read through a non-blocking reopen. */
+  rpIn: number;
+  direct: boolean;
+  verify: boolean;
+  queueDepth: number;
+  io: IoBackendName | 'auto';
+  /** Share of the data pages sent before the device state, 0..100. */
+  precopyPercent: number;
+  onNote?: (line: string) => void;
+  /** Called after each write to `out` with the stream bytes written so far. */
+  onProgress?: (p: { bytesOut: number }) => void;
+}
+
+/** What a postcopy load did: the precopy report's figures (same meanings) plus the postcopy phases and requests. */
+export interface PostcopyReport extends LoadReport {
+  mode: 'postcopy';
+  /** unsentPages (see LoadReport) are sent as ZERO here: the destination wiped all RAM at ADVISE. */
+  precopyPercent: number;
+  /** Pages sent before LISTEN (data, and ZERO records). */
+  precopyDataPages: number;
+  precopyZeroPages: number;
+  precopyClusters: number;
+  discardCommands: number;
+  discardRanges: number;
+  packageBytes: number;
+  /** Times from the start, ms: package written, PONG to the PING in the package (devices loaded), EOF written. */
+  packageSentMs: number;
+  devicesLoadedMs: number | null;
+  eofSentMs: number;
+  shutMs: number | null;
+  shutStatus: number | null;
+  pongs: number[];
+  /** SWITCHOVER_ACK messages received (a QEMU 8.1+ destination with switchover-ack sends one). */
+  switchoverAcks: number;
+  /** Page requests read from the return path, the pages they named, and what became of those pages. */
+  requests: number;
+  requestedPages: number;
+  requestedDataPages: number;
+  requestedZeroPages: number;
+  /** Pages requested after they had been sent (they were already in the pipe). */
+  requestedAlreadySent: number;
+  /** Cluster reads done for requests, and for the background stream. */
+  requestReads: number;
+  backgroundReads: number;
+  /** Clusters read for a request and dropped before all their pages went out (read again later). */
+  evictions: number;
+  /** For each request that sent a page: from reading it off the return path to the end of the write with its page. */
+  faultLatency: LatencySummary;
+  /** Time spent waiting for clusters that requests needed, and writing answers to requests (a full pipe ahead). */
+  requestReadWaitMs: number;
+  requestWriteMs: number;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Stream pieces
+
+/** A small piece of stream built with the shared encoder. */
+function piece(build: (b: StreamBuilder) => StreamBuilder): Uint8Array {
+  return build(new StreamBuilder(256)).build();
+}
+
+function command(cmd: number, payload?: Uint8Array): Uint8Array {
+  return piece((b) => b.command(cmd, payload));
+}
+
+export function pingCommand(value: number): Uint8Array {
+  return command(CMD_PING, piece((b) => b.be32(value)));
+}
+
+export function adviseCommand(): Uint8Array {
+  // page-size summary (plain RAM blocks only), then the target page size
+  return command(CMD_POSTCOPY_ADVISE, piece((b) => b.be64(PAGE_BYTES).be64(PAGE_BYTES)));
+}
+
+/** One POSTCOPY_RAM_DISCARD: version 0, name, 0, then (be64 start, be64 length) byte ranges. */
+export function discardCommand(idstr: Uint8Array, ranges: [number, number][]): Uint8Array {
+  assert(ranges.length >= 1 && ranges.length <= DISCARDS_PER_COMMAND);
+  const p = new StreamBuilder(256).u8(0).u8(idstr.length).bytes(idstr).u8(0);
+  for (const [start, len] of ranges) p.be64(start).be64(len);
+  return command(CMD_POSTCOPY_RAM_DISCARD, p.build());
+}
+
+/**
+ * Where the device sections of a saved device state end: the offset of its trailing EOF (which, with the
+ * VMDESCRIPTION after it, must not go into the package: the nested loader would stop at EOF before RUN).
+ */
+export function deviceSectionsEnd(dev: Uint8Array): number {
+  const n = dev.length;
+  const k = vmdescStart(dev);
+  if (k >= 0) return k;
+  if (n > 0 && dev[n - 1] === SEC_EOF) return n - 1; // VM description suppressed
+  throw new SnapPipeError('BAD_IMAGE', 'device state does not end with EOF (and a VM description)');
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Return path input
+
+/** SHUT_WAIT_MS_MAX, or what a test set in SNAP_PIPE_TEST_SHUT_WAIT_MS. */
+function shutWaitMsMax(): number {
+  const v = process.env[SHUT_WAIT_ENV];
+  if (v === undefined) return SHUT_WAIT_MS_MAX;
+  const ms = Number(v);
+  assert(Number.isInteger(ms) && ms > 0, `${SHUT_WAIT_ENV}=${v}: not a positive integer`);
+  return ms;
+}
+
+/**
+ * QEMU's return path, decoded; every message is stamped with the time its bytes were read. Non-blocking reads while
+ * the stream goes out (poll), then one bounded, blocking wait at the end (waitUntil).
+ */
+class ReturnPathIn {
+  private readonly fd: number;
+  private readonly ownFd: boolean;
+  /** For a socket on stdin: the handle that put it in non-blocking mode (kept referenced, never read through). */
+  private readonly socket: net.Socket | undefined;
+  private readonly buf = new Uint8Array(64 << 10);
+  private readonly decoder = new ReturnPathDecoder();
+  /** The last phase's libuv handle on `fd` (see waitUntil); poll() no longer reads once it exists. */
+  private watcher: net.Socket | undefined;
+  eof = false;
+  bytes = 0;
+
+  constructor(fd: number) {
+    try {
+      // A pipe (QEMU's exec: gives one): a second open file description of it, so that O_NONBLOCK does not change
+      // the description behind fd 0.
+      this.fd = fs.openSync(`/proc/self/fd/${fd}`, fs.constants.O_RDONLY | fs.constants.O_NONBLOCK);
+      this.ownFd = true;
+      return;
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'ENXIO') throw ioError(`opening the return path (fd ${fd})`, err);
+    }
+    // A socket (cannot be reopened): let libuv switch it to non-blocking mode, and read it directly.
+    try {
+      this.socket = new net.Socket({ fd, readable: false, writable: false });
+    } catch (err) {
+      throw ioError(`opening the return path (fd ${fd})`, err);
+    }
+    this.fd = fd;
+    this.ownFd = false;
+  }
+
+  /** Reads what is there now (without waiting) and hands each whole message to `on`. */
+  poll(on: (m: RpMessage, t: number) => void): void {
+    assert(!this.watcher, 'ReturnPathIn.poll after waitUntil');
+    if (this.eof) return;
+    for (;;) {
+      let n: number;
+      const limit = Error.stackTraceLimit;
+      Error.stackTraceLimit = 0; // EAGAIN is the common case: keep its error object cheap
+      try {
+        n = fs.readSync(this.fd, this.buf, 0, this.buf.length, null);
+      } catch (err) {
+        const code = (err as NodeJS.ErrnoException).code;
+        if (code === 'EAGAIN' || code === 'EWOULDBLOCK') return;
+        if (code === 'EINTR') continue;
+        throw ioError('reading the return path (stdin)', err);
+      } finally {
+        Error.stackTraceLimit = limit;
+      }
+      const t = performance.now();
+      if (n === 0) {
+        this.eof = true;
+        const err = this.closedInsideMessage();
+        if (err) throw err;
+        return;
+      }
+      this.decode(this.buf.subarray(0, n), t, on);
+      if (n < this.buf.length) return;
+    }
+  }
+
+  private decode(data: Uint8Array, t: number, on: (m: RpMessage, t: number) => void): void {
+    this.bytes += data.length;
+    this.decoder.push(data);
+    for (let m = this.decoder.next(); m; m = this.decoder.next()) on(m, t);
+  }
+
+  private closedInsideMessage(): SnapPipeError | undefined {
+    if (this.decoder.pending === 0) return undefined;
+    return new SnapPipeError('TRUNCATED', `return path from QEMU: closed inside a message (${this.decoder.pending} bytes of it)`);
+  }
+
+  /**
+   * The last phase: waits, without polling, until `done()` holds after a message, the return path closes, or
+   * `waitMsMax` passes; resolves false only when the time ran out. The fd is handed to libuv (a net.Socket over it:
+   * epoll, so the event loop sleeps until QEMU writes or closes), and poll() may not be used afterwards. In the
+   * socket case this is a second handle on fd 0; the first (this.socket) never reads, so it never registered fd 0.
+   */
+  waitUntil(on: (m: RpMessage, t: number) => void, done: () => boolean, waitMsMax: number): Promise<boolean> {
+    this.poll(on); // what is there already
+    if (done() || this.eof) return Promise.resolve(true);
+    let w: net.Socket;
+    try {
+      w = this.watcher = new net.Socket({ fd: this.fd, readable: true, writable: false });
+    } catch (err) {
+      throw ioError(`waiting on the return path (fd ${this.fd})`, err);
+    }
+    return new Promise<boolean>((resolve, reject) => {
+      let settled = false;
+      const finish = (err: unknown, ok: boolean) => {
+        if (settled) return;
+        settled = true;
+        clearTimeout(timer);
+        w.pause();
+        if (err) reject(err);
+        else resolve(ok);
+      };
+      const timer = setTimeout(() => finish(undefined, false), waitMsMax);
+      w.on('data', (d: Buffer) => {
+        if (settled) return;
+        try {
+          this.decode(d, performance.now(), on);
+          if (done()) finish(undefined, true);
+        } catch (err) {
+          finish(err, false);
+        }
+      });
+      w.on('end', () => {
+        this.eof = true;
+        finish(this.closedInsideMessage(), true);
+      });
+      w.on('error', (err) => finish(ioError('reading the return path (stdin)', err), false));
+    });
+  }
+
+  close(): void {
+    if (this.watcher) {
+      // libuv closes the fd it was given, except 0-2 (fd 0 itself stays, as below).
+      this.watcher.destroy();
+      return;
+    }
+    if (!this.ownFd) return; // fd 0 itself: left to the process exit
+    try {
+      fs.closeSync(this.fd);
+    } catch {
+      // nothing to do
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// The load
+
+const SLOT_FREE = 0;
+const SLOT_READING = 1;
+const SLOT_LOADED = 2;
+
+interface PendingRequest {
+  block: number;
+  firstPage: number;
+  pages: number;
+  /** Next page of the request to look at. */
+  next: number;
+  t0: number;
+  /** Some page of it was put into the output buffer by this request. */
+  wrotePage: boolean;
+}
+
+export async function runPostcopyLoad(opts: PostcopyOptions): Promise<PostcopyReport> {
+  const t0 = performance.now();
+  const { path } = opts;
+  assert(Number.isInteger(opts.queueDepth) && opts.queueDepth >= 1 && opts.queueDepth <= LOAD_QUEUE_DEPTH_MAX, 'runPostcopyLoad: queueDepth');
+  assert(Number.isInteger(opts.precopyPercent) && opts.precopyPercent >= 0 && opts.precopyPercent <= 100, 'runPostcopyLoad: precopyPercent');
+  const reader = ImageReader.open(path, { direct: opts.direct });
+  let fd = -1;
+  let reads: IoBackend | undefined;
+  let rp: ReturnPathIn | undefined;
+  try {
+    const { meta, plan } = checkImage(reader);
+    const devEnd = deviceSectionsEnd(meta.deviceState);
+    const deviceSections = meta.deviceState.subarray(0, devEnd);
+    const pkg = new Uint8Array(5 + deviceSections.length + 9 + 5);
+    {
+      let at = 0;
+      for (const part of [command(CMD_POSTCOPY_LISTEN), deviceSections, pingCommand(PING_IN_PACKAGE), command(CMD_POSTCOPY_RUN)]) {
+        pkg.set(part, at);
+        at += part.length;
+      }
+      assert.equal(at, pkg.length);
+    }
+    if (pkg.length > PACKAGED_BYTES_MAX) throw new SnapPipeError('UNSUPPORTED', `${path}: device state of ${pkg.length} bytes is too large for a postcopy package`);
+    fd = openImageFile(path, { direct: opts.direct });
+    rp = new ReturnPathIn(opts.rpIn);
+    const depth = Math.max(1, Math.min(opts.queueDepth, plan.chunks.length));
+    const slotCount = depth + URGENT_SLOTS;
+    const slots = new Uint8Array(alignedShared(slotCount * CLUSTER_BYTES), 0, slotCount * CLUSTER_BYTES);
+    const opened = openIoBackend({ io: opts.io, queueDepth: slotCount });
+    reads = opened.backend;
+    if (opened.note) opts.onNote?.(opened.note);
+
+    const s = new PostcopySession(opts, meta, plan, fd, reads, slots, slotCount, depth, rp, pkg, t0);
+    return await s.run(); // awaited here: the finally below must not close rp while the session waits on it
+  } finally {
+    reads?.close();
+    rp?.close();
+    if (fd >= 0) fs.closeSync(fd);
+    reader.close();
+  }
+}
+
+class PostcopySession {
+  /** Everything but answers to requests: buffered up to FLUSH_BYTES. */
+  private readonly out: StreamOut;
+  /**
+   * Answers to requests, written at once, ahead of background sections still in `out`'s buffer (whole sections in
+   * either order are fine for QEMU: each page goes out once and every section names its block).
+   */
+  private readonly urgent: StreamOut;
+  private readonly idstrs: Uint8Array[];
+  private readonly blockByName = new Map<string, number>();
+  private readonly pagesIn: number[];
+  /** Per block: pages written to the stream (never twice). */
+  private readonly sentOut: Uint8Array[];
+  /** Per block, per chunk: index into plan.chunks, or -1 (no data pages). */
+  private readonly chunkIndex: Int32Array[];
+  private readonly chunkSlot: Int32Array;
+  /** Data pages of each plan chunk not yet written. */
+  private readonly chunkLeft: Int32Array;
+  private readonly slotChunk: Int32Array;
+  private readonly slotState: Uint8Array;
+  private readonly slotUrgent: Uint8Array;
+  private bgSlotsUsed = 0;
+  private bgReading = 0;
+  private urgentSlotsUsed = 0;
+  /** Chunks read for a request whose other pages go out before the background continues (oldest first). */
+  private warm: number[] = [];
+  private bgNext = 0;
+  private readAhead = 0;
+  /** Non-data pages (zero or never saved) not yet written; a cursor walks them in block order. */
+  private zeroLeft: number;
+  private zeroBlock = 0;
+  private zeroPage = 0;
+  private zeroAllowance = 0;
+  private zeroPerCluster = 0;
+  private readonly requests: PendingRequest[] = [];
+  /** Requests whose page is in the output buffer: their latency ends when it is written. */
+  private awaitingFlush: PendingRequest[] = [];
+  private lastReqBlock = -1;
+  private listening = false;
+  private eofWritten = false;
+  private shutStatus: number | null = null;
+  private shutAt: number | null = null;
+  private pongs: number[] = [];
+  private switchoverAcks = 0;
+  private devicesLoadedAt: number | null = null;
+  private readonly latency = new LatencyHistogram();
+  private readonly r = {
+    requests: 0,
+    requestedPages: 0,
+    requestedDataPages: 0,
+    requestedZeroPages: 0,
+    requestedAlreadySent: 0,
+    requestReads: 0,
+    backgroundReads: 0,
+    evictions: 0,
+    requestReadWaitMs: 0,
+    bytesRead: 0,
+    readMs: 0,
+    verifyMs: 0,
+    precopyDataPages: 0,
+    precopyZeroPages: 0,
+    precopyClusters: 0,
+    discardCommands: 0,
+    discardRanges: 0,
+    packageSentMs: 0,
+    eofSentMs: 0,
+    pagesOut: 0,
+  };
+  private readonly totalPages: number;
+
+  constructor(
+    private readonly opts: PostcopyOptions,
+    private readonly meta: SnapshotMeta,
+    private readonly plan: Plan,
+    private readonly fd: number,
+    private readonly reads: IoBackend,
+    private readonly slots: Uint8Array,
+    private readonly slotCount: number,
+    private readonly depth: number,
+    private readonly rp: ReturnPathIn,
+    private readonly pkg: Uint8Array,
+    private readonly t0: number,
+  ) {
+    this.idstrs = meta.blocks.map((b) => new Uint8Array(Buffer.from(b.id, 'latin1')));
+    meta.blocks.forEach((b, i) => this.blockByName.set(b.id, i));
+    this.pagesIn = meta.blocks.map((b) => pagesOf(b));
+    this.totalPages = this.pagesIn.reduce((a, n) => a + n, 0);
+    this.sentOut = this.pagesIn.map((n) => new Uint8Array(Math.ceil(n / 8)));
+    this.chunkIndex = meta.blocks.map((b) => new Int32Array(chunksOf(b)).fill(-1));
+    plan.chunks.forEach((c, i) => (this.chunkIndex[c.block][c.chunk] = i));
+    this.chunkSlot = new Int32Array(plan.chunks.length).fill(-1);
+    this.chunkLeft = Int32Array.from(plan.chunks, (c) => c.pages);
+    this.slotChunk = new Int32Array(slotCount).fill(-1);
+    this.slotState = new Uint8Array(slotCount);
+    this.slotUrgent = new Uint8Array(slotCount);
+    this.zeroLeft = this.totalPages - plan.dataPages;
+    const progress = () => opts.onProgress?.({ bytesOut: this.out.bytesOut + this.urgent.bytesOut });
+    this.out = new StreamOut(opts.out, this.idstrs, meta.ramSectionId, progress);
+    this.urgent = new StreamOut(opts.out, this.idstrs, meta.ramSectionId, () => {
+      this.onFlushed();
+      progress();
+    });
+  }
+
+  private now(): number {
+    return performance.now() - this.t0;
+  }
+
+  private isData(block: number, page: number): boolean {
+    const { sent, data } = this.meta.pages[block];
+    const i = page >>> 3;
+    const bit = 1 << (page & 7);
+    return (sent[i] & data[i] & bit) !== 0;
+  }
+
+  private isSent(block: number, page: number): boolean {
+    return (this.sentOut[block][page >>> 3] & (1 << (page & 7))) !== 0;
+  }
+
+  private markSent(block: number, page: number): void {
+    const b = this.sentOut[block];
+    const bit = 1 << (page & 7);
+    assert((b[page >>> 3] & bit) === 0, `page ${page} of block ${this.meta.blocks[block].id} sent twice`);
+    b[page >>> 3] |= bit;
+    this.r.pagesOut++;
+  }
+
+  private onFlushed(): void {
+    if (this.awaitingFlush.length === 0) return;
+    const t = performance.now();
+    for (const q of this.awaitingFlush) this.latency.add(t - q.t0);
+    this.awaitingFlush = [];
+  }
+
+  // -------------------------------------------------------------------------------------------------------------
+  // Return path
+
+  private pollRp(): void {
+    this.rp.poll((m, t) => this.onMessage(m, t));
+  }
+
+  private onMessage(m: RpMessage, t: number): void {
+    switch (m.type) {
+      case 'pong':
+        this.pongs.push(m.value);
+        if (m.value === PING_IN_PACKAGE && this.devicesLoadedAt === null) this.devicesLoadedAt = t - this.t0;
+        return;
+      case 'shut':
+        if (this.shutStatus === null) {
+          this.shutStatus = m.status;
+          this.shutAt = t - this.t0;
+        }
+        return;
+      case 'req':
+        this.onRequest(m.block, m.startBytes, m.lengthBytes, t);
+        return;
+      case 'switchover-ack':
+        // A destination with switchover-ack approves the switch-over as the return path opens; snap-pipe, acting
+        // as the source, has nothing to wait for (the device state goes in the package regardless).
+        this.switchoverAcks++;
+        return;
+      default:
+        throw new SnapPipeError('BAD_STREAM', `return path from QEMU: unexpected ${m.type} message (snap-pipe never asks for postcopy recovery)`);
+    }
+  }
+
+  private onRequest(name: string | undefined, startBytes: number, lengthBytes: number, t: number): void {
+    let block: number;
+    if (name === undefined) {
+      if (this.lastReqBlock < 0) throw new SnapPipeError('BAD_STREAM', 'return path from QEMU: REQ_PAGES before any request naming its block');
+      block = this.lastReqBlock;
+    } else {
+      const b = this.blockByName.get(name);
+      if (b === undefined) {
+        throw new SnapPipeError('BAD_STREAM', `QEMU requested a page of RAM block '${name}', which ${this.opts.path} does not have; stopping the load`);
+      }
+      block = b;
+      this.lastReqBlock = b;
+    }
+    const blockBytes = this.meta.blocks[block].lengthBytes;
+    const id = this.meta.blocks[block].id;
+    if (startBytes % PAGE_BYTES !== 0 || lengthBytes % PAGE_BYTES !== 0 || lengthBytes === 0 || startBytes + lengthBytes > blockBytes) {
+      throw new SnapPipeError(
+        'BAD_STREAM',
+        `QEMU requested ${lengthBytes} bytes at offset 0x${startBytes.toString(16)} of RAM block ${id} (${blockBytes} bytes): ` +
+          `${startBytes + lengthBytes > blockBytes ? 'outside the block' : 'not whole pages'}; stopping the load`,
+      );
+    }
+    if (!this.listening) throw new SnapPipeError('BAD_STREAM', `return path from QEMU: a page request before LISTEN (block ${id})`);
+    this.r.requests++;
+    this.r.requestedPages += lengthBytes / PAGE_BYTES;
+    this.requests.push({ block, firstPage: startBytes / PAGE_BYTES, pages: lengthBytes / PAGE_BYTES, next: 0, t0: t, wrotePage: false });
+  }
+
+  // -------------------------------------------------------------------------------------------------------------
+  // Cluster slots and reads
+
+  private slotView(slot: number): Uint8Array {
+    return this.slots.subarray(slot * CLUSTER_BYTES, (slot + 1) * CLUSTER_BYTES);
+  }
+
+  private freeSlot(slot: number): void {
+    const ci = this.slotChunk[slot];
+    if (ci >= 0) this.chunkSlot[ci] = -1;
+    if (this.slotUrgent[slot]) this.urgentSlotsUsed--;
+    else this.bgSlotsUsed--;
+    this.slotChunk[slot] = -1;
+    this.slotState[slot] = SLOT_FREE;
+    this.slotUrgent[slot] = 0;
+  }
+
+  private takeSlot(ci: number, urgent: boolean): number {
+    for (let s = 0; s < this.slotCount; s++) {
+      if (this.slotState[s] !== SLOT_FREE) continue;
+      this.slotState[s] = SLOT_READING;
+      this.slotChunk[s] = ci;
+      this.slotUrgent[s] = urgent ? 1 : 0;
+      if (urgent) this.urgentSlotsUsed++;
+      else this.bgSlotsUsed++;
+      this.chunkSlot[ci] = s;
+      const ch = this.plan.chunks[ci];
+      this.reads.read(this.fd, this.slots, s * CLUSTER_BYTES, CLUSTER_BYTES, ch.hostOffsetBytes, s);
+      if (urgent) this.r.requestReads++;
+      else {
+        this.r.backgroundReads++;
+        this.bgReading++;
+      }
+      return s;
+    }
+    throw new Error('no free cluster slot');
+  }
+
+  /** Waits for at least one read and checks every cluster that arrived. */
+  private reapSome(): void {
+    assert(this.reads.inFlight > 0, 'waiting for a read that was never queued');
+    const t1 = performance.now();
+    const done = reapNamed(this.reads, this.opts.path);
+    this.r.readMs += performance.now() - t1;
+    for (const c of done) {
+      const slot = c.tag;
+      const ci = this.slotChunk[slot];
+      assert(ci >= 0 && this.slotState[slot] === SLOT_READING, 'completion for an idle slot');
+      const ch = this.plan.chunks[ci];
+      if (c.bytes !== CLUSTER_BYTES) {
+        throw new SnapPipeError('TRUNCATED', `${this.opts.path}: the file ends inside the cluster at byte ${ch.hostOffsetBytes} (truncated image)`);
+      }
+      this.r.bytesRead += CLUSTER_BYTES;
+      if (this.opts.verify) {
+        const t2 = performance.now();
+        checkClusterCrc(this.opts.path, this.meta, ch, this.slotView(slot), 'its pages');
+        this.r.verifyMs += performance.now() - t2;
+      }
+      this.slotState[slot] = SLOT_LOADED;
+      if (!this.slotUrgent[slot]) this.bgReading--;
+    }
+  }
+
+  /** A slot for a request's chunk: a free one, else drop the oldest warm chunk not being waited for. */
+  private urgentSlot(ci: number): number {
+    if (this.slotCount - this.bgSlotsUsed - this.urgentSlotsUsed > 0) return this.takeSlot(ci, true);
+    for (let k = 0; k < this.warm.length; k++) {
+      const w = this.warm[k];
+      const slot = this.chunkSlot[w];
+      if (slot >= 0 && this.slotState[slot] === SLOT_LOADED && !this.requests.some((q) => this.chunkIndex[q.block][Math.floor((q.firstPage + q.next) / PAGES_PER_CHUNK)] === w)) {
+        this.warm.splice(k, 1);
+        this.freeSlot(slot);
+        this.r.evictions++;
+        return this.takeSlot(ci, true);
+      }
+    }
+    // Everything is in flight or loaded for the background: wait for a read, then drop a loaded background chunk.
+    for (;;) {
+      for (let slot = 0; slot < this.slotCount; slot++) {
+        if (this.slotState[slot] === SLOT_LOADED && !this.slotUrgent[slot]) {
+          const other = this.slotChunk[slot];
+          this.freeSlot(slot);
+          this.r.evictions++;
+          if (other < this.readAhead) this.readAhead = Math.min(this.readAhead, other);
+          return this.takeSlot(ci, true);
+        }
+      }
+      this.reapSome();
+    }
+  }
+
+  // -------------------------------------------------------------------------------------------------------------
+  // Emitting pages
+
+  /** Writes data page `page` of plan chunk ci from its loaded slot. */
+  private emitDataPage(o: StreamOut, ci: number, block: number, page: number): void {
+    const slot = this.chunkSlot[ci];
+    assert(slot >= 0 && this.slotState[slot] === SLOT_LOADED);
+    this.markSent(block, page);
+    const first = this.plan.chunks[ci].chunk * PAGES_PER_CHUNK;
+    o.page(block, page * PAGE_BYTES, this.slotView(slot), (page - first) * PAGE_BYTES);
+    if (--this.chunkLeft[ci] === 0) this.chunkDone(ci);
+  }
+
+  private chunkDone(ci: number): void {
+    const slot = this.chunkSlot[ci];
+    if (slot >= 0) this.freeSlot(slot);
+    const k = this.warm.indexOf(ci);
+    if (k >= 0) this.warm.splice(k, 1);
+  }
+
+  private emitZeroPage(o: StreamOut, block: number, page: number): void {
+    this.markSent(block, page);
+    o.zero(block, page * PAGE_BYTES);
+    this.zeroLeft--;
+  }
+
+  /** One PART section with up to `max` unsent data pages of loaded chunk ci; returns how many. */
+  private emitChunkSection(ci: number, max: number): number {
+    const ch = this.plan.chunks[ci];
+    const { sent, data } = this.meta.pages[ch.block];
+    const pages = this.pagesIn[ch.block];
+    const first = ch.chunk * PAGES_PER_CHUNK;
+    const last = Math.min(first + PAGES_PER_CHUNK, pages);
+    const sentOut = this.sentOut[ch.block];
+    let n = 0;
+    this.out.room(6 + 255 + max * (8 + PAGE_BYTES) + 13);
+    this.out.partStart();
+    for (let i = first >>> 3; i < Math.ceil(last / 8) && n < max && this.chunkLeft[ci] > 0; i++) {
+      let d = sent[i] & data[i] & ~sentOut[i] & 0xff;
+      while (d !== 0 && n < max) {
+        const bit = 31 - Math.clz32(d & -d);
+        d &= d - 1;
+        const page = i * 8 + bit;
+        if (page >= last) break;
+        this.emitDataPage(this.out, ci, ch.block, page);
+        n++;
+      }
+    }
+    this.out.partEnd();
+    return n;
+  }
+
+  /** One PART section with up to `max` ZERO records for non-data pages not yet written, in block order. */
+  private emitZeroSection(max: number): number {
+    let n = 0;
+    this.out.room(6 + 255 + max * (9 + 256) + 13);
+    this.out.partStart();
+    while (n < max && this.zeroLeft > 0) {
+      const b = this.zeroBlock;
+      if (b >= this.meta.blocks.length) break;
+      const pages = this.pagesIn[b];
+      if (this.zeroPage >= pages) {
+        this.zeroBlock++;
+        this.zeroPage = 0;
+        continue;
+      }
+      const p = this.zeroPage++;
+      if (!this.isData(b, p) && !this.isSent(b, p)) {
+        this.emitZeroPage(this.out, b, p);
+        n++;
+      }
+    }
+    this.out.partEnd();
+    return n;
+  }
+
+  private maybeFlush(): void {
+    if (this.out.buffered >= FLUSH_BYTES) this.out.flush();
+  }
+
+  // -------------------------------------------------------------------------------------------------------------
+  // Requests
+
+  /**
+   * Serves pending requests in order as far as possible without waiting; returns false if the head one waits for
+   * a cluster read (which is then queued, along with those of the requests behind it).
+   */
+  private serveRequests(): boolean {
+    while (this.requests.length > 0) {
+      const q = this.requests[0];
+      while (q.next < q.pages) {
+        const page = q.firstPage + q.next;
+        if (this.isSent(q.block, page)) {
+          this.r.requestedAlreadySent++;
+          q.next++;
+          continue;
+        }
+        if (!this.isData(q.block, page)) {
+          this.urgent.room(6 + 255 + 9 + 13);
+          this.urgent.partStart();
+          this.emitZeroPage(this.urgent, q.block, page);
+          this.urgent.partEnd();
+          this.r.requestedZeroPages++;
+          q.wrotePage = true;
+          q.next++;
+          continue;
+        }
+        const ci = this.chunkIndex[q.block][Math.floor(page / PAGES_PER_CHUNK)];
+        assert(ci >= 0, 'a data page has a cluster');
+        let slot = this.chunkSlot[ci];
+        if (slot < 0) {
+          slot = this.urgentSlot(ci);
+          if (!this.warm.includes(ci)) this.warm.push(ci);
+        }
+        if (this.slotState[slot] !== SLOT_LOADED) {
+          this.queueReadsBehind();
+          return false;
+        }
+        this.urgent.room(6 + 255 + 8 + PAGE_BYTES + 13);
+        this.urgent.partStart();
+        this.emitDataPage(this.urgent, ci, q.block, page);
+        this.urgent.partEnd();
+        this.r.requestedDataPages++;
+        q.wrotePage = true;
+        q.next++;
+      }
+      this.requests.shift();
+      if (q.wrotePage) this.awaitingFlush.push(q);
+    }
+    return true;
+  }
+
+  /** While the head request waits for its cluster, start the reads the requests behind it will need. */
+  private queueReadsBehind(): void {
+    for (let k = 1; k < this.requests.length; k++) {
+      const q = this.requests[k];
+      const page = q.firstPage + q.next;
+      if (this.isSent(q.block, page) || !this.isData(q.block, page)) continue;
+      const ci = this.chunkIndex[q.block][Math.floor(page / PAGES_PER_CHUNK)];
+      if (this.chunkSlot[ci] >= 0) continue;
+      if (this.slotCount - this.bgSlotsUsed - this.urgentSlotsUsed === 0) return;
+      this.takeSlot(ci, true);
+      if (!this.warm.includes(ci)) this.warm.push(ci);
+    }
+  }
+
+  // -------------------------------------------------------------------------------------------------------------
+  // Background
+
+  /** Keeps up to `depth` background reads ahead of the cursor. */
+  private fillReadAhead(limit: number): void {
+    if (this.readAhead < this.bgNext) this.readAhead = this.bgNext;
+    while (this.readAhead < limit && this.bgSlotsUsed < this.depth && (!this.listening || this.bgReading < BG_READS_IN_FLIGHT)) {
+      const ci = this.readAhead;
+      if (this.chunkLeft[ci] > 0 && this.chunkSlot[ci] < 0) {
+        if (this.slotCount - this.bgSlotsUsed - this.urgentSlotsUsed === 0) return;
+        this.takeSlot(ci, false);
+      }
+      this.readAhead++;
+    }
+  }
+
+  /**
+   * One step of the background stream over plan chunks [bgNext, limit): a section of ZERO records when they are
+   * due, else a section of the next chunk (waiting for its read if needed). Returns false when there is nothing left.
+   */
+  private backgroundStep(limit: number, withZeros: boolean): boolean {
+    while (this.bgNext < limit && this.chunkLeft[this.bgNext] === 0) this.bgNext++;
+    const dataLeft = this.bgNext < limit;
+    if (withZeros && this.zeroLeft > 0 && (!dataLeft || this.zeroAllowance > 0)) {
+      const n = this.emitZeroSection(dataLeft ? Math.min(ZERO_SECTION_RECORDS, this.zeroAllowance) : ZERO_SECTION_RECORDS);
+      this.zeroAllowance -= n;
+      return true;
+    }
+    if (!dataLeft) return false;
+    this.fillReadAhead(limit);
+    const ci = this.bgNext;
+    let slot = this.chunkSlot[ci];
+    if (slot < 0) slot = this.takeSlot(ci, false);
+    if (this.slotState[slot] !== SLOT_LOADED) {
+      this.reapSome();
+      return true;
+    }
+    this.emitChunkSection(ci, this.listening ? SECTION_PAGES : PAGES_PER_CHUNK);
+    if (this.chunkLeft[ci] === 0) {
+      this.bgNext++;
+      this.zeroAllowance += this.zeroPerCluster;
+    }
+    return true;
+  }
+
+  // -------------------------------------------------------------------------------------------------------------
+
+  async run(): Promise<PostcopyReport> {
+    const out = this.out;
+    const meta = this.meta;
+    const plan = this.plan;
+    try {
+      // 1-3: header, configuration, RAM setup, ADVISE, return path, PING.
+      out.raw(meta.head);
+      out.raw(meta.ramSetup);
+      out.raw(adviseCommand());
+      out.raw(command(CMD_OPEN_RETURN_PATH));
+      out.raw(pingCommand(PING_AFTER_OPEN));
+      out.flush();
+
+      // 4: the precopy share.
+      let shareChunks = 0;
+      if (this.opts.precopyPercent > 0) {
+        const want = Math.ceil((plan.dataPages * this.opts.precopyPercent) / 100);
+        let pages = 0;
+        while (shareChunks < plan.chunks.length && pages < want) pages += plan.chunks[shareChunks++].pages;
+        while (this.zeroLeft > 0) {
+          this.emitZeroSection(ZERO_SECTION_RECORDS * 32);
+          this.maybeFlush();
+          this.pollRp();
+        }
+        this.r.precopyZeroPages = this.r.pagesOut;
+        while (this.backgroundStep(shareChunks, false)) {
+          this.maybeFlush();
+          this.pollRp();
+        }
+        this.r.precopyClusters = shareChunks;
+        this.r.precopyDataPages = this.r.pagesOut - this.r.precopyZeroPages;
+      }
+      // 4b: the switch-over commands of the save (QEMU 10's SWITCHOVER_START), where QEMU's postcopy_start sends
+      // them: after the precopy share and before the discards (migration.c migration_switchover_start).
+      out.raw(meta.switchoverCommands);
+      // 5: discard every page not sent yet — also with no precopy share. QEMU 7.2's loadvm_postcopy_handle_listen,
+      // when LISTEN comes straight after ADVISE, sets LISTENING and then calls postcopy_ram_prepare_discard, which
+      // sets the state back to DISCARD: until RUN, ram_load would then take the precopy path and write pages
+      // straight into userfault-registered RAM (the listen thread faults on a page it is loading, and hangs).
+      // One DISCARD first makes that call happen here instead. (Nothing to discard: every page is already in.)
+      if (this.r.pagesOut < this.totalPages) this.sendDiscards();
+
+      // 6: the package; from LISTEN on, QEMU may ask for pages.
+      out.raw(command(CMD_PACKAGED, piece((b) => b.be32(this.pkg.length))));
+      out.raw(this.pkg);
+      this.listening = true;
+      out.flush();
+      this.r.packageSentMs = this.now();
+
+      // 7: pages, requested ones first.
+      const dataChunksLeft = plan.chunks.length - shareChunks;
+      this.zeroPerCluster = dataChunksLeft > 0 ? Math.ceil(this.zeroLeft / dataChunksLeft) : 0;
+      this.zeroAllowance = this.zeroPerCluster;
+      for (;;) {
+        this.pollRp();
+        this.checkShut();
+        if (this.requests.length > 0) {
+          if (!this.serveRequests()) {
+            this.urgent.flush(); // what was served so far
+            const t1 = performance.now();
+            this.reapSome();
+            this.r.requestReadWaitMs += performance.now() - t1;
+            continue;
+          }
+          this.urgent.flush();
+          continue;
+        }
+        if (this.warm.length > 0) {
+          const ci = this.warm[0];
+          const slot = this.chunkSlot[ci];
+          if (slot >= 0 && this.slotState[slot] === SLOT_LOADED) {
+            this.emitChunkSection(ci, SECTION_PAGES);
+            this.maybeFlush();
+            continue;
+          }
+          if (slot >= 0) {
+            this.reapSome();
+            continue;
+          }
+          this.warm.shift();
+          continue;
+        }
+        if (!this.backgroundStep(plan.chunks.length, true)) break;
+        this.maybeFlush();
+      }
+      assert.equal(this.r.pagesOut, this.totalPages, 'every page sent once');
+      this.urgent.flush();
+      assert.equal(this.zeroLeft, 0);
+
+      // 8: end of the RAM section, EOF.
+      out.raw(piece((b) => b.ramEnd(meta.ramSectionId).ramEos(meta.ramSectionId).u8(SEC_EOF)));
+      out.flush();
+      this.eofWritten = true;
+      this.r.eofSentMs = this.now();
+
+      // Wait for SHUT or the pipe closing, blocking, bounded; requests now only name pages already sent.
+      const waitMsMax = shutWaitMsMax();
+      const answered = await this.rp.waitUntil(
+        (m, t) => {
+          this.onMessage(m, t);
+          this.requests.length = 0;
+        },
+        () => this.shutStatus !== null,
+        waitMsMax,
+      );
+      if (!answered) {
+        throw new SnapPipeError(
+          'IO',
+          `QEMU never sent SHUT in the ${waitMsMax / 1000} s after the whole stream was sent: the destination is stuck or failed at the end (see its log)`,
+        );
+      }
+      this.checkShut();
+      if (this.shutStatus === null) {
+        throw new SnapPipeError('IO', 'QEMU closed the return path without SHUT after the whole stream was sent: the destination failed at the end (see its log)');
+      }
+    } catch (err) {
+      this.urgent.flushAfterFailure();
+      out.flushAfterFailure();
+      throw this.explain(err);
+    }
+    return this.report();
+  }
+
+  /** SHUT from QEMU: an error status ends the load; a clean one before EOF cannot be a finished migration. */
+  private checkShut(): void {
+    if (this.shutStatus !== null) {
+      if (this.shutStatus !== 0) {
+        throw new SnapPipeError('IO', `QEMU reported the incoming migration failed (SHUT ${this.shutStatus}); see its log`);
+      }
+      if (!this.eofWritten) throw new SnapPipeError('IO', 'QEMU ended the return path (SHUT) before the stream was complete');
+    } else if (this.rp.eof && !this.eofWritten) {
+      throw new SnapPipeError('IO', 'QEMU closed the return path (stdin) before the stream was complete; the incoming migration failed on its side');
+    }
+  }
+
+  private explain(err: unknown): unknown {
+    if (err instanceof SnapPipeError && err.code === 'IO' && /EPIPE|closed the (stream|return path)/.test(err.message) && !this.pongs.includes(PING_AFTER_OPEN)) {
+      return new SnapPipeError(
+        'IO',
+        `${err.message} (QEMU never answered the first PING: does the destination have the postcopy-ram capability, set before migrate_incoming?)`,
+      );
+    }
+    return err;
+  }
+
+  /** POSTCOPY_RAM_DISCARD for every page not sent in the precopy share, per block, as byte ranges. */
+  private sendDiscards(): void {
+    this.meta.blocks.forEach((_, b) => {
+      const pages = this.pagesIn[b];
+      let ranges: [number, number][] = [];
+      const flushRanges = () => {
+        if (ranges.length === 0) return;
+        this.out.raw(discardCommand(this.idstrs[b], ranges));
+        this.r.discardCommands++;
+        this.r.discardRanges += ranges.length;
+        ranges = [];
+      };
+      let p = 0;
+      while (p < pages) {
+        if (this.isSent(b, p)) {
+          p++;
+          continue;
+        }
+        const start = p;
+        while (p < pages && !this.isSent(b, p)) p++;
+        ranges.push([start * PAGE_BYTES, (p - start) * PAGE_BYTES]);
+        if (ranges.length === DISCARDS_PER_COMMAND) flushRanges();
+      }
+      flushRanges();
+    });
+  }
+
+  private report(): PostcopyReport {
+    const seconds = (performance.now() - this.t0) / 1000;
+    const r = this.r;
+    const out = { bytesOut: this.out.bytesOut + this.urgent.bytesOut, writeMs: this.out.writeMs + this.urgent.writeMs, writeCalls: this.out.writeCalls + this.urgent.writeCalls, sections: this.out.sections + this.urgent.sections };
+    return {
+      path: this.opts.path,
+      mode: 'postcopy',
+      checksum: crc32cImplementation,
+      seconds,
+      bytesOut: out.bytesOut,
+      outMBps: out.bytesOut / 1e6 / seconds,
+      blocks: this.meta.blocks.length,
+      dataPages: this.plan.dataPages,
+      zeroPages: this.plan.zeroPages,
+      unsentPages: this.plan.unsentPages,
+      dataClusters: this.plan.chunks.length,
+      precopyPercent: this.opts.precopyPercent,
+      precopyDataPages: r.precopyDataPages,
+      precopyZeroPages: r.precopyZeroPages,
+      precopyClusters: r.precopyClusters,
+      discardCommands: r.discardCommands,
+      discardRanges: r.discardRanges,
+      deviceStateBytes: this.meta.deviceState.length,
+      packageBytes: this.pkg.length,
+      packageSentMs: r.packageSentMs,
+      devicesLoadedMs: this.devicesLoadedAt,
+      eofSentMs: r.eofSentMs,
+      shutMs: this.shutAt,
+      shutStatus: this.shutStatus,
+      pongs: this.pongs,
+      switchoverAcks: this.switchoverAcks,
+      requests: r.requests,
+      requestedPages: r.requestedPages,
+      requestedDataPages: r.requestedDataPages,
+      requestedZeroPages: r.requestedZeroPages,
+      requestedAlreadySent: r.requestedAlreadySent,
+      requestReads: r.requestReads,
+      backgroundReads: r.backgroundReads,
+      evictions: r.evictions,
+      faultLatency: this.latency.summary(),
+      requestReadWaitMs: r.requestReadWaitMs,
+      requestWriteMs: this.urgent.writeMs,
+      bytesRead: r.bytesRead,
+      readMs: r.readMs,
+      verifyMs: r.verifyMs,
+      writeMs: out.writeMs,
+      writeCalls: out.writeCalls,
+      ramSections: out.sections,
+      direct: this.opts.direct,
+      verified: this.opts.verify,
+      queueDepth: this.depth,
+      readBackend: this.reads.name,
+    };
+  }
+}

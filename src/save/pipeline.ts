@@ -1,0 +1,377 @@
+// Wiring for `snap-pipe save`: allocate the rings once, start reader -> coalescer -> writer, supervise them (the
+// first failure wins and stops the others), then have the writer store the metadata and mark the image complete.
+import { closeSync, constants, existsSync, fstatSync, openSync, statSync, writeSync } from 'node:fs';
+import { join } from 'node:path';
+import { pathToFileURL } from 'node:url';
+import { deserializeError, SnapPipeError } from '../errors.js';
+import { FORMAT_VERSION, PAGE_BYTES, type SnapshotMeta } from '../format/image/types.js';
+import { crc32cImplementation } from '../native/fastmem.js';
+import type { IoBackendName } from '../native/io.js';
+import { CTRL, FAIL_ABORT, FAIL_ERROR, SLOT_BYTES, type SaveRingSizes, type SaveShared } from './ring/layout.js';
+import { signalFailure } from './ring/wait.js';
+import { VERSION } from '../version.js';
+import { countSetBits } from '../format/image/bits.js';
+import type { CoalescerApi, CoalescerResult } from './stages/coalescer.js';
+import type { ReaderApi, ReaderResult } from './stages/reader.js';
+import { startStage, type Outcome, type StageHandle } from './stages/rpc.js';
+import { allocateSave } from './stages/memory.js';
+import { SaveReturnPath } from './returnpath.js';
+import type { WriterApi, WriterResult } from './stages/writer.js';
+
+export const DEFAULT_RING_BYTES = 64 << 20;
+export const MIN_RING_BYTES = 4 << 20;
+/**
+ * Writes in flight. Since the writer waits for the next chunk rather than the next completion while fewer than half
+ * are in flight, a deeper queue keeps it doing so: the 3.06 GB background stream, 4 interleaved rounds, medians
+ * 2.46 s at 16, 2.33 s at 32, 2.27 s at 64, 2.31 s at 128 (bench 04:05: 77% of fio at 16, 84% at 64). Memory does not
+ * depend on it (the slots are the ring).
+ */
+export const DEFAULT_QUEUE_DEPTH = 64;
+/**
+ * With QEMU's return path open, the quiet allowed in the device state before the save gives up on finding its end.
+ * QEMU writes the device state, EOF and the VM description in one go once the VM is stopped; 30 s leaves room for a
+ * machine under load and still ends a save whose source sent no VM description.
+ */
+export const DEFAULT_END_TIMEOUT_S = 30;
+const DESC_COUNT = 1 << 16;
+/** How often the main thread looks for something to answer on QEMU's return path. */
+const RETURN_PATH_POLL_MS = 10;
+/** How long a failing save waits for the writer to record the cause in the image (it may be stuck in a write). */
+const RECORD_FAILURE_WAIT_MS = 2_000;
+
+function delayMs(ms: number): Promise<void> {
+  return new Promise((resolve) => setTimeout(resolve, ms).unref());
+}
+
+export interface SaveOptions {
+  path: string;
+  ringBytes: number;
+  queueDepth: number;
+  direct: boolean;
+  force: boolean;
+  io: IoBackendName | 'auto';
+  /** One line for the user (e.g. why io_uring is not used). */
+  onNote?: (line: string) => void;
+  /** With QEMU's return path open: how long the device state may stay quiet before the save gives up on its end. */
+  endTimeoutMs: number;
+  /** With QEMU's return path open: send SWITCHOVER_ACK even when the machine type does not say QEMU knows it. */
+  switchoverAck: boolean;
+}
+
+export interface StageStats {
+  busyMs: number;
+  /** Waiting on the stage before it (QEMU for the reader). */
+  upstreamWaitMs: number;
+  /** Waiting on the stage after it (the disk for the writer). */
+  downstreamWaitMs: number;
+}
+
+export interface SaveReport {
+  path: string;
+  seconds: number;
+  streamBytes: number;
+  streamMBps: number;
+  dataPages: number;
+  zeroPages: number;
+  resentPages: number;
+  pageRecords: number;
+  bytesWritten: number;
+  writeCalls: number;
+  dataClusters: number;
+  rewrittenClusters: number;
+  /** Reads of the old content of overwritten pages, for their clusters' CRCs (see WriterResult), and their bytes. */
+  oldContentReads: number;
+  oldContentBytes: number;
+  partialChunks: number;
+  fileBytes: number;
+  deviceStateBytes: number;
+  blocks: number;
+  direct: boolean;
+  io: IoBackendName;
+  queueDepth: number;
+  /** How CRC-32C and page copies ran: the CPU instruction, C tables, or the JavaScript fallback (no addon). */
+  checksum: typeof crc32cImplementation;
+  ring: { ringBytes: number; slots: number; inputBytes: number; parkBytes: number; oldContentBytes: number; maxOpenChunks: number };
+  stages: { reader: StageStats; coalescer: StageStats; writer: StageStats };
+  /** After the stream: metadata and tables, fdatasync. */
+  finishMs: number;
+  /**
+   * Milliseconds from the process's start (node's own start-up included) until the last of the three stage threads
+   * had loaded, the first bytes of the stream were read, and the first write was submitted (0: nothing written).
+   * QEMU's stream waits in the pipe until then. `seconds` counts from the stages' start, later than the process's.
+   */
+  startup: { stagesReadyMs: number; firstReadMs: number; firstWriteMs: number };
+}
+
+export function ringSizes(ringBytes: number): SaveRingSizes {
+  if (!Number.isInteger(ringBytes) || ringBytes < MIN_RING_BYTES || ringBytes % SLOT_BYTES !== 0) {
+    throw new SnapPipeError('USAGE', `--ring-size must be a whole number of MiB, at least ${MIN_RING_BYTES >> 20} MiB`);
+  }
+  let inputBytes = 1 << 20;
+  while (inputBytes * 2 <= Math.min(16 << 20, ringBytes / 4)) inputBytes *= 2;
+  // The park pool is half the ring, less the writer's old-content units (a sixteenth of the ring, at least 1 MiB):
+  // a 4 GiB background stream rewrote 1078 clusters with a quarter, 391 with half (2.41 s instead of 3.12 s, when
+  // rewritten clusters were still read back whole at the end), 1 with a whole ring; peak RSS 201 / 222 / 240 MiB.
+  const slotCount = ringBytes / SLOT_BYTES;
+  const oldContentUnits = Math.max(1, Math.floor(slotCount / 16));
+  const parkPages = (ringBytes / 2 - oldContentUnits * SLOT_BYTES) / PAGE_BYTES;
+  return { slotCount, inputBytes, descCount: DESC_COUNT, parkPages, oldContentUnits };
+}
+
+function stageUrl(name: string): URL {
+  // Tests only: a directory of fixture stages (test/fixtures/stages/<failure mode>/); a stage found there replaces
+  // the real one, so a test can make one stage fail in a way no input can (an exception, a crash, an exit).
+  const fixtures = process.env.SNAP_PIPE_TEST_STAGE_DIR;
+  if (fixtures && existsSync(join(fixtures, `${name}.js`))) return pathToFileURL(join(fixtures, `${name}.js`));
+  return new URL(`./stages/${name}.js`, import.meta.url);
+}
+
+/** Resolves a stage call, or rejects when its thread dies; a failed outcome becomes a thrown error. */
+async function settle<T>(stage: StageHandle<unknown>, call: Promise<Outcome<T>>): Promise<Outcome<T>> {
+  return Promise.race([call, stage.died]);
+}
+
+export class SavePipeline {
+  readonly shared: SaveShared;
+  private readonly ctrl: Int32Array;
+  private stages: StageHandle<unknown>[] = [];
+
+  constructor(private readonly opts: SaveOptions) {
+    this.shared = allocateSave(ringSizes(opts.ringBytes));
+    this.ctrl = new Int32Array(this.shared.ctrl);
+    // Every slot starts free: the free queue holds 0..slotCount-1.
+    const free = new Int32Array(this.shared.freeQueue);
+    for (let s = 0; s < this.shared.sizes.slotCount; s++) free[s] = s;
+    Atomics.store(this.ctrl, CTRL.FREE_HEAD, this.shared.sizes.slotCount);
+  }
+
+  /** Stops every stage at its next wait (SIGINT/SIGTERM); the image stays marked incomplete. */
+  abort(): void {
+    signalFailure(this.ctrl, FAIL_ABORT);
+    wakeBlockedReader();
+  }
+
+  async run(): Promise<SaveReport> {
+    const t0 = performance.now();
+    const { sizes } = this.shared;
+    const maxOpen = Math.max(1, Math.floor(sizes.slotCount / 2));
+    // All three threads start together: each loads its modules in parallel with the others (started one after
+    // another, the stages cost ~0.1 s more before the first byte is read).
+    const writer = startStage<WriterApi>(stageUrl('writer'), 'snap-pipe writer');
+    const reader = startStage<ReaderApi>(stageUrl('reader'), 'snap-pipe reader');
+    const coalescer = startStage<CoalescerApi>(stageUrl('coalescer'), 'snap-pipe coalescer');
+    this.stages.push(writer, reader, coalescer);
+    let imageOpened = false;
+    const rp = new SaveReturnPath(this.ctrl, this.opts.endTimeoutMs, this.opts.switchoverAck);
+    let rpTimer: NodeJS.Timeout | undefined;
+    // Answers the return path while the stages run, and fails the save when its end is overdue.
+    const rpOverdue = new Promise<never>((_, reject) => {
+      rpTimer = setInterval(() => {
+        let err: unknown;
+        try {
+          err = rp.poll(performance.now());
+        } catch (e) {
+          err = e;
+        }
+        if (err === undefined) return;
+        clearInterval(rpTimer);
+        reject(err);
+      }, RETURN_PATH_POLL_MS);
+    });
+    rpOverdue.catch(() => undefined); // raced below; an unraced rejection must not count as unhandled
+    try {
+      const { path, direct, force, io, queueDepth } = this.opts;
+      const opened = await settle(writer, writer.api.open({ path, direct, force, io, queueDepth }));
+      if (!opened.ok) throw deserializeError(opened.error);
+      imageOpened = true;
+      if (opened.value.note) this.opts.onNote?.(opened.value.note);
+
+      const [r, c, w] = await Promise.race([rpOverdue, this.supervise([
+        settle(reader, reader.api.run(this.shared)),
+        settle(coalescer, coalescer.api.run(this.shared, maxOpen)),
+        settle(writer, writer.api.run(this.shared)),
+      ])]);
+      const rr = r as ReaderResult;
+      const cr = c as CoalescerResult;
+      const wr = w as WriterResult;
+
+      const meta = this.buildMeta(rr, cr, wr);
+      const tFinish = performance.now();
+      const finished = await settle(writer, writer.api.finish(meta));
+      if (!finished.ok) throw deserializeError(finished.error);
+      clearInterval(rpTimer);
+      // Complete and durable: only now may QEMU call the migration completed.
+      rp.finished();
+      const finishMs = performance.now() - tFinish;
+
+      const seconds = (performance.now() - t0) / 1000;
+      await this.stop();
+      return {
+        path: this.opts.path,
+        seconds,
+        streamBytes: rr.parsed.streamBytes,
+        streamMBps: rr.parsed.streamBytes / 1e6 / seconds,
+        dataPages: meta.counters.dataPages,
+        zeroPages: meta.counters.zeroPages,
+        resentPages: meta.counters.resentPages,
+        pageRecords: cr.counters.dataRecords + cr.counters.zeroRecords,
+        bytesWritten: wr.bytesWritten,
+        writeCalls: wr.writeCalls,
+        dataClusters: wr.clustersWritten,
+        rewrittenClusters: wr.rewrittenClusters,
+        oldContentReads: wr.oldContentReads,
+        oldContentBytes: wr.oldContentBytes,
+        partialChunks: cr.counters.partialChunks,
+        fileBytes: statSync(this.opts.path).size,
+        deviceStateBytes: rr.parsed.deviceState.length,
+        blocks: rr.parsed.blocks.length,
+        direct: opened.value.direct,
+        io: wr.io,
+        queueDepth: wr.queueDepth,
+        checksum: crc32cImplementation,
+        ring: { ringBytes: this.opts.ringBytes, slots: sizes.slotCount, inputBytes: sizes.inputBytes, parkBytes: sizes.parkPages * PAGE_BYTES, oldContentBytes: sizes.oldContentUnits * SLOT_BYTES, maxOpenChunks: maxOpen },
+        finishMs,
+        startup: {
+          stagesReadyMs: Math.max(rr.readyAtMs, cr.readyAtMs, wr.readyAtMs) - performance.timeOrigin,
+          firstReadMs: rr.firstReadAtMs > 0 ? rr.firstReadAtMs - performance.timeOrigin : 0,
+          firstWriteMs: wr.firstWriteAtMs > 0 ? wr.firstWriteAtMs - performance.timeOrigin : 0,
+        },
+        stages: {
+          reader: { busyMs: rr.busyMs, upstreamWaitMs: rr.sourceWaitMs, downstreamWaitMs: rr.downstreamWaitMs },
+          coalescer: { busyMs: cr.busyMs, upstreamWaitMs: cr.upstreamWaitMs, downstreamWaitMs: cr.downstreamWaitMs },
+          writer: { busyMs: wr.busyMs, upstreamWaitMs: wr.upstreamWaitMs, downstreamWaitMs: wr.ioMs },
+        },
+      };
+    } catch (err) {
+      // Do not wait for the reader and coalescer: the reader may be blocked reading stdin, and the caller exits
+      // anyway. The writer gets a bounded moment to write the cause into the image.
+      signalFailure(this.ctrl, FAIL_ERROR);
+      wakeBlockedReader();
+      clearInterval(rpTimer);
+      const failure = imageOpened ? await this.recordFailure(writer, err) : err;
+      rp.failed();
+      void this.stop();
+      throw failure;
+    }
+  }
+
+  /**
+   * Writes the cause of a failure into the image (it stays incomplete), and names the image in the error: QEMU
+   * may report the migration completed when the save fails after QEMU's last write (it does not read the exit
+   * status: io/channel-command.c qio_channel_command_close), so the line on QEMU's stderr and the image must say it.
+   */
+  private async recordFailure(writer: StageHandle<WriterApi>, err: unknown): Promise<unknown> {
+    const { path } = this.opts;
+    const message = err instanceof Error ? err.message : String(err);
+    const cause = message.startsWith(`${path}: `) ? message.slice(path.length + 2) : message;
+    const recorded = settle(writer, writer.api.fail(err instanceof SnapPipeError ? cause : `internal error: ${cause}`));
+    await Promise.race([recorded.catch(() => undefined), delayMs(RECORD_FAILURE_WAIT_MS)]);
+    if (!(err instanceof SnapPipeError)) return err;
+    return new SnapPipeError(err.code, `save ${path} failed (the image stays incomplete): ${cause}`);
+  }
+
+  /**
+   * Waits for all stages. The first real error wins: it marks the pipeline failed (the other stages stop at their
+   * next wait) and is thrown at once, without waiting for a reader that may be blocked reading stdin.
+   */
+  private supervise(calls: Promise<Outcome<unknown>>[]): Promise<unknown[]> {
+    return new Promise((resolve, reject) => {
+      const values: unknown[] = new Array(calls.length);
+      let pending = calls.length;
+      let abortedOnly = false;
+      calls.forEach((p, i) => {
+        p.then(
+          (o) => {
+            if (o.ok) {
+              values[i] = o.value;
+              if (--pending === 0) (abortedOnly ? reject(interrupted()) : resolve(values));
+              return;
+            }
+            if (o.aborted) {
+              abortedOnly = true;
+              if (--pending === 0) reject(interrupted());
+              return;
+            }
+            signalFailure(this.ctrl, FAIL_ERROR);
+            reject(deserializeError(o.error));
+          },
+          (err: Error) => {
+            signalFailure(this.ctrl, FAIL_ERROR);
+            reject(new SnapPipeError('WORKER', err.message));
+          },
+        );
+      });
+    });
+  }
+
+  private buildMeta(rr: ReaderResult, cr: CoalescerResult, wr: WriterResult): Omit<SnapshotMeta, 'chunkCrc32c'> {
+    const p = rr.parsed;
+    let dataPages = 0;
+    let sentPages = 0;
+    for (let b = 0; b < p.blocks.length; b++) {
+      dataPages += countSetBits(cr.data[b]);
+      sentPages += countSetBits(cr.sent[b]);
+    }
+    return {
+      formatVersion: FORMAT_VERSION,
+      machineType: p.machineType,
+      capabilities: p.capabilities,
+      ramSectionId: p.ramSectionId,
+      ramVersionId: p.ramVersionId,
+      head: p.head,
+      ramSetup: p.ramSetup,
+      switchoverCommands: p.switchoverCommands,
+      deviceState: p.deviceState,
+      sawRamEnd: p.sawRamEnd,
+      blocks: p.blocks.map((b, i) => ({
+        id: b.id,
+        lengthBytes: b.lengthBytes,
+        virtOffsetBytes: rr.virtOffsetsBytes[i],
+        ...(b.addr !== undefined ? { addr: b.addr } : {}),
+      })),
+      pages: p.blocks.map((_, i) => ({ sent: cr.sent[i], data: cr.data[i] })),
+      counters: {
+        dataPages,
+        zeroPages: sentPages - dataPages,
+        resentPages: cr.counters.resentPages,
+        streamBytes: p.streamBytes,
+        dataClusters: wr.clustersWritten,
+        rewrittenClusters: wr.rewrittenClusters,
+      },
+      savedAt: new Date().toISOString(),
+      writer: `snap-pipe ${VERSION}`,
+    };
+  }
+
+  private async stop(): Promise<void> {
+    const stages = this.stages;
+    this.stages = [];
+    await Promise.all(stages.map((s) => s.worker.terminate().catch(() => undefined)));
+  }
+}
+
+/**
+ * A reader thread blocked in read(0) on an empty pipe cannot be terminated, and process.exit() waits for it (until
+ * QEMU sends more or closes the pipe, which a stalled source may never do). After FAILED is set (the reader checks
+ * it before every read), this puts one byte into our own stdin pipe, opened again for writing through /proc, so
+ * that read returns and the thread ends. The stream is being abandoned: the byte does no harm. Pipes only (QEMU's
+ * exec: gives one); a full pipe (EAGAIN) means the reader is not blocked.
+ */
+function wakeBlockedReader(): void {
+  let fd = -1;
+  try {
+    if (!fstatSync(0).isFIFO()) return;
+    fd = openSync('/proc/self/fd/0', constants.O_WRONLY | constants.O_NONBLOCK);
+    writeSync(fd, WAKE_BYTE);
+  } catch {
+    // nothing more to do: the failure being reported matters more
+  } finally {
+    if (fd >= 0) closeSync(fd);
+  }
+}
+const WAKE_BYTE = new Uint8Array(1);
+
+function interrupted(): SnapPipeError {
+  return new SnapPipeError('INTERRUPTED', 'save interrupted; the image is left marked incomplete');
+}
+

@@ -1,0 +1,67 @@
+// Typed views of the save pipeline's shared memory, built the same way in every thread.
+import {
+  BLOCK_F64S,
+  MAX_BLOCKS,
+  CTRL_INTS,
+  DESC_INTS,
+  SLOT_BYTES,
+  SLOT_INTS,
+  type SaveRingSizes,
+  type SaveShared,
+} from '../ring/layout.js';
+import { alignedShared } from '../../native/memory.js';
+import { PAGE_BYTES } from '../../format/image/types.js';
+
+export interface SaveViews {
+  sizes: SaveRingSizes;
+  ctrl: Int32Array;
+  desc: Int32Array;
+  fillQueue: Int32Array;
+  freeQueue: Int32Array;
+  slotHeaders: Int32Array;
+  blocks: Float64Array;
+  /** slotCount x 1 MiB, page aligned. */
+  slots: Uint8Array;
+  input: Uint8Array;
+  /** The coalescer's park pool (parkPages x 4 KiB), in the same buffer so its copies batch with the others. */
+  park: Uint8Array;
+  /** The writer's old-content units (oldContentUnits x 1 MiB, page aligned). */
+  oldContent: Uint8Array;
+}
+
+/** Slot queues hold slot numbers: a power of two at least the slot count, so any whole number of MiB works. */
+export function queueEntries(slotCount: number): number {
+  let n = 1;
+  while (n < slotCount) n *= 2;
+  return n;
+}
+
+export function allocateSave(sizes: SaveRingSizes): SaveShared {
+  return {
+    sizes,
+    ctrl: new SharedArrayBuffer(CTRL_INTS * 4),
+    desc: new SharedArrayBuffer(sizes.descCount * DESC_INTS * 4),
+    fillQueue: new SharedArrayBuffer(queueEntries(sizes.slotCount) * 4),
+    freeQueue: new SharedArrayBuffer(queueEntries(sizes.slotCount) * 4),
+    slotHeaders: new SharedArrayBuffer(sizes.slotCount * SLOT_INTS * 4),
+    blocks: new SharedArrayBuffer(MAX_BLOCKS * BLOCK_F64S * 8),
+    data: alignedShared((sizes.slotCount + sizes.oldContentUnits) * SLOT_BYTES + sizes.inputBytes + sizes.parkPages * PAGE_BYTES),
+  };
+}
+
+export function saveViews(s: SaveShared): SaveViews {
+  const slotBytes = s.sizes.slotCount * SLOT_BYTES;
+  return {
+    sizes: s.sizes,
+    ctrl: new Int32Array(s.ctrl),
+    desc: new Int32Array(s.desc),
+    fillQueue: new Int32Array(s.fillQueue),
+    freeQueue: new Int32Array(s.freeQueue),
+    slotHeaders: new Int32Array(s.slotHeaders),
+    blocks: new Float64Array(s.blocks),
+    slots: new Uint8Array(s.data, 0, slotBytes),
+    input: new Uint8Array(s.data, slotBytes, s.sizes.inputBytes),
+    park: new Uint8Array(s.data, slotBytes + s.sizes.inputBytes, s.sizes.parkPages * PAGE_BYTES),
+    oldContent: new Uint8Array(s.data, slotBytes + s.sizes.inputBytes + s.sizes.parkPages * PAGE_BYTES, s.sizes.oldContentUnits * SLOT_BYTES),
+  };
+}
