@@ -87,6 +87,8 @@ export async function cmdSave(argv: string[]): Promise<number> {
     io: ioFlag,
     endTimeoutMs: endTimeoutS * 1000,
     switchoverAck: flags.has('switchover-ack'),
+    // The test seam of the save pipeline (SaveOptions.stageFixtureDir), set by the fault tests only.
+    stageFixtureDir: process.env.SNAP_PIPE_TEST_STAGE_DIR,
     onNote: (line) => tellErr(`snap-pipe: ${printable(line)}\n`),
   });
   const onSignal = (sig: NodeJS.Signals) => {

@@ -87,7 +87,6 @@ const URGENT_SLOTS = 16;
  */
 export const SHUT_WAIT_MS_MAX = 60_000;
 /** Tests shorten the wait for SHUT through this variable (ms). */
-const SHUT_WAIT_ENV = 'SNAP_PIPE_TEST_SHUT_WAIT_MS';
 
 // ---------------------------------------------------------------------------------------------------------------
 // Fault latency histogram: log-linear buckets (8 per power of two) over microseconds, exact min/max/mean.
@@ -280,15 +279,6 @@ export function deviceSectionsEnd(dev: Uint8Array): number {
 
 // ---------------------------------------------------------------------------------------------------------------
 // Return path input
-
-/** SHUT_WAIT_MS_MAX, or what a test set in SNAP_PIPE_TEST_SHUT_WAIT_MS. */
-function shutWaitMsMax(): number {
-  const v = process.env[SHUT_WAIT_ENV];
-  if (v === undefined) return SHUT_WAIT_MS_MAX;
-  const ms = Number(v);
-  assert(Number.isInteger(ms) && ms > 0, `${SHUT_WAIT_ENV}=${v}: not a positive integer`);
-  return ms;
-}
 
 /**
  * QEMU's return path, decoded; every message is stamped with the time its bytes were read. Non-blocking reads while
@@ -1059,7 +1049,7 @@ class PostcopySession {
       this.r.eofSentMs = this.now();
 
       // Wait for SHUT or the pipe closing, blocking, bounded; requests now only name pages already sent.
-      const waitMsMax = shutWaitMsMax();
+      const waitMsMax = SHUT_WAIT_MS_MAX;
       const answered = await this.rp.waitUntil(
         (m, t) => {
           this.onMessage(m, t);

@@ -56,6 +56,11 @@ export interface SaveOptions {
   endTimeoutMs: number;
   /** With QEMU's return path open: send SWITCHOVER_ACK even when the machine type does not say QEMU knows it. */
   switchoverAck: boolean;
+  /**
+   * Tests only: a folder of fixture stages (test/fixtures/stages/<failure mode>/); a stage found there replaces the
+   * real one, so a test can make one stage fail in a way no input can (an exception, a crash, an exit).
+   */
+  stageFixtureDir?: string;
 }
 
 export interface StageStats {
@@ -118,11 +123,9 @@ export function ringSizes(ringBytes: number): SaveRingSizes {
   return { slotCount, inputBytes, descCount: DESC_COUNT, parkPages, oldContentUnits };
 }
 
-function stageUrl(name: string): URL {
-  // Tests only: a directory of fixture stages (test/fixtures/stages/<failure mode>/); a stage found there replaces
-  // the real one, so a test can make one stage fail in a way no input can (an exception, a crash, an exit).
-  const fixtures = process.env.SNAP_PIPE_TEST_STAGE_DIR;
-  if (fixtures && existsSync(join(fixtures, `${name}.js`))) return pathToFileURL(join(fixtures, `${name}.js`));
+/** A stage's module: the real one, or the one in `fixtureDir` when it has one (SaveOptions.stageFixtureDir). */
+function stageUrl(name: string, fixtureDir: string | undefined): URL {
+  if (fixtureDir && existsSync(join(fixtureDir, `${name}.js`))) return pathToFileURL(join(fixtureDir, `${name}.js`));
   return new URL(`./stages/${name}.js`, import.meta.url);
 }
 
@@ -157,9 +160,10 @@ export class SavePipeline {
     const maxOpen = Math.max(1, Math.floor(sizes.slotCount / 2));
     // All three threads start together: each loads its modules in parallel with the others (started one after
     // another, the stages cost ~0.1 s more before the first byte is read).
-    const writer = startStage<WriterApi>(stageUrl('writer'), 'snap-pipe writer');
-    const reader = startStage<ReaderApi>(stageUrl('reader'), 'snap-pipe reader');
-    const coalescer = startStage<CoalescerApi>(stageUrl('coalescer'), 'snap-pipe coalescer');
+    const fixtures = this.opts.stageFixtureDir;
+    const writer = startStage<WriterApi>(stageUrl('writer', fixtures), 'snap-pipe writer');
+    const reader = startStage<ReaderApi>(stageUrl('reader', fixtures), 'snap-pipe reader');
+    const coalescer = startStage<CoalescerApi>(stageUrl('coalescer', fixtures), 'snap-pipe coalescer');
     this.stages.push(writer, reader, coalescer);
     let imageOpened = false;
     const rp = new SaveReturnPath(this.ctrl, this.opts.endTimeoutMs, this.opts.switchoverAck);

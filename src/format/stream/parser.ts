@@ -5,8 +5,8 @@
 // everything from the first device-state section to the end of the stream.
 import { SnapPipeError } from '../../errors.js';
 import { PAGE_BITS, PAGE_BYTES } from '../image/types.js';
-import { InputRing } from '../../save/ring/input.js';
 import { isJsonText } from './json.js';
+import type { StreamSource } from './source.js';
 import { SWITCHOVER_COMMANDS_MAX, SWITCHOVER_START_BYTES } from './switchover.js';
 import { VmdescEnd } from './vmdesc-end.js';
 import {
@@ -138,7 +138,7 @@ export class StreamParser {
   private pings = 0;
 
   constructor(
-    private readonly ring: InputRing,
+    private readonly ring: StreamSource,
     private readonly sink: StreamSink,
     private readonly opts: ParserOptions = {},
   ) {}

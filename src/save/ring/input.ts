@@ -9,6 +9,7 @@
 // between positions are taken with `| 0` too (they lie within the ring): `>>> 0` of a difference that leaves the int32
 // range makes the optimized code bail out ("overflow") once the positions wrap.
 import { SnapPipeError } from '../../errors.js';
+import type { StreamSource } from '../../format/stream/source.js';
 import { CTRL, isPowerOfTwo } from './layout.js';
 
 /** Where the bytes come from: fd 0 in the reader worker, an array of pieces in tests. Returns 0 at end of input. */
@@ -26,7 +27,7 @@ export interface ReleaseChannel {
 
 const READ_MAX_BYTES = 1 << 20;
 
-export class InputRing {
+export class InputRing implements StreamSource {
   readonly bytes: Uint8Array;
   readonly mask: number;
   /** Bytes read into the ring (int32, wrapping). */
