@@ -1,5 +1,6 @@
 // `npm run bench:postcopy`: how soon a restored guest runs, precopy vs postcopy, behind a real QEMU (TCG), and the
-// fault latency snap-pipe's --stats reports under its sequential background stream. Appends to perf/RESULTS.md.
+// fault latency snap-pipe's --stats reports under its sequential background stream. Records the run in perf/history/
+// and rewrites perf/RESULTS.md (perf/results.ts).
 //
 //   npm run bench:postcopy                        2 GiB guest, 1200 MiB of random fill, 3 warm + 1 cold run per mode (~4 min)
 //   npm run bench:postcopy -- --runs 1 --cold-runs 0 --no-results     a quick look, nothing appended
@@ -41,16 +42,16 @@
 // migrate-incoming QMP command is sent. Temporary files live in a directory under --dir, removed at the end (also
 // on Ctrl-C), and every QEMU started here is quit.
 import { spawnSync } from 'node:child_process';
-import { appendFileSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { cpus, totalmem } from 'node:os';
 import { join } from 'node:path';
 import type { LatencySummary, PostcopyReport } from '../src/load/postcopy.js';
 import type { LoadReport } from '../src/load/precopy.js';
 import { Guest, delayMs, guestFiles, shellQuote, snapPipeBin } from '../tools/qemu/guest.js';
+import { recordRun } from './results.js';
 import { chosenQemu, type Qemu } from '../tools/qemu/versions.js';
 
 const ROOT = join(import.meta.dirname, '..');
-const RESULTS = join(ROOT, 'perf', 'RESULTS.md');
 const MiB = 2 ** 20;
 const GiB = 2 ** 30;
 const POLL_MS = 5;
@@ -548,8 +549,15 @@ async function main(): Promise<void> {
     ].join('\n');
     process.stdout.write(text);
     if (args.results) {
-      appendFileSync(RESULTS, '\n' + text);
-      log(`appended to ${RESULTS}`);
+      const file = recordRun({
+        kind: 'postcopy',
+        started: started.toISOString(),
+        commit,
+        dirtyFiles: Number(dirty) || 0,
+        markdown: text,
+        raw: { qemu: qemuVer, args, results },
+      });
+      log(`recorded ${file}; perf/RESULTS.md rewritten`);
     }
     log(`done in ${minutes} min; load average ${loadEnd}`);
   } finally {
