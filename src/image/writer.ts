@@ -272,11 +272,6 @@ export class ImageWriter {
     return this.allocCount;
   }
 
-  /** Virtual cluster indices in allocation order (a copy). */
-  allocationOrder(): number[] {
-    return Array.from(this.allocOrder.subarray(0, this.allocCount));
-  }
-
   allocate(virtCluster: number): { hostOffsetBytes: number; fresh: boolean } {
     assert(!this.finished && !this.closed, 'allocate after finish/close');
     assert(Number.isInteger(virtCluster) && virtCluster >= 0 && virtCluster < VIRT_CLUSTER_MAX, `allocate: bad cluster ${virtCluster}`);
@@ -303,14 +298,6 @@ export class ImageWriter {
     this.endBytes = Math.max(this.endBytes, endBytes);
     if (endBytes > this.sizedBytes) this.sizeAhead(endBytes + SIZE_AHEAD_BYTES);
     return { hostOffsetBytes: hostCluster * CLUSTER_BYTES, fresh: true };
-  }
-
-  hostOffsetOf(virtCluster: number): number | undefined {
-    if (!Number.isInteger(virtCluster) || virtCluster < 0 || virtCluster >= this.hostClusterOfVirt.length) {
-      return undefined;
-    }
-    const host = this.hostClusterOfVirt[virtCluster];
-    return host === 0 ? undefined : host * CLUSTER_BYTES;
   }
 
   /** Writes metadata and tables, makes them durable, then marks the header complete and makes that durable. */

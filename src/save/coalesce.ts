@@ -148,7 +148,7 @@ export class Coalescer {
     const byte = page >>> 3;
     const bit = 1 << (page & 7);
     const chunk = Math.floor(page / PAGES_PER_CHUNK);
-    const completes = this.countSent(block, page, chunk, byte, bit);
+    const completes = this.countSent(block, chunk, byte, bit);
     this.data[block][byte] |= bit;
 
     const vc = this.blockVirtCluster[block] + chunk;
@@ -179,7 +179,7 @@ export class Coalescer {
     const byte = page >>> 3;
     const bit = 1 << (page & 7);
     const chunk = Math.floor(page / PAGES_PER_CHUNK);
-    const completes = this.countSent(block, page, chunk, byte, bit);
+    const completes = this.countSent(block, chunk, byte, bit);
     const wasData = (this.data[block][byte] & bit) !== 0;
     this.data[block][byte] &= ~bit;
 
@@ -210,7 +210,7 @@ export class Coalescer {
   }
 
   /** Records that the page was sent; true when this is the first arrival of the chunk's last unsent page. */
-  private countSent(block: number, page: number, chunk: number, byte: number, bit: number): boolean {
+  private countSent(block: number, chunk: number, byte: number, bit: number): boolean {
     if (this.sent[block][byte] & bit) {
       this.counters.resentPages++;
       return false;
@@ -304,10 +304,6 @@ export class Coalescer {
     this.counters.partialChunks++;
     this.publishSlot(slot);
     return undefined;
-  }
-
-  get openChunks(): number {
-    return this.open.size;
   }
 
   private touch(vc: number, slot: number): void {

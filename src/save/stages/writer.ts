@@ -382,10 +382,6 @@ const api = {
   fail(line: string): Outcome<void> {
     return outcome(() => image?.recordFailure(line));
   },
-  close(): void {
-    io?.close();
-    image?.close();
-  },
 };
 export type WriterApi = typeof api;
 exposeStage(api);
