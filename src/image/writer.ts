@@ -18,7 +18,6 @@ import {
   decodeHeader,
   encodeHeader,
   fillRefcountBlock,
-  layoutBlocks,
   layoutTail,
   snapHeader,
   tableEntry,
@@ -26,8 +25,6 @@ import {
   type TailLayout,
 } from '../format/image/qcow2.js';
 import { CLUSTER_BYTES, FORMAT_VERSION, type SnapshotMeta } from '../format/image/types.js';
-
-export { layoutBlocks };
 
 /**
  * The file's blocks are allocated (fallocate) this far ahead of the data clusters handed out, and the file is cut to

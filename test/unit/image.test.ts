@@ -13,7 +13,8 @@ import { formatInfo } from '../../src/commands/info.js';
 import { encodeMeta } from '../../src/format/image/metadata.js';
 import { ImageReader } from '../../src/image/reader.js';
 import { CLUSTER_BYTES, FORMAT_VERSION, PAGE_BYTES, type RamBlockInfo, type SnapshotMeta } from '../../src/format/image/types.js';
-import { ImageWriter, layoutBlocks, SIZE_AHEAD_BYTES } from '../../src/image/writer.js';
+import { ImageWriter, SIZE_AHEAD_BYTES } from '../../src/image/writer.js';
+import { layoutBlocks } from '../../src/format/image/qcow2.js';
 import { mountSmallFs } from '../helpers/smallfs.js';
 import { alignedShared } from '../../src/native/memory.js';
 
