@@ -1,11 +1,11 @@
 // `snap-pipe verify IMG`: reads the whole image and checks it the way load would use it, without sending anything.
 //   structure: everything ImageReader.open checks (the QCOW2 header, features and extensions, every L1, L2 and
 //     refcount table entry, each cluster used once, every refcount exactly what its use calls for, the metadata and
-//     where it puts the blocks), everything load checks before its first byte (image-checks.ts: the stream parts,
+//     where it puts the blocks), everything load checks before its first byte (image/checks.ts: the stream parts,
 //     a cluster for every chunk with data pages), then the layout snap-pipe writes: data clusters at host clusters
 //     1..D, metadata, L2 and L1 tables and refcounts where the writer puts them, the file ending after the refcount
 //     table. So an image verify passes is one load sends whole, and one qemu-img check finds clean;
-//   content: every data cluster read (O_DIRECT through the I/O backend, queueDepth reads in flight) and its CRC-32
+//   content: every data cluster read (O_DIRECT through the I/O backend, queueDepth reads in flight) and its CRC-32C
 //     compared with the one recorded at save. CRCs run on this thread (threads 0) or in a piscina pool of `threads`
 //     threads, reading the clusters from the shared read slots in place.
 // A structural fault throws at once (one line). Checksum mismatches are all counted (the first BAD_LIST_MAX kept)
@@ -60,6 +60,7 @@ export interface ChunkMismatch {
   /** Offset of the chunk in its RAM block. */
   blockOffsetBytes: number;
   hostOffsetBytes: number;
+  /** The cluster's CRC-32C as recorded at save, and as read now (the names are the JSON report's keys). */
   storedCrc32: number;
   readCrc32: number;
 }

@@ -108,7 +108,7 @@ function run(shared: SaveShared): ReaderResult {
     zero(block, page) {
       producer.push(KIND_ZERO, block, page, 0);
     },
-    // QEMU's return path: the main thread, which owns stdout, answers what is published here (save-returnpath.ts).
+    // QEMU's return path: the main thread, which owns stdout, answers what is published here (save/returnpath.ts).
     returnPathOpened(switchoverAck) {
       Atomics.store(v.ctrl, CTRL.RETURN_PATH, switchoverAck ? RP_OPEN_ACK : RP_OPEN);
     },
