@@ -58,7 +58,8 @@ export interface WriterOpenOptions {
 
 let image: ImageWriter | undefined;
 let io: IoBackend | undefined;
-let views: SaveViews | undefined;
+/** run() has written every chunk: finish() may write the metadata. */
+let ran = false;
 const crcByVirtCluster = new Map<number, number>();
 /** Clusters written more than once. */
 const rewritten = new Set<number>();
@@ -315,7 +316,7 @@ function run(shared: SaveShared): WriterResult {
   const t0 = performance.now();
   if (!image || !io) throw new Error('writer.run before writer.open');
   const backend = io;
-  const v = (views = saveViews(shared));
+  const v = saveViews(shared);
   const filled = new IntQueueConsumer(v.ctrl, CTRL.FILL_HEAD, CTRL.FILL_TAIL, v.fillQueue);
   const free = new IntQueueProducer(v.ctrl, CTRL.FREE_HEAD, CTRL.FREE_TAIL, v.freeQueue);
   const w = new ChunkWriter(image, backend, v, free);
@@ -332,6 +333,7 @@ function run(shared: SaveShared): WriterResult {
     w.write(slot);
   }
   while (w.busy()) w.progress();
+  ran = true;
   return {
     bytesWritten: w.bytesWritten,
     writeCalls: w.writeCalls,
@@ -351,7 +353,7 @@ function run(shared: SaveShared): WriterResult {
 
 /** Every cluster's CRC was computed on the way (see run); writes the metadata and marks the image complete. */
 function finish(meta: Omit<SnapshotMeta, 'chunkCrc32c'>): void {
-  if (!image || !views || !io) throw new Error('writer.finish before writer.run');
+  if (!image || !ran || !io) throw new Error('writer.finish before writer.run');
   const chunkCrc32c = meta.blocks.map((b) => {
     const first = b.virtOffsetBytes / CLUSTER_BYTES;
     const out = new Uint32Array(Math.ceil(b.lengthBytes / CLUSTER_BYTES));
