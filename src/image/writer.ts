@@ -18,7 +18,6 @@ import {
   decodeHeader,
   encodeHeader,
   fillRefcountBlock,
-  layoutBlocks,
   layoutTail,
   snapHeader,
   tableEntry,
@@ -26,8 +25,6 @@ import {
   type TailLayout,
 } from '../format/image/qcow2.js';
 import { CLUSTER_BYTES, FORMAT_VERSION, type SnapshotMeta } from '../format/image/types.js';
-
-export { layoutBlocks };
 
 /**
  * The file's blocks are allocated (fallocate) this far ahead of the data clusters handed out, and the file is cut to
@@ -50,6 +47,16 @@ const VIRT_CLUSTER_MAX = 0x7fff_ffff;
 
 function roundUpToCluster(bytes: number): number {
   return Math.ceil(bytes / CLUSTER_BYTES) * CLUSTER_BYTES;
+}
+
+/** Where the RAM blocks end in the virtual disk (the metadata follows), each block cluster aligned. */
+function ramEndBytesOf(meta: SnapshotMeta): number {
+  let ramEndBytes = 0;
+  for (const b of meta.blocks) {
+    assert(b.virtOffsetBytes % CLUSTER_BYTES === 0, `finish: block ${b.id} not cluster aligned`);
+    ramEndBytes = Math.max(ramEndBytes, b.virtOffsetBytes + roundUpToCluster(b.lengthBytes));
+  }
+  return ramEndBytes;
 }
 
 function isEinval(err: unknown): boolean {
@@ -262,11 +269,6 @@ export class ImageWriter {
     return this.allocCount;
   }
 
-  /** Virtual cluster indices in allocation order (a copy). */
-  allocationOrder(): number[] {
-    return Array.from(this.allocOrder.subarray(0, this.allocCount));
-  }
-
   allocate(virtCluster: number): { hostOffsetBytes: number; fresh: boolean } {
     assert(!this.finished && !this.closed, 'allocate after finish/close');
     assert(Number.isInteger(virtCluster) && virtCluster >= 0 && virtCluster < VIRT_CLUSTER_MAX, `allocate: bad cluster ${virtCluster}`);
@@ -295,82 +297,29 @@ export class ImageWriter {
     return { hostOffsetBytes: hostCluster * CLUSTER_BYTES, fresh: true };
   }
 
-  hostOffsetOf(virtCluster: number): number | undefined {
-    if (!Number.isInteger(virtCluster) || virtCluster < 0 || virtCluster >= this.hostClusterOfVirt.length) {
-      return undefined;
-    }
-    const host = this.hostClusterOfVirt[virtCluster];
-    return host === 0 ? undefined : host * CLUSTER_BYTES;
-  }
-
   /** Writes metadata and tables, makes them durable, then marks the header complete and makes that durable. */
   finish(meta: SnapshotMeta): void {
     assert(!this.finished && !this.closed, 'finish twice or after close');
     assert.equal(meta.formatVersion, FORMAT_VERSION, 'finish: meta.formatVersion');
-    let ramEndBytes = 0;
-    for (const b of meta.blocks) {
-      assert(b.virtOffsetBytes % CLUSTER_BYTES === 0, `finish: block ${b.id} not cluster aligned`);
-      ramEndBytes = Math.max(ramEndBytes, b.virtOffsetBytes + roundUpToCluster(b.lengthBytes));
-    }
-    const metaVirtCluster = ramEndBytes / CLUSTER_BYTES;
-    const l1IndicesWithData = new Set<number>();
-    for (let i = 0; i < this.allocCount; i++) {
-      const v = this.allocOrder[i];
-      assert(v < metaVirtCluster, `finish: data cluster ${v} lies outside the RAM blocks`);
-      l1IndicesWithData.add(Math.floor(v / ENTRIES_PER_TABLE_CLUSTER));
-    }
+    const metaVirtCluster = ramEndBytesOf(meta) / CLUSTER_BYTES;
+    const l1IndicesWithData = this.l1IndicesWithData(metaVirtCluster);
     const metaBytes = encodeMeta(meta);
     const metaCrc32 = crc32(metaBytes) >>> 0;
     const layout = layoutTail({
       dataClusters: this.allocCount,
-      metaVirtOffsetBytes: ramEndBytes,
+      metaVirtOffsetBytes: metaVirtCluster * CLUSTER_BYTES,
       metaBytes: metaBytes.byteLength,
       isL1IndexUsedByData: (i) => l1IndicesWithData.has(i),
     });
-    const s = this.scratch;
-    const C = CLUSTER_BYTES;
-
-    for (let i = 0; i < layout.metaClusters; i++) {
-      s.fill(0);
-      s.set(metaBytes.subarray(i * C, Math.min((i + 1) * C, metaBytes.byteLength)));
-      this.writeFull(s, C, (layout.metaFirstCluster + i) * C);
-    }
-    const virtualClusters = layout.virtualBytes / C;
-    layout.l2ForL1Index.forEach((l1Index, k) => {
-      s.fill(0);
-      const first = l1Index * ENTRIES_PER_TABLE_CLUSTER;
-      const end = Math.min(first + ENTRIES_PER_TABLE_CLUSTER, virtualClusters);
-      for (let v = first; v < end; v++) {
-        const host = this.hostClusterFor(v, layout, metaVirtCluster);
-        if (host !== 0) writeEntry(s, v - first, tableEntry(host * C));
-      }
-      this.writeFull(s, C, (layout.l2FirstCluster + k) * C);
-    });
-    for (let i = 0; i < layout.l1Clusters; i++) {
-      s.fill(0);
-      layout.l2ForL1Index.forEach((l1Index, k) => {
-        const slot = l1Index - i * ENTRIES_PER_TABLE_CLUSTER;
-        if (slot >= 0 && slot < ENTRIES_PER_TABLE_CLUSTER) writeEntry(s, slot, tableEntry((layout.l2FirstCluster + k) * C));
-      });
-      this.writeFull(s, C, (layout.l1FirstCluster + i) * C);
-    }
-    for (let b = 0; b < layout.refcountBlocks; b++) {
-      fillRefcountBlock(s, b, layout.totalClusters);
-      this.writeFull(s, C, (layout.refcountBlockFirstCluster + b) * C);
-    }
-    for (let i = 0; i < layout.refcountTableClusters; i++) {
-      s.fill(0);
-      for (let slot = 0; slot < ENTRIES_PER_TABLE_CLUSTER; slot++) {
-        const b = i * ENTRIES_PER_TABLE_CLUSTER + slot;
-        if (b >= layout.refcountBlocks) break;
-        writeEntry(s, slot, BigInt((layout.refcountBlockFirstCluster + b) * C));
-      }
-      this.writeFull(s, C, (layout.refcountTableFirstCluster + i) * C);
-    }
+    this.writeMetadata(layout, metaBytes);
+    this.writeL2Tables(layout, metaVirtCluster);
+    this.writeL1Table(layout);
+    this.writeRefcounts(layout);
     // The file ends at its last cluster, not at the size set ahead of the data.
     if (this.sizedBytes > this.endBytes) this.resize(this.endBytes);
     // Data, metadata and tables durable before the header can say "complete".
     this.sync();
+    const s = this.scratch;
     s.fill(0, 0, HEADER_AREA_BYTES);
     this.encodeHeaderInto(s, layout, metaBytes.byteLength, metaCrc32);
     this.writeFull(s, HEADER_AREA_BYTES, 0);
@@ -407,6 +356,76 @@ export class ImageWriter {
       fs.closeSync(this.fd);
     } catch (err) {
       throw ioError(`close ${this.path}`, err);
+    }
+  }
+
+  /** The L1 entries whose L2 tables map data clusters, all of which lie before the metadata's `metaVirtCluster`. */
+  private l1IndicesWithData(metaVirtCluster: number): Set<number> {
+    const used = new Set<number>();
+    for (let i = 0; i < this.allocCount; i++) {
+      const v = this.allocOrder[i];
+      assert(v < metaVirtCluster, `finish: data cluster ${v} lies outside the RAM blocks`);
+      used.add(Math.floor(v / ENTRIES_PER_TABLE_CLUSTER));
+    }
+    return used;
+  }
+
+  private writeMetadata(layout: TailLayout, metaBytes: Uint8Array): void {
+    const s = this.scratch;
+    const C = CLUSTER_BYTES;
+    for (let i = 0; i < layout.metaClusters; i++) {
+      s.fill(0);
+      s.set(metaBytes.subarray(i * C, Math.min((i + 1) * C, metaBytes.byteLength)));
+      this.writeFull(s, C, (layout.metaFirstCluster + i) * C);
+    }
+  }
+
+  /** One L2 table per L1 entry that maps something: data clusters, then the metadata's. */
+  private writeL2Tables(layout: TailLayout, metaVirtCluster: number): void {
+    const s = this.scratch;
+    const C = CLUSTER_BYTES;
+    const virtualClusters = layout.virtualBytes / C;
+    layout.l2ForL1Index.forEach((l1Index, k) => {
+      s.fill(0);
+      const first = l1Index * ENTRIES_PER_TABLE_CLUSTER;
+      const end = Math.min(first + ENTRIES_PER_TABLE_CLUSTER, virtualClusters);
+      for (let v = first; v < end; v++) {
+        const host = this.hostClusterFor(v, layout, metaVirtCluster);
+        if (host !== 0) writeEntry(s, v - first, tableEntry(host * C));
+      }
+      this.writeFull(s, C, (layout.l2FirstCluster + k) * C);
+    });
+  }
+
+  private writeL1Table(layout: TailLayout): void {
+    const s = this.scratch;
+    const C = CLUSTER_BYTES;
+    for (let i = 0; i < layout.l1Clusters; i++) {
+      s.fill(0);
+      layout.l2ForL1Index.forEach((l1Index, k) => {
+        const slot = l1Index - i * ENTRIES_PER_TABLE_CLUSTER;
+        if (slot >= 0 && slot < ENTRIES_PER_TABLE_CLUSTER) writeEntry(s, slot, tableEntry((layout.l2FirstCluster + k) * C));
+      });
+      this.writeFull(s, C, (layout.l1FirstCluster + i) * C);
+    }
+  }
+
+  /** Refcount blocks (every cluster of the file used once), then the refcount table naming them. */
+  private writeRefcounts(layout: TailLayout): void {
+    const s = this.scratch;
+    const C = CLUSTER_BYTES;
+    for (let b = 0; b < layout.refcountBlocks; b++) {
+      fillRefcountBlock(s, b, layout.totalClusters);
+      this.writeFull(s, C, (layout.refcountBlockFirstCluster + b) * C);
+    }
+    for (let i = 0; i < layout.refcountTableClusters; i++) {
+      s.fill(0);
+      for (let slot = 0; slot < ENTRIES_PER_TABLE_CLUSTER; slot++) {
+        const b = i * ENTRIES_PER_TABLE_CLUSTER + slot;
+        if (b >= layout.refcountBlocks) break;
+        writeEntry(s, slot, BigInt((layout.refcountBlockFirstCluster + b) * C));
+      }
+      this.writeFull(s, C, (layout.refcountTableFirstCluster + i) * C);
     }
   }
 

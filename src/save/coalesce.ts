@@ -148,7 +148,7 @@ export class Coalescer {
     const byte = page >>> 3;
     const bit = 1 << (page & 7);
     const chunk = Math.floor(page / PAGES_PER_CHUNK);
-    const completes = this.countSent(block, page, chunk, byte, bit);
+    const completes = this.countSent(block, chunk, byte, bit);
     this.data[block][byte] |= bit;
 
     const vc = this.blockVirtCluster[block] + chunk;
@@ -179,7 +179,7 @@ export class Coalescer {
     const byte = page >>> 3;
     const bit = 1 << (page & 7);
     const chunk = Math.floor(page / PAGES_PER_CHUNK);
-    const completes = this.countSent(block, page, chunk, byte, bit);
+    const completes = this.countSent(block, chunk, byte, bit);
     const wasData = (this.data[block][byte] & bit) !== 0;
     this.data[block][byte] &= ~bit;
 
@@ -210,7 +210,7 @@ export class Coalescer {
   }
 
   /** Records that the page was sent; true when this is the first arrival of the chunk's last unsent page. */
-  private countSent(block: number, page: number, chunk: number, byte: number, bit: number): boolean {
+  private countSent(block: number, chunk: number, byte: number, bit: number): boolean {
     if (this.sent[block][byte] & bit) {
       this.counters.resentPages++;
       return false;
@@ -306,10 +306,6 @@ export class Coalescer {
     return undefined;
   }
 
-  get openChunks(): number {
-    return this.open.size;
-  }
-
   private touch(vc: number, slot: number): void {
     if (vc === this.lastTouched) return;
     this.open.delete(vc);
@@ -379,48 +375,78 @@ export class Coalescer {
     const whole = first && this.headers[h + SLOT_SEEN_COUNT] >= SPARSE_FIRST_PAGES_MAX;
     this.headers[h + SLOT_FIRST] = first ? 1 : 0;
     this.headers[h + SLOT_WHOLE] = whole ? 1 : 0;
-    // Zero-fill the pages that are written but hold no data: all of them for a whole write, else those carried as
-    // zero pages. (Filling 1 MiB per nearly empty chunk cost a background snapshot more than its page copies.)
+    this.zeroFillUnwritten(slot, whole);
+    this.checksum(slot, first, whole); // before markOnDisk: it looks at what is on disk before this write
+    this.markOnDisk(slot, whole);
+    this.written[block][chunk] = 1;
+    this.counters.chunksPublished++;
+    this.pool.publish(slot);
+  }
+
+  /**
+   * Zero-fills the pages that are written but hold no data: all of them for a whole write, else those carried as
+   * zero pages. (Filling 1 MiB per nearly empty chunk cost a background snapshot more than its page copies.)
+   */
+  private zeroFillUnwritten(slot: number, whole: boolean): void {
+    if (this.presentCount[slot] >= PAGES_PER_CHUNK) return;
+    const h = slot * SLOT_INTS;
     const base = slot * SLOT_BYTES;
-    if (this.presentCount[slot] < PAGES_PER_CHUNK) {
-      let runStart = -1;
-      for (let p = 0; p <= PAGES_PER_CHUNK; p++) {
-        const fill = p < PAGES_PER_CHUNK && !this.isPresent(slot, p) && (whole || this.isSeen(h, p));
-        if (fill) {
-          if (runStart < 0) runStart = p;
-        } else if (runStart >= 0) {
-          zeroFill(this.slots, base + runStart * PAGE_BYTES, base + p * PAGE_BYTES);
-          runStart = -1;
-        }
+    let runStart = -1;
+    for (let p = 0; p <= PAGES_PER_CHUNK; p++) {
+      const fill = p < PAGES_PER_CHUNK && !this.isPresent(slot, p) && (whole || this.isSeen(h, p));
+      if (fill) {
+        if (runStart < 0) runStart = p;
+      } else if (runStart >= 0) {
+        zeroFill(this.slots, base + runStart * PAGE_BYTES, base + p * PAGE_BYTES);
+        runStart = -1;
       }
     }
-    // A first publication's CRC is the chunk's checksum. Computing it here, on the thread that just filled the slot,
-    // reads it from this core's cache; the writer would read it cold. Pages a sparse write leaves as holes count as
-    // zeros without being read.
-    //
-    // A later publication changes the cluster only where it writes. CRC-32C is affine over equal-length messages:
-    // crc(A ^ B) = crc(A) ^ crc(B) ^ crc(Z), Z all zeros, and so crc(A ^ B ^ C) = crc(A) ^ crc(B) ^ crc(C). With
-    // N = the carried pages as written (data; zero pages are zeros) and O = their old content on disk, zeros elsewhere
-    // in both, the new cluster is old ^ O ^ N: new CRC = old CRC ^ crc(O) ^ crc(N). The coalescer gives crc(N). If
-    // every page it writes reads as zeros on disk before (never written, or last written as zeros: a background
-    // snapshot's walk reaching a chunk it parked or wrote sparse), O is Z and the writer needs nothing more
-    // (SLOT_CRC_UPDATE); otherwise (a page re-sent over data on disk) it reads O before writing.
-    const firstPage = chunk * PAGES_PER_CHUNK;
-    const onDisk = this.onDisk[block];
-    let update = false;
+  }
+
+  /**
+   * Sets SLOT_CRC and SLOT_CRC_UPDATE. A first publication's CRC is the chunk's checksum. Computing it here, on the
+   * thread that just filled the slot, reads it from this core's cache; the writer would read it cold. Pages a sparse
+   * write leaves as holes count as zeros without being read.
+   *
+   * A later publication changes the cluster only where it writes. CRC-32C is affine over equal-length messages:
+   * crc(A ^ B) = crc(A) ^ crc(B) ^ crc(Z), Z all zeros, and so crc(A ^ B ^ C) = crc(A) ^ crc(B) ^ crc(C). With
+   * N = the carried pages as written (data; zero pages are zeros) and O = their old content on disk, zeros elsewhere
+   * in both, the new cluster is old ^ O ^ N: new CRC = old CRC ^ crc(O) ^ crc(N). The coalescer gives crc(N). If
+   * every page it writes reads as zeros on disk before (never written, or last written as zeros: a background
+   * snapshot's walk reaching a chunk it parked or wrote sparse), O is Z and the writer needs nothing more
+   * (SLOT_CRC_UPDATE); otherwise (a page re-sent over data on disk) it reads O before writing.
+   */
+  private checksum(slot: number, first: boolean, whole: boolean): void {
+    const h = slot * SLOT_INTS;
+    const base = slot * SLOT_BYTES;
     if (first) {
       this.headers[h + SLOT_CRC] = (whole ? crc32c(this.slots.subarray(base, base + SLOT_BYTES)) : this.presentCrc(slot, base)) | 0;
-    } else {
-      update = true;
-      for (let p = 0; p < PAGES_PER_CHUNK && update; p++) {
-        const q = firstPage + p;
-        if (this.isSeen(h, p) && (onDisk[q >>> 3] & (1 << (q & 7))) !== 0) update = false;
-      }
-      this.headers[h + SLOT_CRC] = this.presentCrc(slot, base) | 0;
+      this.headers[h + SLOT_CRC_UPDATE] = 0;
+      return;
     }
-    this.headers[h + SLOT_CRC_UPDATE] = update ? 1 : 0;
-    // What is on disk after this write: data where it carries data, zeros where it carries zeros (a whole write
-    // carries every page of the cluster).
+    this.headers[h + SLOT_CRC] = this.presentCrc(slot, base) | 0;
+    this.headers[h + SLOT_CRC_UPDATE] = this.overwritesOnlyZeros(h) ? 1 : 0;
+  }
+
+  /** Whether every page the publication carries reads as zeros on disk before it is written. */
+  private overwritesOnlyZeros(h: number): boolean {
+    const onDisk = this.onDisk[this.headers[h + SLOT_BLOCK]];
+    const firstPage = this.headers[h + SLOT_CHUNK] * PAGES_PER_CHUNK;
+    for (let p = 0; p < PAGES_PER_CHUNK; p++) {
+      const q = firstPage + p;
+      if (this.isSeen(h, p) && (onDisk[q >>> 3] & (1 << (q & 7))) !== 0) return false;
+    }
+    return true;
+  }
+
+  /**
+   * Records what is on disk after this write: data where it carries data, zeros where it carries zeros (a whole
+   * write carries every page of the cluster).
+   */
+  private markOnDisk(slot: number, whole: boolean): void {
+    const h = slot * SLOT_INTS;
+    const onDisk = this.onDisk[this.headers[h + SLOT_BLOCK]];
+    const firstPage = this.headers[h + SLOT_CHUNK] * PAGES_PER_CHUNK;
     const pagesInChunk = this.headers[h + SLOT_PAGES_IN_CHUNK];
     for (let p = 0; p < pagesInChunk; p++) {
       if (!whole && !this.isSeen(h, p)) continue;
@@ -428,9 +454,6 @@ export class Coalescer {
       if (this.isPresent(slot, p)) onDisk[q >>> 3] |= 1 << (q & 7);
       else onDisk[q >>> 3] &= ~(1 << (q & 7));
     }
-    this.written[block][chunk] = 1;
-    this.counters.chunksPublished++;
-    this.pool.publish(slot);
   }
 
   /** CRC-32C of the slot's cluster with only the pages holding data in this publication, zeros elsewhere. */

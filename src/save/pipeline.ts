@@ -129,9 +129,53 @@ function stageUrl(name: string, fixtureDir: string | undefined): URL {
   return new URL(`./stages/${name}.js`, import.meta.url);
 }
 
-/** Resolves a stage call, or rejects when its thread dies; a failed outcome becomes a thrown error. */
+/** A stage call's outcome, or a rejection when its thread dies first. */
 async function settle<T>(stage: StageHandle<unknown>, call: Promise<Outcome<T>>): Promise<Outcome<T>> {
   return Promise.race([call, stage.died]);
+}
+
+/** A stage call's value; its failure (or its thread's death) thrown. */
+async function valueOf<T>(stage: StageHandle<unknown>, call: Promise<Outcome<T>>): Promise<T> {
+  const o = await settle(stage, call);
+  if (!o.ok) throw deserializeError(o.error);
+  return o.value;
+}
+
+/**
+ * Answers QEMU's return path every RETURN_PATH_POLL_MS while the save runs; `failed` rejects when answering fails or
+ * the stream's end is overdue. stop() ends it.
+ */
+function answerReturnPath(rp: SaveReturnPath): { failed: Promise<never>; stop: () => void } {
+  let timer: NodeJS.Timeout | undefined;
+  const failed = new Promise<never>((_, reject) => {
+    timer = setInterval(() => {
+      let err: unknown;
+      try {
+        err = rp.poll(performance.now());
+      } catch (e) {
+        err = e;
+      }
+      if (err === undefined) return;
+      clearInterval(timer);
+      reject(err);
+    }, RETURN_PATH_POLL_MS);
+  });
+  failed.catch(() => undefined); // raced in run(); an unraced rejection must not count as unhandled
+  return { failed, stop: () => clearInterval(timer) };
+}
+
+interface StageResults {
+  rr: ReaderResult;
+  cr: CoalescerResult;
+  wr: WriterResult;
+}
+
+/** What run() measured or chose besides the stages' results. */
+interface RunFacts {
+  seconds: number;
+  finishMs: number;
+  direct: boolean;
+  maxOpen: number;
 }
 
 export class SavePipeline {
@@ -156,107 +200,59 @@ export class SavePipeline {
 
   async run(): Promise<SaveReport> {
     const t0 = performance.now();
-    const { sizes } = this.shared;
-    const maxOpen = Math.max(1, Math.floor(sizes.slotCount / 2));
-    // All three threads start together: each loads its modules in parallel with the others (started one after
-    // another, the stages cost ~0.1 s more before the first byte is read).
-    const fixtures = this.opts.stageFixtureDir;
-    const writer = startStage<WriterApi>(stageUrl('writer', fixtures), 'snap-pipe writer');
-    const reader = startStage<ReaderApi>(stageUrl('reader', fixtures), 'snap-pipe reader');
-    const coalescer = startStage<CoalescerApi>(stageUrl('coalescer', fixtures), 'snap-pipe coalescer');
-    this.stages.push(writer, reader, coalescer);
-    let imageOpened = false;
+    const maxOpen = Math.max(1, Math.floor(this.shared.sizes.slotCount / 2));
+    const { writer, reader, coalescer } = this.startStages();
     const rp = new SaveReturnPath(this.ctrl, this.opts.endTimeoutMs, this.opts.switchoverAck);
-    let rpTimer: NodeJS.Timeout | undefined;
-    // Answers the return path while the stages run, and fails the save when its end is overdue.
-    const rpOverdue = new Promise<never>((_, reject) => {
-      rpTimer = setInterval(() => {
-        let err: unknown;
-        try {
-          err = rp.poll(performance.now());
-        } catch (e) {
-          err = e;
-        }
-        if (err === undefined) return;
-        clearInterval(rpTimer);
-        reject(err);
-      }, RETURN_PATH_POLL_MS);
-    });
-    rpOverdue.catch(() => undefined); // raced below; an unraced rejection must not count as unhandled
+    const answering = answerReturnPath(rp);
+    let imageOpened = false;
     try {
       const { path, direct, force, io, queueDepth } = this.opts;
-      const opened = await settle(writer, writer.api.open({ path, direct, force, io, queueDepth }));
-      if (!opened.ok) throw deserializeError(opened.error);
+      const opened = await valueOf(writer, writer.api.open({ path, direct, force, io, queueDepth }));
       imageOpened = true;
-      if (opened.value.note) this.opts.onNote?.(opened.value.note);
+      if (opened.note) this.opts.onNote?.(opened.note);
 
-      const [r, c, w] = await Promise.race([rpOverdue, this.supervise([
+      const [r, c, w] = await Promise.race([answering.failed, this.supervise([
         settle(reader, reader.api.run(this.shared)),
         settle(coalescer, coalescer.api.run(this.shared, maxOpen)),
         settle(writer, writer.api.run(this.shared)),
       ])]);
-      const rr = r as ReaderResult;
-      const cr = c as CoalescerResult;
-      const wr = w as WriterResult;
+      const results: StageResults = { rr: r as ReaderResult, cr: c as CoalescerResult, wr: w as WriterResult };
 
-      const meta = this.buildMeta(rr, cr, wr);
+      const meta = this.buildMeta(results);
       const tFinish = performance.now();
-      const finished = await settle(writer, writer.api.finish(meta));
-      if (!finished.ok) throw deserializeError(finished.error);
-      clearInterval(rpTimer);
+      await valueOf(writer, writer.api.finish(meta));
+      answering.stop();
       // Complete and durable: only now may QEMU call the migration completed.
       rp.finished();
       const finishMs = performance.now() - tFinish;
 
       const seconds = (performance.now() - t0) / 1000;
       await this.stop();
-      return {
-        path: this.opts.path,
-        seconds,
-        streamBytes: rr.parsed.streamBytes,
-        streamMBps: rr.parsed.streamBytes / 1e6 / seconds,
-        dataPages: meta.counters.dataPages,
-        zeroPages: meta.counters.zeroPages,
-        resentPages: meta.counters.resentPages,
-        pageRecords: cr.counters.dataRecords + cr.counters.zeroRecords,
-        bytesWritten: wr.bytesWritten,
-        writeCalls: wr.writeCalls,
-        dataClusters: wr.clustersWritten,
-        rewrittenClusters: wr.rewrittenClusters,
-        oldContentReads: wr.oldContentReads,
-        oldContentBytes: wr.oldContentBytes,
-        partialChunks: cr.counters.partialChunks,
-        fileBytes: statSync(this.opts.path).size,
-        deviceStateBytes: rr.parsed.deviceState.length,
-        blocks: rr.parsed.blocks.length,
-        direct: opened.value.direct,
-        io: wr.io,
-        queueDepth: wr.queueDepth,
-        checksum: crc32cImplementation,
-        ring: { ringBytes: this.opts.ringBytes, slots: sizes.slotCount, inputBytes: sizes.inputBytes, parkBytes: sizes.parkPages * PAGE_BYTES, oldContentBytes: sizes.oldContentUnits * SLOT_BYTES, maxOpenChunks: maxOpen },
-        finishMs,
-        startup: {
-          stagesReadyMs: Math.max(rr.readyAtMs, cr.readyAtMs, wr.readyAtMs) - performance.timeOrigin,
-          firstReadMs: rr.firstReadAtMs > 0 ? rr.firstReadAtMs - performance.timeOrigin : 0,
-          firstWriteMs: wr.firstWriteAtMs > 0 ? wr.firstWriteAtMs - performance.timeOrigin : 0,
-        },
-        stages: {
-          reader: { busyMs: rr.busyMs, upstreamWaitMs: rr.sourceWaitMs, downstreamWaitMs: rr.downstreamWaitMs },
-          coalescer: { busyMs: cr.busyMs, upstreamWaitMs: cr.upstreamWaitMs, downstreamWaitMs: cr.downstreamWaitMs },
-          writer: { busyMs: wr.busyMs, upstreamWaitMs: wr.upstreamWaitMs, downstreamWaitMs: wr.ioMs },
-        },
-      };
+      return this.report(results, meta, { seconds, finishMs, direct: opened.direct, maxOpen });
     } catch (err) {
       // Do not wait for the reader and coalescer: the reader may be blocked reading stdin, and the caller exits
       // anyway. The writer gets a bounded moment to write the cause into the image.
       signalFailure(this.ctrl, FAIL_ERROR);
       wakeBlockedReader();
-      clearInterval(rpTimer);
+      answering.stop();
       const failure = imageOpened ? await this.recordFailure(writer, err) : err;
       rp.failed();
       void this.stop();
       throw failure;
     }
+  }
+
+  /**
+   * All three threads start together: each loads its modules in parallel with the others (started one after
+   * another, the stages cost ~0.1 s more before the first byte is read).
+   */
+  private startStages(): { writer: StageHandle<WriterApi>; reader: StageHandle<ReaderApi>; coalescer: StageHandle<CoalescerApi> } {
+    const fixtures = this.opts.stageFixtureDir;
+    const writer = startStage<WriterApi>(stageUrl('writer', fixtures), 'snap-pipe writer');
+    const reader = startStage<ReaderApi>(stageUrl('reader', fixtures), 'snap-pipe reader');
+    const coalescer = startStage<CoalescerApi>(stageUrl('coalescer', fixtures), 'snap-pipe coalescer');
+    this.stages.push(writer, reader, coalescer);
+    return { writer, reader, coalescer };
   }
 
   /**
@@ -308,7 +304,7 @@ export class SavePipeline {
     });
   }
 
-  private buildMeta(rr: ReaderResult, cr: CoalescerResult, wr: WriterResult): Omit<SnapshotMeta, 'chunkCrc32c'> {
+  private buildMeta({ rr, cr, wr }: StageResults): Omit<SnapshotMeta, 'chunkCrc32c'> {
     const p = rr.parsed;
     let dataPages = 0;
     let sentPages = 0;
@@ -344,6 +340,47 @@ export class SavePipeline {
       },
       savedAt: new Date().toISOString(),
       writer: `snap-pipe ${VERSION}`,
+    };
+  }
+
+  private report({ rr, cr, wr }: StageResults, meta: Omit<SnapshotMeta, 'chunkCrc32c'>, run: RunFacts): SaveReport {
+    const { sizes } = this.shared;
+    const { seconds } = run;
+    return {
+      path: this.opts.path,
+      seconds,
+      streamBytes: rr.parsed.streamBytes,
+      streamMBps: rr.parsed.streamBytes / 1e6 / seconds,
+      dataPages: meta.counters.dataPages,
+      zeroPages: meta.counters.zeroPages,
+      resentPages: meta.counters.resentPages,
+      pageRecords: cr.counters.dataRecords + cr.counters.zeroRecords,
+      bytesWritten: wr.bytesWritten,
+      writeCalls: wr.writeCalls,
+      dataClusters: wr.clustersWritten,
+      rewrittenClusters: wr.rewrittenClusters,
+      oldContentReads: wr.oldContentReads,
+      oldContentBytes: wr.oldContentBytes,
+      partialChunks: cr.counters.partialChunks,
+      fileBytes: statSync(this.opts.path).size,
+      deviceStateBytes: rr.parsed.deviceState.length,
+      blocks: rr.parsed.blocks.length,
+      direct: run.direct,
+      io: wr.io,
+      queueDepth: wr.queueDepth,
+      checksum: crc32cImplementation,
+      ring: { ringBytes: this.opts.ringBytes, slots: sizes.slotCount, inputBytes: sizes.inputBytes, parkBytes: sizes.parkPages * PAGE_BYTES, oldContentBytes: sizes.oldContentUnits * SLOT_BYTES, maxOpenChunks: run.maxOpen },
+      finishMs: run.finishMs,
+      startup: {
+        stagesReadyMs: Math.max(rr.readyAtMs, cr.readyAtMs, wr.readyAtMs) - performance.timeOrigin,
+        firstReadMs: rr.firstReadAtMs > 0 ? rr.firstReadAtMs - performance.timeOrigin : 0,
+        firstWriteMs: wr.firstWriteAtMs > 0 ? wr.firstWriteAtMs - performance.timeOrigin : 0,
+      },
+      stages: {
+        reader: { busyMs: rr.busyMs, upstreamWaitMs: rr.sourceWaitMs, downstreamWaitMs: rr.downstreamWaitMs },
+        coalescer: { busyMs: cr.busyMs, upstreamWaitMs: cr.upstreamWaitMs, downstreamWaitMs: cr.downstreamWaitMs },
+        writer: { busyMs: wr.busyMs, upstreamWaitMs: wr.upstreamWaitMs, downstreamWaitMs: wr.ioMs },
+      },
     };
   }
 

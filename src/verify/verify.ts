@@ -1,11 +1,11 @@
 // `snap-pipe verify IMG`: reads the whole image and checks it the way load would use it, without sending anything.
 //   structure: everything ImageReader.open checks (the QCOW2 header, features and extensions, every L1, L2 and
 //     refcount table entry, each cluster used once, every refcount exactly what its use calls for, the metadata and
-//     where it puts the blocks), everything load checks before its first byte (image-checks.ts: the stream parts,
+//     where it puts the blocks), everything load checks before its first byte (image/checks.ts: the stream parts,
 //     a cluster for every chunk with data pages), then the layout snap-pipe writes: data clusters at host clusters
 //     1..D, metadata, L2 and L1 tables and refcounts where the writer puts them, the file ending after the refcount
 //     table. So an image verify passes is one load sends whole, and one qemu-img check finds clean;
-//   content: every data cluster read (O_DIRECT through the I/O backend, queueDepth reads in flight) and its CRC-32
+//   content: every data cluster read (O_DIRECT through the I/O backend, queueDepth reads in flight) and its CRC-32C
 //     compared with the one recorded at save. CRCs run on this thread (threads 0) or in a piscina pool of `threads`
 //     threads, reading the clusters from the shared read slots in place.
 // A structural fault throws at once (one line). Checksum mismatches are all counted (the first BAD_LIST_MAX kept)
@@ -30,7 +30,7 @@ import {
 } from '../format/image/qcow2.js';
 import { openImageFile } from '../image/open.js';
 import { ImageReader, readAt } from '../image/reader.js';
-import { CLUSTER_BYTES } from '../format/image/types.js';
+import { CLUSTER_BYTES, type SnapshotMeta } from '../format/image/types.js';
 import { openIoBackend, reapNamed, type IoBackend, type IoBackendName } from '../native/io.js';
 import { alignedShared } from '../native/memory.js';
 import type { CrcTask } from './crc-task.js';
@@ -60,6 +60,7 @@ export interface ChunkMismatch {
   /** Offset of the chunk in its RAM block. */
   blockOffsetBytes: number;
   hostOffsetBytes: number;
+  /** The cluster's CRC-32C as recorded at save, and as read now (the names are the JSON report's keys). */
   storedCrc32: number;
   readCrc32: number;
 }
@@ -305,6 +306,101 @@ class PoolCrc implements CrcEngine {
   }
 }
 
+/**
+ * Reads the clusters to check, up to the backend's queue depth at a time into the read slots, has the engine compute
+ * each one's CRC-32C and compares it with the one recorded at save. Mismatches are all counted, the first
+ * BAD_LIST_MAX kept. Owns none of what it is given: the caller opens and closes the file, backend and engine.
+ */
+class ClusterChecks {
+  readonly mismatches: ChunkMismatch[] = [];
+  badClusters = 0;
+  /** Time waiting for reads. */
+  readWaitMs = 0;
+  private checked = 0;
+  private submitted = 0;
+  /** The check each read slot holds (-1: none), and the free slots. */
+  private readonly slotCheck: Int32Array;
+  private readonly free: number[] = [];
+
+  constructor(
+    private readonly path: string,
+    private readonly fd: number,
+    private readonly reads: IoBackend,
+    private readonly slots: Uint8Array,
+    private readonly meta: SnapshotMeta,
+    private readonly checks: ClusterCheck[],
+  ) {
+    const depth = slots.byteLength / CLUSTER_BYTES;
+    this.slotCheck = new Int32Array(depth).fill(-1);
+    for (let s = depth - 1; s >= 0; s--) this.free.push(s);
+  }
+
+  /** The CRC engine's onDone: compares a slot's CRC with the recorded one and frees the slot. */
+  readonly crcDone = (slot: number, crc: number): void => {
+    const ch = this.checks[this.slotCheck[slot]];
+    const want = this.meta.chunkCrc32c[ch.block][ch.chunk] >>> 0;
+    if (crc !== want) this.mismatch(ch, want, crc);
+    this.slotCheck[slot] = -1;
+    this.free.push(slot);
+    this.checked++;
+  };
+
+  async run(engine: CrcEngine): Promise<void> {
+    const total = this.checks.length;
+    // Bounded: every round completes at least one read or one CRC, and there are `total` of each.
+    while (this.checked < total) {
+      this.submitReads();
+      if (this.reads.inFlight > 0) {
+        // With CRCs running elsewhere, only collect what is ready; otherwise wait for one read.
+        const taken = this.takeReads(engine, engine.pending > 0 ? 0 : 1);
+        if (taken > 0 && this.free.length > 0 && this.submitted < total) continue;
+      }
+      if (engine.pending > 0) await engine.waitOne();
+    }
+  }
+
+  /** Mismatches in file order. */
+  sortedMismatches(): ChunkMismatch[] {
+    return this.mismatches.sort((x, y) => x.hostOffsetBytes - y.hostOffsetBytes);
+  }
+
+  private submitReads(): void {
+    while (this.submitted < this.checks.length && this.free.length > 0) {
+      const slot = this.free.pop() as number;
+      this.slotCheck[slot] = this.submitted;
+      this.reads.read(this.fd, this.slots, slot * CLUSTER_BYTES, CLUSTER_BYTES, this.checks[this.submitted].hostOffsetBytes, slot);
+      this.submitted++;
+    }
+  }
+
+  /** Waits for at least `min` reads, and starts the CRC of each one completed; returns how many completed. */
+  private takeReads(engine: CrcEngine, min: number): number {
+    const t1 = performance.now();
+    const done = reapNamed(this.reads, this.path, min);
+    this.readWaitMs += performance.now() - t1;
+    for (const c of done) {
+      if (c.bytes !== CLUSTER_BYTES) {
+        throw new SnapPipeError('TRUNCATED', `${this.path}: the file ends inside the cluster at byte ${this.checks[this.slotCheck[c.tag]].hostOffsetBytes} (truncated image)`);
+      }
+      engine.start(c.tag, c.tag * CLUSTER_BYTES);
+    }
+    return done.length;
+  }
+
+  private mismatch(ch: ClusterCheck, want: number, crc: number): void {
+    this.badClusters++;
+    if (this.mismatches.length >= BAD_LIST_MAX) return;
+    this.mismatches.push({
+      block: this.meta.blocks[ch.block].id,
+      chunk: ch.chunk,
+      blockOffsetBytes: ch.chunk * CLUSTER_BYTES,
+      hostOffsetBytes: ch.hostOffsetBytes,
+      storedCrc32: want,
+      readCrc32: crc,
+    });
+  }
+}
+
 export async function runVerify(opts: VerifyOptions): Promise<VerifyReport> {
   const t0 = performance.now();
   const { path } = opts;
@@ -328,85 +424,27 @@ export async function runVerify(opts: VerifyOptions): Promise<VerifyReport> {
     reads = opened.backend;
     if (opened.note) opts.onNote?.(opened.note);
 
-    const slotCheck = new Int32Array(depth).fill(-1);
-    const free: number[] = [];
-    for (let s = depth - 1; s >= 0; s--) free.push(s);
-    const mismatches: ChunkMismatch[] = [];
-    let badClusters = 0;
-    let checked = 0;
-    const onDone = (slot: number, crc: number) => {
-      const ch = checks[slotCheck[slot]];
-      const want = meta.chunkCrc32c[ch.block][ch.chunk] >>> 0;
-      if (crc !== want) {
-        badClusters++;
-        if (mismatches.length < BAD_LIST_MAX) {
-          mismatches.push({
-            block: meta.blocks[ch.block].id,
-            chunk: ch.chunk,
-            blockOffsetBytes: ch.chunk * CLUSTER_BYTES,
-            hostOffsetBytes: ch.hostOffsetBytes,
-            storedCrc32: want,
-            readCrc32: crc,
-          });
-        }
-      }
-      slotCheck[slot] = -1;
-      free.push(slot);
-      checked++;
-    };
-    engine = opts.threads === 0 ? new InlineCrc(slots, onDone) : new PoolCrc(opts.threads, shared, onDone);
-
-    let submitted = 0;
-    let readWaitMs = 0;
-    // Bounded: every round completes at least one read or one CRC, and there are checks.length of each.
-    while (checked < checks.length) {
-      while (submitted < checks.length && free.length > 0) {
-        const slot = free.pop() as number;
-        slotCheck[slot] = submitted;
-        reads.read(fd, slots, slot * CLUSTER_BYTES, CLUSTER_BYTES, checks[submitted].hostOffsetBytes, slot);
-        submitted++;
-      }
-      if (reads.inFlight > 0) {
-        const t1 = performance.now();
-        // With CRCs running elsewhere, only collect what is ready; otherwise wait for one read.
-        const done = reapNamed(reads, path, engine.pending > 0 ? 0 : 1);
-        readWaitMs += performance.now() - t1;
-        for (const c of done) {
-          if (c.bytes !== CLUSTER_BYTES) {
-            throw new SnapPipeError('TRUNCATED', `${path}: the file ends inside the cluster at byte ${checks[slotCheck[c.tag]].hostOffsetBytes} (truncated image)`);
-          }
-          engine.start(c.tag, c.tag * CLUSTER_BYTES);
-        }
-        if (done.length > 0 && free.length > 0 && submitted < checks.length) continue;
-      }
-      if (engine.pending > 0) await engine.waitOne();
-    }
+    const content = new ClusterChecks(path, fd, reads, slots, meta, checks);
+    engine = opts.threads === 0 ? new InlineCrc(slots, content.crcDone) : new PoolCrc(opts.threads, shared, content.crcDone);
+    await content.run(engine);
     const seconds = (performance.now() - t0) / 1000;
-    const summary = summarizeBlocks(meta);
-    const sum = (f: (b: (typeof summary)[number]) => number) => summary.reduce((a, b) => a + f(b), 0);
-    mismatches.sort((x, y) => x.hostOffsetBytes - y.hostOffsetBytes);
-    const bytesRead = checks.length * CLUSTER_BYTES;
     return {
       path,
-      sound: badClusters === 0,
+      sound: content.badClusters === 0,
       seconds,
       fileBytes: reader.fileBytes,
-      blocks: meta.blocks.length,
-      dataPages: sum((b) => b.dataPages),
-      zeroPages: sum((b) => b.zeroPages),
-      unsentPages: sum((b) => b.unsentPages),
-      deviceStateBytes: meta.deviceState.length,
+      ...pageCounts(meta),
       metadataBytes: reader.metaBytes,
       dataClusters: checks.length,
-      bytesRead,
-      readMBps: bytesRead / 1e6 / seconds,
-      badClusters,
-      mismatches,
+      bytesRead: checks.length * CLUSTER_BYTES,
+      readMBps: (checks.length * CLUSTER_BYTES) / 1e6 / seconds,
+      badClusters: content.badClusters,
+      mismatches: content.sortedMismatches(),
       threads: engine.threads,
       io: reads.name,
       direct: opts.direct,
       queueDepth: depth,
-      readWaitMs,
+      readWaitMs: content.readWaitMs,
       crcMs: engine instanceof InlineCrc ? engine.ms : 0,
       crcWaitMs: engine instanceof PoolCrc ? engine.waitMs : 0,
     };
@@ -416,4 +454,17 @@ export async function runVerify(opts: VerifyOptions): Promise<VerifyReport> {
     if (fd >= 0) fs.closeSync(fd);
     reader.close();
   }
+}
+
+/** The report's block and page figures, from the metadata. */
+function pageCounts(meta: SnapshotMeta): Pick<VerifyReport, 'blocks' | 'dataPages' | 'zeroPages' | 'unsentPages' | 'deviceStateBytes'> {
+  const summary = summarizeBlocks(meta);
+  const sum = (f: (b: (typeof summary)[number]) => number) => summary.reduce((a, b) => a + f(b), 0);
+  return {
+    blocks: meta.blocks.length,
+    dataPages: sum((b) => b.dataPages),
+    zeroPages: sum((b) => b.zeroPages),
+    unsentPages: sum((b) => b.unsentPages),
+    deviceStateBytes: meta.deviceState.length,
+  };
 }

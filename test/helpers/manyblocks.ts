@@ -1,7 +1,8 @@
 // Images with more RAM blocks than a save accepts (MAX_BLOCKS), written through the image writer directly: what a
 // hostile or future image may hold, for the commands that read images. The stream parts (head, RAM setup, device
 // state) come from a real stream parsed in this thread, so load and verify find them consistent.
-import { layoutBlocks, ImageWriter } from '../../src/image/writer.js';
+import { ImageWriter } from '../../src/image/writer.js';
+import { layoutBlocks } from '../../src/format/image/qcow2.js';
 import { FORMAT_VERSION, PAGE_BYTES, type SnapshotMeta } from '../../src/format/image/types.js';
 import { buildStream, type BlockSpec, type Op } from './model.js';
 import { parseAll } from './parse.js';

@@ -20,11 +20,11 @@ import {
   decodeHeader,
   encodeHeader,
   fillRefcountBlock,
+  layoutBlocks,
   layoutTail,
   snapHeader,
 } from '../../src/format/image/qcow2.js';
 import { CLUSTER_BYTES, FORMAT_VERSION, type SnapshotMeta } from '../../src/format/image/types.js';
-import { layoutBlocks } from '../../src/image/writer.js';
 
 const C = CLUSTER_BYTES;
 

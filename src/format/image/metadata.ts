@@ -85,6 +85,13 @@ export function chunksOf(block: RamBlockInfo): number {
   return Math.ceil(block.lengthBytes / CLUSTER_BYTES);
 }
 
+/** A block's entry, with exactly the fields RamBlockInfo names (addr only when present). */
+function blockInfo(b: RamBlockInfo): RamBlockInfo {
+  const out: RamBlockInfo = { id: b.id, lengthBytes: b.lengthBytes, virtOffsetBytes: b.virtOffsetBytes };
+  if (b.addr !== undefined) out.addr = b.addr;
+  return out;
+}
+
 function encodeList(items: Uint8Array[]): Uint8Array {
   let total = 4;
   for (const item of items) total += 4 + pad4(item.byteLength);
@@ -127,11 +134,7 @@ export function encodeMeta(meta: SnapshotMeta): Uint8Array {
     ramSectionId: meta.ramSectionId,
     ramVersionId: meta.ramVersionId,
     sawRamEnd: meta.sawRamEnd,
-    blocks: meta.blocks.map((b) => {
-      const out: RamBlockInfo = { id: b.id, lengthBytes: b.lengthBytes, virtOffsetBytes: b.virtOffsetBytes };
-      if (b.addr !== undefined) out.addr = b.addr;
-      return out;
-    }),
+    blocks: meta.blocks.map(blockInfo),
     counters: { ...meta.counters },
     savedAt: meta.savedAt,
     writer: meta.writer,
@@ -235,6 +238,39 @@ function checkJson(j: unknown): MetaJson {
  * once (it may be as large as META_BYTES_MAX).
  */
 export function decodeMeta(src: Uint8Array): SnapshotMeta {
+  const found = decodeSections(src);
+  const get = (tag: MetaTag): Uint8Array => found.get(tag) as Uint8Array;
+  const json = decodeJson(get(MetaTag.Json));
+  const { pages, chunkCrc32c } = decodePerBlock(json.blocks, get);
+  return {
+    formatVersion: json.formatVersion,
+    machineType: json.machineType,
+    capabilities: json.capabilities,
+    ramSectionId: json.ramSectionId,
+    ramVersionId: json.ramVersionId,
+    head: get(MetaTag.Head),
+    ramSetup: get(MetaTag.RamSetup),
+    switchoverCommands: found.get(MetaTag.SwitchoverCommands) ?? new Uint8Array(0),
+    deviceState: get(MetaTag.DeviceState),
+    sawRamEnd: json.sawRamEnd,
+    blocks: json.blocks.map(blockInfo),
+    pages,
+    chunkCrc32c,
+    counters: {
+      dataPages: json.counters.dataPages,
+      zeroPages: json.counters.zeroPages,
+      resentPages: json.counters.resentPages,
+      streamBytes: json.counters.streamBytes,
+      dataClusters: json.counters.dataClusters,
+      rewrittenClusters: json.counters.rewrittenClusters,
+    },
+    savedAt: json.savedAt,
+    writer: json.writer,
+  };
+}
+
+/** The container's sections by tag, each checked against its CRC-32; every required one present, none repeated. */
+function decodeSections(src: Uint8Array): Map<number, Uint8Array> {
   if (src.byteLength < CONTAINER_HEADER_BYTES) throw damaged('too short');
   for (let i = 0; i < META_MAGIC.length; i++) if (src[i] !== META_MAGIC[i]) throw damaged('bad magic');
   const view = new DataView(src.buffer, src.byteOffset, src.byteLength);
@@ -260,65 +296,49 @@ export function decodeMeta(src: Uint8Array): SnapshotMeta {
   }
   if (pos !== src.byteLength) throw damaged('trailing bytes');
   for (const tag of REQUIRED_TAGS) if (!found.has(tag)) throw damaged(`section ${tag} missing`);
-  const get = (tag: MetaTag): Uint8Array => found.get(tag) as Uint8Array;
+  return found;
+}
 
-  const jsonBytes = get(MetaTag.Json).byteLength;
-  if (jsonBytes > JSON_SECTION_BYTES_MAX) throw damaged(`scalar section of ${jsonBytes} bytes (at most ${JSON_SECTION_BYTES_MAX})`);
+/** The scalar section: bounded, UTF-8, JSON, and every field of the expected type. */
+function decodeJson(bytes: Uint8Array): MetaJson {
+  if (bytes.byteLength > JSON_SECTION_BYTES_MAX) {
+    throw damaged(`scalar section of ${bytes.byteLength} bytes (at most ${JSON_SECTION_BYTES_MAX})`);
+  }
   let parsed: unknown;
   try {
-    parsed = JSON.parse(new TextDecoder('utf-8', { fatal: true }).decode(get(MetaTag.Json)));
+    parsed = JSON.parse(new TextDecoder('utf-8', { fatal: true }).decode(bytes));
   } catch {
     throw damaged('scalar section is not JSON');
   }
-  const json = checkJson(parsed);
+  return checkJson(parsed);
+}
+
+/** Each block's bitmaps and chunk CRCs, one of each per block, none shorter than the block needs. */
+function decodePerBlock(blocks: RamBlockInfo[], get: (tag: MetaTag) => Uint8Array): Pick<SnapshotMeta, 'pages' | 'chunkCrc32c'> {
   const sent = decodeList(get(MetaTag.SentBitmaps), 'sent bitmap');
   const data = decodeList(get(MetaTag.DataBitmaps), 'data bitmap');
   const crcLists = decodeList(get(MetaTag.ChunkCrcs), 'chunk CRC');
-  const n = json.blocks.length;
+  const n = blocks.length;
   if (sent.length !== n || data.length !== n || crcLists.length !== n) throw damaged('per-block lists do not match');
   const pages: BlockPages[] = [];
   const chunkCrc32c: Uint32Array[] = [];
   for (let i = 0; i < n; i++) {
-    const b = json.blocks[i];
+    const b = blocks[i];
     if (sent[i].byteLength < bitmapBytesOf(b) || data[i].byteLength < bitmapBytesOf(b)) {
       throw damaged(`bitmaps of ${b.id} too short`);
     }
     const raw = crcLists[i];
     if (raw.byteLength % 4 !== 0 || raw.byteLength / 4 < chunksOf(b)) throw damaged(`chunk CRCs of ${b.id}`);
-    const crcView = new DataView(raw.buffer, raw.byteOffset, raw.byteLength);
-    const crcs = new Uint32Array(raw.byteLength / 4);
-    for (let k = 0; k < crcs.length; k++) crcs[k] = crcView.getUint32(k * 4, true);
     pages.push({ sent: sent[i], data: data[i] });
-    chunkCrc32c.push(crcs);
+    chunkCrc32c.push(crcsOf(raw));
   }
-  const blocks: RamBlockInfo[] = json.blocks.map((b) => {
-    const out: RamBlockInfo = { id: b.id, lengthBytes: b.lengthBytes, virtOffsetBytes: b.virtOffsetBytes };
-    if (b.addr !== undefined) out.addr = b.addr;
-    return out;
-  });
-  return {
-    formatVersion: json.formatVersion,
-    machineType: json.machineType,
-    capabilities: json.capabilities,
-    ramSectionId: json.ramSectionId,
-    ramVersionId: json.ramVersionId,
-    head: get(MetaTag.Head),
-    ramSetup: get(MetaTag.RamSetup),
-    switchoverCommands: found.get(MetaTag.SwitchoverCommands) ?? new Uint8Array(0),
-    deviceState: get(MetaTag.DeviceState),
-    sawRamEnd: json.sawRamEnd,
-    blocks,
-    pages,
-    chunkCrc32c,
-    counters: {
-      dataPages: json.counters.dataPages,
-      zeroPages: json.counters.zeroPages,
-      resentPages: json.counters.resentPages,
-      streamBytes: json.counters.streamBytes,
-      dataClusters: json.counters.dataClusters,
-      rewrittenClusters: json.counters.rewrittenClusters,
-    },
-    savedAt: json.savedAt,
-    writer: json.writer,
-  };
+  return { pages, chunkCrc32c };
+}
+
+/** Little-endian u32s (a copy: `raw` need not be 4-byte aligned). */
+function crcsOf(raw: Uint8Array): Uint32Array {
+  const view = new DataView(raw.buffer, raw.byteOffset, raw.byteLength);
+  const crcs = new Uint32Array(raw.byteLength / 4);
+  for (let k = 0; k < crcs.length; k++) crcs[k] = view.getUint32(k * 4, true);
+  return crcs;
 }

@@ -24,14 +24,9 @@ export const REFCOUNTS_PER_BLOCK = CLUSTER_BYTES / REFCOUNT_ENTRY_BYTES; // 5242
 export const TABLE_ENTRY_BYTES = 8;
 /** Entries per L2 table, per L1 cluster and per refcount-table cluster. */
 export const ENTRIES_PER_TABLE_CLUSTER = CLUSTER_BYTES / TABLE_ENTRY_BYTES; // 131072
-/** Virtual bytes one L2 table maps: 128 GiB. */
-export const L2_COVERAGE_BYTES = ENTRIES_PER_TABLE_CLUSTER * CLUSTER_BYTES;
 
 /** Bit 63 of L1/L2 entries: refcount is exactly 1, the cluster may be written in place. */
 export const QCOW_OFLAG_COPIED = 1n << 63n;
-export const QCOW_OFLAG_COMPRESSED = 1n << 62n;
-/** Bit 0 of a standard L2 entry (v3): the cluster reads as zeros. */
-export const QCOW_OFLAG_ZERO = 1n;
 /** Bits 9-55 of L1/L2/refcount table entries hold the host offset. */
 export const OFFSET_MASK = 0x00ff_ffff_ffff_fe00n;
 

@@ -42,7 +42,11 @@ export interface SaveCounters {
   resentPages: number;
   streamBytes: number;
   dataClusters: number;
-  /** Clusters written more than once (partial chunks completed later); their checksums were re-read at finish. */
+  /**
+   * Clusters written more than once (partial chunks completed later, pages re-sent). Each rewrite moved the cluster's
+   * checksum by the old content of the pages it overwrote (zeros, or read just before the write); nothing is read
+   * back at finish.
+   */
   rewrittenClusters: number;
 }
 

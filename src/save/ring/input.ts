@@ -99,7 +99,7 @@ export class InputRing implements StreamSource {
       return;
     }
     this.written = (this.written + got) | 0;
-    // Progress the main thread watches (save-returnpath.ts: is the stream still coming?).
+    // Progress the main thread watches (save/returnpath.ts: is the stream still coming?).
     Atomics.store(this.ctrl, CTRL.IN_WRITTEN, this.written);
   }
 

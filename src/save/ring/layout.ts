@@ -122,8 +122,8 @@ export interface SaveShared {
   sizes: SaveRingSizes;
   ctrl: SharedArrayBuffer; // Int32[CTRL_INTS]
   desc: SharedArrayBuffer; // Int32[descCount * DESC_INTS]
-  fillQueue: SharedArrayBuffer; // Int32[slotCount]
-  freeQueue: SharedArrayBuffer; // Int32[slotCount]
+  fillQueue: SharedArrayBuffer; // Int32[queueEntries(slotCount)]: a power of two, at least slotCount
+  freeQueue: SharedArrayBuffer; // Int32[queueEntries(slotCount)]
   slotHeaders: SharedArrayBuffer; // Int32[slotCount * SLOT_INTS]
   blocks: SharedArrayBuffer; // Float64[MAX_BLOCKS * BLOCK_F64S]
   /** Page-aligned: chunk slots (slotCount MiB), the input ring, the park pool, the writer's old-content units. */

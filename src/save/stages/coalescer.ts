@@ -15,7 +15,6 @@ import {
   KIND_RELEASE,
   KIND_SETUP,
   KIND_ZERO,
-  SLOT_BYTES,
   type SaveShared,
 } from '../ring/layout.js';
 import { publish } from '../ring/wait.js';

@@ -2,7 +2,7 @@
 // descriptor per RAM page record to the coalescer. Keeps the non-RAM parts and returns them at the end.
 import { readSync } from 'node:fs';
 import { SnapPipeError, ioError } from '../../errors.js';
-import { layoutBlocks } from '../../image/writer.js';
+import { layoutBlocks } from '../../format/image/qcow2.js';
 import { CLUSTER_BYTES } from '../../format/image/types.js';
 import { enlargePipe } from '../../native/uring.js';
 import { DescriptorProducer } from '../ring/descriptors.js';
@@ -108,7 +108,7 @@ function run(shared: SaveShared): ReaderResult {
     zero(block, page) {
       producer.push(KIND_ZERO, block, page, 0);
     },
-    // QEMU's return path: the main thread, which owns stdout, answers what is published here (save-returnpath.ts).
+    // QEMU's return path: the main thread, which owns stdout, answers what is published here (save/returnpath.ts).
     returnPathOpened(switchoverAck) {
       Atomics.store(v.ctrl, CTRL.RETURN_PATH, switchoverAck ? RP_OPEN_ACK : RP_OPEN);
     },

@@ -58,7 +58,8 @@ export interface WriterOpenOptions {
 
 let image: ImageWriter | undefined;
 let io: IoBackend | undefined;
-let views: SaveViews | undefined;
+/** run() has written every chunk: finish() may write the metadata. */
+let ran = false;
 const crcByVirtCluster = new Map<number, number>();
 /** Clusters written more than once. */
 const rewritten = new Set<number>();
@@ -72,6 +73,232 @@ const OLD_CONTENT_GAP_PAGES = 16;
 const FILL_POLL_MS = 0.3;
 /** CRC-32C of a cluster of zeros. */
 const ZERO_CLUSTER_CRC = crc32cZeros(0, CLUSTER_BYTES);
+
+/** Whether the publication in the slot whose header starts at `hdr` carries page p (a set bit of its seen mask). */
+function isCarried(h: Int32Array, hdr: number, p: number): boolean {
+  return (h[hdr + SLOT_SEEN_BITS + (p >>> 5)] & (1 << (p & 31))) !== 0;
+}
+
+/** A rewritten cluster's CRC moves by the CRC of what its pages held before and of what they hold now. */
+function updateCrc(vc: number, oldContentCrc: number, newContentCrc: number): void {
+  crcByVirtCluster.set(vc, (crcByVirtCluster.get(vc)! ^ oldContentCrc ^ newContentCrc) >>> 0);
+}
+
+/**
+ * The writer's requests and what they hold: a slot until all its writes have completed, a cluster until its
+ * publication is written, an old-content unit until its reads have completed and its writes are submitted.
+ * Everything is allocated here, before the first chunk.
+ */
+class ChunkWriter {
+  bytesWritten = 0;
+  writeCalls = 0;
+  oldContentReads = 0;
+  oldContentBytes = 0;
+  /** Time waiting for completions (the disk). */
+  ioMs = 0;
+  firstWriteAtMs = 0;
+  private readonly h: Int32Array;
+  private readonly slotCount: number;
+  /**
+   * References per slot: one per write in flight, and one while its writes are being submitted, so completions
+   * reaped in between (the queue was full) cannot hand it back early; the last one returns it to the coalescer.
+   */
+  private readonly pendingWrites: Int32Array;
+  private readonly slotCluster: Int32Array;
+  private readonly slotHost: Float64Array;
+  /** Clusters with a publication in flight. */
+  private readonly clusterBusy = new Set<number>();
+  // Old-content units: completion tags slotCount + unit. A unit holds one reference while its reads are being
+  // submitted (like pendingWrites), and is ready once its count drops to 0.
+  private readonly unitSlot: Int32Array;
+  private readonly unitPending: Int32Array;
+  private readonly freeUnits: number[];
+  /** Units whose old content is in: their writes go out before anything else. */
+  private readonly ready: number[] = [];
+  /** One past the last page of the span nextSpan found. */
+  private spanEnd = 0;
+
+  constructor(
+    private readonly img: ImageWriter,
+    private readonly backend: IoBackend,
+    private readonly v: SaveViews,
+    private readonly free: IntQueueProducer,
+  ) {
+    this.h = v.slotHeaders;
+    this.slotCount = v.sizes.slotCount;
+    this.pendingWrites = new Int32Array(this.slotCount);
+    this.slotCluster = new Int32Array(this.slotCount);
+    this.slotHost = new Float64Array(this.slotCount);
+    const units = v.sizes.oldContentUnits;
+    this.unitSlot = new Int32Array(units).fill(-1);
+    this.unitPending = new Int32Array(units);
+    this.freeUnits = Array.from({ length: units }, (_, i) => units - 1 - i);
+  }
+
+  /** Requests in flight, or writes waiting to be submitted. */
+  busy(): boolean {
+    return this.backend.inFlight > 0 || this.ready.length > 0;
+  }
+
+  writesReady(): boolean {
+    return this.ready.length > 0;
+  }
+
+  /** Takes a filled slot: its cluster's CRC recorded or updated, its writes (or the reads of its old content) submitted. */
+  write(slot: number): void {
+    const h = this.h;
+    const hdr = slot * SLOT_INTS;
+    const vc = h[hdr + SLOT_VIRT_CLUSTER];
+    while (this.clusterBusy.has(vc)) this.progress();
+    const { hostOffsetBytes, fresh } = this.img.allocate(vc);
+    this.slotCluster[slot] = vc;
+    this.slotHost[slot] = hostOffsetBytes;
+    this.clusterBusy.add(vc);
+    this.pendingWrites[slot] = 1;
+    // The coalescer and this writer agree on which publication of a chunk is its first (the cluster is new).
+    assert.equal(fresh, h[hdr + SLOT_FIRST] === 1, `cluster ${vc}: coalescer and writer disagree on its first write`);
+    assert(fresh || h[hdr + SLOT_WHOLE] === 0, `cluster ${vc}: only a new cluster is written whole`);
+    if (fresh) {
+      crcByVirtCluster.set(vc, h[hdr + SLOT_CRC] >>> 0);
+      // A fresh cluster lies past everything written so far, in the part of the file allocated ahead (unwritten
+      // extents) or sized ahead (a hole): either way pages not written read as zeros, which is what the coalescer
+      // checksummed them as.
+      if (h[hdr + SLOT_WHOLE] === 1) this.submitWrite(slot, slot * SLOT_BYTES, CLUSTER_BYTES, hostOffsetBytes);
+      else this.writeRuns(slot);
+      this.unref(slot);
+    } else if (h[hdr + SLOT_CRC_UPDATE] === 1) {
+      // Every carried page reads as zeros on disk: the old content is the zero cluster.
+      rewritten.add(vc);
+      updateCrc(vc, ZERO_CLUSTER_CRC, h[hdr + SLOT_CRC] >>> 0);
+      this.writeRuns(slot);
+      this.unref(slot);
+    } else {
+      rewritten.add(vc);
+      this.readOldContent(slot); // the slot's reference is released once its writes are submitted
+    }
+    this.complete(0);
+  }
+
+  /** Waits for something to happen: writes whose old content is in go out first, else one completion. */
+  progress(): void {
+    if (this.ready.length > 0) this.writeAfterOldContent(this.ready.shift()!);
+    else this.complete(1);
+  }
+
+  /** Submits what is queued and takes what has completed, waiting for at least `min` completions. */
+  complete(min: number): void {
+    const t1 = performance.now();
+    const done = reapNamed(this.backend, this.img.path, min);
+    this.ioMs += performance.now() - t1;
+    for (let i = 0; i < done.length; i++) {
+      const tag = done[i].tag;
+      if (tag >= this.slotCount) {
+        this.oldContentBytes += done[i].bytes;
+        this.unitDone(tag - this.slotCount);
+      } else {
+        this.bytesWritten += done[i].bytes;
+        this.unref(tag);
+      }
+    }
+  }
+
+  private unref(slot: number): void {
+    if (--this.pendingWrites[slot] === 0) {
+      this.clusterBusy.delete(this.slotCluster[slot]);
+      this.free.push(slot);
+    }
+  }
+
+  private unitDone(unit: number): void {
+    if (--this.unitPending[unit] === 0) this.ready.push(unit);
+  }
+
+  private submitWrite(slot: number, off: number, len: number, pos: number): void {
+    if (this.firstWriteAtMs === 0) this.firstWriteAtMs = epochMs();
+    while (this.backend.inFlight >= this.backend.queueDepth) this.complete(1);
+    this.backend.write(this.img.fd, this.v.slots, off, len, pos, slot);
+    this.pendingWrites[slot]++;
+    this.writeCalls++;
+  }
+
+  private submitRead(unit: number, off: number, len: number, pos: number): void {
+    while (this.backend.inFlight >= this.backend.queueDepth) this.complete(1);
+    this.backend.read(this.img.fd, this.v.oldContent, off, len, pos, this.slotCount + unit);
+    this.unitPending[unit]++;
+    this.oldContentReads++;
+  }
+
+  /** One write per run of pages the publication carries. */
+  private writeRuns(slot: number): void {
+    const hdr = slot * SLOT_INTS;
+    const base = slot * SLOT_BYTES;
+    let run0 = this.nextSpan(hdr, 0, 0);
+    while (run0 >= 0) {
+      const end = this.spanEnd;
+      this.submitWrite(slot, base + run0 * PAGE_BYTES, (end - run0) * PAGE_BYTES, this.slotHost[slot] + run0 * PAGE_BYTES);
+      run0 = this.nextSpan(hdr, end, 0);
+    }
+  }
+
+  /** Reads the old content of the carried spans into a free unit; writeAfterOldContent follows once it is in. */
+  private readOldContent(slot: number): void {
+    while (this.freeUnits.length === 0) this.progress();
+    const unit = this.freeUnits.pop()!;
+    this.unitSlot[unit] = slot;
+    this.unitPending[unit] = 1;
+    const hdr = slot * SLOT_INTS;
+    const ub = unit * CLUSTER_BYTES;
+    let run0 = this.nextSpan(hdr, 0, OLD_CONTENT_GAP_PAGES);
+    while (run0 >= 0) {
+      const end = this.spanEnd;
+      this.submitRead(unit, ub + run0 * PAGE_BYTES, (end - run0) * PAGE_BYTES, this.slotHost[slot] + run0 * PAGE_BYTES);
+      run0 = this.nextSpan(hdr, end, OLD_CONTENT_GAP_PAGES);
+    }
+    this.unitDone(unit);
+  }
+
+  /** The old content of a unit's spans has been read: update the cluster's CRC, then write the new pages. */
+  private writeAfterOldContent(unit: number): void {
+    const { slots, oldContent } = this.v;
+    const h = this.h;
+    const slot = this.unitSlot[unit];
+    const hdr = slot * SLOT_INTS;
+    const ub = unit * CLUSTER_BYTES;
+    const oldCrc = crc32cOfPages(oldContent, ub, PAGE_BYTES, PAGES_PER_CHUNK, (p) => isCarried(h, hdr, p));
+    updateCrc(this.slotCluster[slot], oldCrc, h[hdr + SLOT_CRC] >>> 0);
+    // One write per span read: the pages between its runs get their old content back (unchanged on disk).
+    const sb = slot * SLOT_BYTES;
+    let run0 = this.nextSpan(hdr, 0, OLD_CONTENT_GAP_PAGES);
+    while (run0 >= 0) {
+      const end = this.spanEnd;
+      for (let p = run0; p < end; p++) {
+        if (!isCarried(h, hdr, p)) slots.set(oldContent.subarray(ub + p * PAGE_BYTES, ub + (p + 1) * PAGE_BYTES), sb + p * PAGE_BYTES);
+      }
+      this.submitWrite(slot, sb + run0 * PAGE_BYTES, (end - run0) * PAGE_BYTES, this.slotHost[slot] + run0 * PAGE_BYTES);
+      run0 = this.nextSpan(hdr, end, OLD_CONTENT_GAP_PAGES);
+    }
+    this.unitSlot[unit] = -1;
+    this.freeUnits.push(unit);
+    this.unref(slot);
+  }
+
+  /**
+   * The first page, at or after `from`, of the next span of pages the publication carries, or -1 when there is none;
+   * the span ends at spanEnd. Carried pages at most maxGap pages apart share a span (0: each run is its own span).
+   */
+  private nextSpan(hdr: number, from: number, maxGap: number): number {
+    const h = this.h;
+    let run0 = from;
+    while (run0 < PAGES_PER_CHUNK && !isCarried(h, hdr, run0)) run0++;
+    if (run0 === PAGES_PER_CHUNK) return -1;
+    let end = run0 + 1;
+    for (let p = end; p < PAGES_PER_CHUNK && p - end <= maxGap; p++) {
+      if (isCarried(h, hdr, p)) end = p + 1;
+    }
+    this.spanEnd = end;
+    return run0;
+  }
+}
 
 /**
  * Writes chunks as they come, keeping up to the backend's queue depth of requests in flight. A slot goes back to the
@@ -88,192 +315,45 @@ const ZERO_CLUSTER_CRC = crc32cZeros(0, CLUSTER_BYTES);
 function run(shared: SaveShared): WriterResult {
   const t0 = performance.now();
   if (!image || !io) throw new Error('writer.run before writer.open');
-  const img = image;
   const backend = io;
-  const v = (views = saveViews(shared));
+  const v = saveViews(shared);
   const filled = new IntQueueConsumer(v.ctrl, CTRL.FILL_HEAD, CTRL.FILL_TAIL, v.fillQueue);
   const free = new IntQueueProducer(v.ctrl, CTRL.FREE_HEAD, CTRL.FREE_TAIL, v.freeQueue);
-  const h = v.slotHeaders;
-  const slotCount = v.sizes.slotCount;
-  const pendingWrites = new Int32Array(slotCount);
-  const slotCluster = new Int32Array(slotCount);
-  const slotHost = new Float64Array(slotCount);
-  const clusterBusy = new Set<number>();
-  // Old-content units: completion tags slotCount + unit. A unit holds one reference while its reads are being
-  // submitted (like pendingWrites), and is ready once its count drops to 0.
-  const units = v.sizes.oldContentUnits;
-  const unitSlot = new Int32Array(units).fill(-1);
-  const unitPending = new Int32Array(units);
-  const freeUnits = Array.from({ length: units }, (_, i) => units - 1 - i);
-  const ready: number[] = [];
-  let bytesWritten = 0;
-  let writeCalls = 0;
-  let oldContentReads = 0;
-  let oldContentBytes = 0;
-  let ioMs = 0;
-
-  const complete = (min: number) => {
-    const t1 = performance.now();
-    const done = reapNamed(backend, img.path, min);
-    ioMs += performance.now() - t1;
-    for (let i = 0; i < done.length; i++) {
-      const tag = done[i].tag;
-      if (tag >= slotCount) {
-        oldContentBytes += done[i].bytes;
-        unitDone(tag - slotCount);
-        continue;
-      }
-      bytesWritten += done[i].bytes;
-      unref(tag);
-    }
-  };
-  // A slot's count holds one reference while its writes are being submitted, so completions reaped in between
-  // (the queue was full) cannot hand it back early; the last reference returns it to the coalescer.
-  const unref = (slot: number) => {
-    if (--pendingWrites[slot] === 0) {
-      clusterBusy.delete(slotCluster[slot]);
-      free.push(slot);
-    }
-  };
-  const unitDone = (unit: number) => {
-    if (--unitPending[unit] === 0) ready.push(unit);
-  };
-  let firstWriteAtMs = 0;
-  const submit = (slot: number, off: number, len: number, pos: number) => {
-    if (firstWriteAtMs === 0) firstWriteAtMs = epochMs();
-    while (backend.inFlight >= backend.queueDepth) complete(1);
-    backend.write(img.fd, v.slots, off, len, pos, slot);
-    pendingWrites[slot]++;
-    writeCalls++;
-  };
-  const submitRead = (unit: number, off: number, len: number, pos: number) => {
-    while (backend.inFlight >= backend.queueDepth) complete(1);
-    backend.read(img.fd, v.oldContent, off, len, pos, slotCount + unit);
-    unitPending[unit]++;
-    oldContentReads++;
-  };
-
-  const carried = (hdr: number, p: number) => (h[hdr + SLOT_SEEN_BITS + (p >>> 5)] & (1 << (p & 31))) !== 0;
-  // Calls each(run0, pages) for the runs of pages this publication carries (set bits of the slot's seen mask);
-  // runs at most maxGap pages apart are reported as one span.
-  const forRuns = (hdr: number, maxGap: number, each: (run0: number, pages: number) => void) => {
-    let run0 = -1;
-    let end = -1; // one past the last carried page of the open span
-    for (let p = 0; p < PAGES_PER_CHUNK; p++) {
-      if (!carried(hdr, p)) continue;
-      if (run0 >= 0 && p - end > maxGap) {
-        each(run0, end - run0);
-        run0 = -1;
-      }
-      if (run0 < 0) run0 = p;
-      end = p + 1;
-    }
-    if (run0 >= 0) each(run0, end - run0);
-  };
-  const submitRuns = (slot: number, hdr: number) => {
-    const base = slot * SLOT_BYTES;
-    forRuns(hdr, 0, (run0, pages) => submit(slot, base + run0 * PAGE_BYTES, pages * PAGE_BYTES, slotHost[slot] + run0 * PAGE_BYTES));
-  };
-  const updateCrc = (vc: number, oldContentCrc: number, newContentCrc: number) => {
-    crcByVirtCluster.set(vc, (crcByVirtCluster.get(vc)! ^ oldContentCrc ^ newContentCrc) >>> 0);
-  };
-
-  // The old content of a unit's runs has been read: update the cluster's CRC, then write the new pages.
-  const writeAfterOldContent = (unit: number) => {
-    const slot = unitSlot[unit];
-    const hdr = slot * SLOT_INTS;
-    const base = unit * CLUSTER_BYTES;
-    const oldCrc = crc32cOfPages(v.oldContent, base, PAGE_BYTES, PAGES_PER_CHUNK, (p) => carried(hdr, p));
-    updateCrc(slotCluster[slot], oldCrc, h[hdr + SLOT_CRC] >>> 0);
-    // One write per span read: the pages between its runs get their old content back (unchanged on disk).
-    const sb = slot * SLOT_BYTES;
-    forRuns(hdr, OLD_CONTENT_GAP_PAGES, (run0, pages) => {
-      for (let p = run0; p < run0 + pages; p++) {
-        if (!carried(hdr, p)) v.slots.set(v.oldContent.subarray(base + p * PAGE_BYTES, base + (p + 1) * PAGE_BYTES), sb + p * PAGE_BYTES);
-      }
-      submit(slot, sb + run0 * PAGE_BYTES, pages * PAGE_BYTES, slotHost[slot] + run0 * PAGE_BYTES);
-    });
-    unitSlot[unit] = -1;
-    freeUnits.push(unit);
-    unref(slot);
-  };
-  // Waits for something to happen: writes whose old content is in go out first, else one completion.
-  const progress = () => {
-    if (ready.length > 0) writeAfterOldContent(ready.shift()!);
-    else complete(1);
-  };
-  const busy = () => backend.inFlight > 0 || ready.length > 0;
-
+  const w = new ChunkWriter(image, backend, v, free);
   for (;;) {
     // Never block on the coalescer while requests are in flight: their slots may be what it is waiting for. With few
     // in flight, the disk is about to run dry: a chunk published meanwhile goes out at once (the wait for it is
     // short, so completions are still reaped within FILL_POLL_MS); with many, waiting on the disk is right.
-    while (busy() && filled.available() === 0) {
-      if (ready.length > 0 || backend.inFlight * 2 >= backend.queueDepth) progress();
-      else if (!filled.waitAvailable(FILL_POLL_MS)) complete(0);
+    while (w.busy() && filled.available() === 0) {
+      if (w.writesReady() || backend.inFlight * 2 >= backend.queueDepth) w.progress();
+      else if (!filled.waitAvailable(FILL_POLL_MS)) w.complete(0);
     }
     const slot = filled.pop();
     if (slot === END_OF_CHUNKS) break;
-    const base = slot * SLOT_BYTES;
-    const hdr = slot * SLOT_INTS;
-    const vc = h[hdr + SLOT_VIRT_CLUSTER];
-    while (clusterBusy.has(vc)) progress();
-    const { hostOffsetBytes, fresh } = img.allocate(vc);
-    slotCluster[slot] = vc;
-    slotHost[slot] = hostOffsetBytes;
-    clusterBusy.add(vc);
-    pendingWrites[slot] = 1;
-    // The coalescer and this writer agree on which publication of a chunk is its first (the cluster is new).
-    assert.equal(fresh, h[hdr + SLOT_FIRST] === 1, `cluster ${vc}: coalescer and writer disagree on its first write`);
-    assert(fresh || h[hdr + SLOT_WHOLE] === 0, `cluster ${vc}: only a new cluster is written whole`);
-    if (fresh) {
-      crcByVirtCluster.set(vc, h[hdr + SLOT_CRC] >>> 0);
-      // A fresh cluster lies past everything written so far, in the part of the file allocated ahead (unwritten
-      // extents) or sized ahead (a hole): either way pages not written read as zeros, which is what the coalescer
-      // checksummed them as.
-      if (h[hdr + SLOT_WHOLE] === 1) submit(slot, base, CLUSTER_BYTES, hostOffsetBytes);
-      else submitRuns(slot, hdr);
-    } else if (h[hdr + SLOT_CRC_UPDATE] === 1) {
-      // Every carried page reads as zeros on disk: the old content is the zero cluster.
-      rewritten.add(vc);
-      updateCrc(vc, ZERO_CLUSTER_CRC, h[hdr + SLOT_CRC] >>> 0);
-      submitRuns(slot, hdr);
-    } else {
-      rewritten.add(vc);
-      while (freeUnits.length === 0) progress();
-      const unit = freeUnits.pop()!;
-      unitSlot[unit] = slot;
-      unitPending[unit] = 1;
-      const ub = unit * CLUSTER_BYTES;
-      forRuns(hdr, OLD_CONTENT_GAP_PAGES, (run0, pages) => submitRead(unit, ub + run0 * PAGE_BYTES, pages * PAGE_BYTES, hostOffsetBytes + run0 * PAGE_BYTES));
-      unitDone(unit);
-      complete(0);
-      continue; // the slot's reference is released once its writes are submitted (writeAfterOldContent)
-    }
-    unref(slot);
-    complete(0);
+    w.write(slot);
   }
-  while (busy()) progress();
+  while (w.busy()) w.progress();
+  ran = true;
   return {
-    bytesWritten,
-    writeCalls,
-    clustersWritten: img.dataClusters,
+    bytesWritten: w.bytesWritten,
+    writeCalls: w.writeCalls,
+    clustersWritten: image.dataClusters,
     rewrittenClusters: rewritten.size,
-    oldContentReads,
-    oldContentBytes,
+    oldContentReads: w.oldContentReads,
+    oldContentBytes: w.oldContentBytes,
     io: backend.name,
     queueDepth: backend.queueDepth,
     upstreamWaitMs: filled.waits.ms,
-    ioMs,
-    busyMs: performance.now() - t0 - filled.waits.ms - free.waits.ms - ioMs,
+    ioMs: w.ioMs,
+    busyMs: performance.now() - t0 - filled.waits.ms - free.waits.ms - w.ioMs,
     readyAtMs: stageReadyAtMs,
-    firstWriteAtMs,
+    firstWriteAtMs: w.firstWriteAtMs,
   };
 }
 
 /** Every cluster's CRC was computed on the way (see run); writes the metadata and marks the image complete. */
 function finish(meta: Omit<SnapshotMeta, 'chunkCrc32c'>): void {
-  if (!image || !views || !io) throw new Error('writer.finish before writer.run');
+  if (!image || !ran || !io) throw new Error('writer.finish before writer.run');
   const chunkCrc32c = meta.blocks.map((b) => {
     const first = b.virtOffsetBytes / CLUSTER_BYTES;
     const out = new Uint32Array(Math.ceil(b.lengthBytes / CLUSTER_BYTES));
@@ -303,10 +383,6 @@ const api = {
   /** The save failed: say why in the image's header (it stays incomplete). */
   fail(line: string): Outcome<void> {
     return outcome(() => image?.recordFailure(line));
-  },
-  close(): void {
-    io?.close();
-    image?.close();
   },
 };
 export type WriterApi = typeof api;
