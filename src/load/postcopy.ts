@@ -44,7 +44,7 @@ import { CLUSTER_BYTES, PAGE_BYTES, PAGES_PER_CHUNK, type SnapshotMeta } from '.
 import { crc32cImplementation } from '../native/fastmem.js';
 import { openIoBackend, reapNamed, type IoBackend, type IoBackendName } from '../native/io.js';
 import { alignedShared } from '../native/memory.js';
-import { StreamBuilder } from '../format/stream/builder.js';
+import { StreamBuilder } from '../format/stream/encoder.js';
 import {
   CMD_OPEN_RETURN_PATH,
   CMD_PACKAGED,

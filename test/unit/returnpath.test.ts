@@ -4,7 +4,7 @@
 import { describe, expect, it } from 'vitest';
 import { SnapPipeError } from '../../src/errors.js';
 import { LatencyHistogram, adviseCommand, deviceSectionsEnd, discardCommand, pingCommand } from '../../src/load/postcopy.js';
-import { StreamBuilder } from '../../src/format/stream/builder.js';
+import { StreamBuilder } from '../../src/format/stream/encoder.js';
 import { ReturnPathDecoder, encodePong, encodeReqPages, encodeShut, encodeSwitchoverAck, type RpMessage } from '../../src/format/stream/returnpath.js';
 
 function hex(s: string): Uint8Array {
