@@ -45,25 +45,21 @@ import { crc32cImplementation } from '../native/fastmem.js';
 import { openIoBackend, reapNamed, type IoBackend, type IoBackendName } from '../native/io.js';
 import { alignedShared } from '../native/memory.js';
 import { StreamBuilder } from '../format/stream/encoder.js';
+import { SEC_EOF } from '../format/stream/constants.js';
 import {
-  CMD_OPEN_RETURN_PATH,
-  CMD_PACKAGED,
-  CMD_PING,
-  CMD_POSTCOPY_ADVISE,
-  CMD_POSTCOPY_LISTEN,
-  CMD_POSTCOPY_RAM_DISCARD,
-  CMD_POSTCOPY_RUN,
-  SEC_EOF,
-} from '../format/stream/constants.js';
-import { vmdescStart } from '../format/stream/parser.js';
+  DISCARDS_PER_COMMAND,
+  PACKAGED_BYTES_MAX,
+  adviseCommand,
+  deviceSectionsEnd,
+  discardCommand,
+  openReturnPathCommand,
+  pingCommand,
+  packagedCommand,
+  postcopyPackage,
+} from '../format/stream/commands.js';
 import { ReturnPathDecoder, type RpMessage } from '../format/stream/returnpath.js';
 import { checkImage, type Plan } from '../image/checks.js';
 import { LOAD_QUEUE_DEPTH_MAX, StreamOut, checkClusterCrc, type LoadReport } from './precopy.js';
-
-/** postcopy-ram.c MAX_DISCARDS_PER_COMMAND. */
-const DISCARDS_PER_COMMAND = 12;
-/** savevm.c MAX_VM_CMD_PACKAGED_SIZE (UINT32_MAX in 7.2). */
-const PACKAGED_BYTES_MAX = 0xffff_ffff;
 
 export const PING_AFTER_OPEN = 1;
 export const PING_IN_PACKAGE = 3;
@@ -237,47 +233,6 @@ export interface PostcopyReport extends LoadReport {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Stream pieces
-
-/** A small piece of stream built with the shared encoder. */
-function piece(build: (b: StreamBuilder) => StreamBuilder): Uint8Array {
-  return build(new StreamBuilder(256)).build();
-}
-
-function command(cmd: number, payload?: Uint8Array): Uint8Array {
-  return piece((b) => b.command(cmd, payload));
-}
-
-export function pingCommand(value: number): Uint8Array {
-  return command(CMD_PING, piece((b) => b.be32(value)));
-}
-
-export function adviseCommand(): Uint8Array {
-  // page-size summary (plain RAM blocks only), then the target page size
-  return command(CMD_POSTCOPY_ADVISE, piece((b) => b.be64(PAGE_BYTES).be64(PAGE_BYTES)));
-}
-
-/** One POSTCOPY_RAM_DISCARD: version 0, name, 0, then (be64 start, be64 length) byte ranges. */
-export function discardCommand(idstr: Uint8Array, ranges: [number, number][]): Uint8Array {
-  assert(ranges.length >= 1 && ranges.length <= DISCARDS_PER_COMMAND);
-  const p = new StreamBuilder(256).u8(0).u8(idstr.length).bytes(idstr).u8(0);
-  for (const [start, len] of ranges) p.be64(start).be64(len);
-  return command(CMD_POSTCOPY_RAM_DISCARD, p.build());
-}
-
-/**
- * Where the device sections of a saved device state end: the offset of its trailing EOF (which, with the
- * VMDESCRIPTION after it, must not go into the package: the nested loader would stop at EOF before RUN).
- */
-export function deviceSectionsEnd(dev: Uint8Array): number {
-  const n = dev.length;
-  const k = vmdescStart(dev);
-  if (k >= 0) return k;
-  if (n > 0 && dev[n - 1] === SEC_EOF) return n - 1; // VM description suppressed
-  throw new SnapPipeError('BAD_IMAGE', 'device state does not end with EOF (and a VM description)');
-}
-
-// ---------------------------------------------------------------------------------------------------------------
 // Return path input
 
 /**
@@ -446,15 +401,7 @@ export async function runPostcopyLoad(opts: PostcopyOptions): Promise<PostcopyRe
     const { meta, plan } = checkImage(reader);
     const devEnd = deviceSectionsEnd(meta.deviceState);
     const deviceSections = meta.deviceState.subarray(0, devEnd);
-    const pkg = new Uint8Array(5 + deviceSections.length + 9 + 5);
-    {
-      let at = 0;
-      for (const part of [command(CMD_POSTCOPY_LISTEN), deviceSections, pingCommand(PING_IN_PACKAGE), command(CMD_POSTCOPY_RUN)]) {
-        pkg.set(part, at);
-        at += part.length;
-      }
-      assert.equal(at, pkg.length);
-    }
+    const pkg = postcopyPackage(deviceSections, PING_IN_PACKAGE);
     if (pkg.length > PACKAGED_BYTES_MAX) throw new SnapPipeError('UNSUPPORTED', `${path}: device state of ${pkg.length} bytes is too large for a postcopy package`);
     fd = openImageFile(path, { direct: opts.direct });
     rp = new ReturnPathIn(opts.rpIn);
@@ -962,7 +909,7 @@ class PostcopySession {
       out.raw(meta.head);
       out.raw(meta.ramSetup);
       out.raw(adviseCommand());
-      out.raw(command(CMD_OPEN_RETURN_PATH));
+      out.raw(openReturnPathCommand());
       out.raw(pingCommand(PING_AFTER_OPEN));
       out.flush();
 
@@ -996,7 +943,7 @@ class PostcopySession {
       if (this.r.pagesOut < this.totalPages) this.sendDiscards();
 
       // 6: the package; from LISTEN on, QEMU may ask for pages.
-      out.raw(command(CMD_PACKAGED, piece((b) => b.be32(this.pkg.length))));
+      out.raw(packagedCommand(this.pkg.length));
       out.raw(this.pkg);
       this.listening = true;
       out.flush();
@@ -1043,7 +990,7 @@ class PostcopySession {
       assert.equal(this.zeroLeft, 0);
 
       // 8: end of the RAM section, EOF.
-      out.raw(piece((b) => b.ramEnd(meta.ramSectionId).ramEos(meta.ramSectionId).u8(SEC_EOF)));
+      out.raw(new StreamBuilder(256).ramEnd(meta.ramSectionId).ramEos(meta.ramSectionId).u8(SEC_EOF).build());
       out.flush();
       this.eofWritten = true;
       this.r.eofSentMs = this.now();
@@ -1105,7 +1052,7 @@ class PostcopySession {
       let ranges: [number, number][] = [];
       const flushRanges = () => {
         if (ranges.length === 0) return;
-        this.out.raw(discardCommand(this.idstrs[b], ranges));
+        this.out.raw(discardCommand(this.meta.blocks[b].id, ranges));
         this.r.discardCommands++;
         this.r.discardRanges += ranges.length;
         ranges = [];
