@@ -44,7 +44,7 @@ import { CLUSTER_BYTES, PAGE_BYTES, PAGES_PER_CHUNK, type SnapshotMeta } from '.
 import { crc32cImplementation } from '../native/fastmem.js';
 import { openIoBackend, reapNamed, type IoBackend, type IoBackendName } from '../native/io.js';
 import { alignedShared } from '../native/memory.js';
-import { StreamBuilder } from '../format/stream/encoder.js';
+import { StreamBuilder, type StreamEncoder } from '../format/stream/encoder.js';
 import { SEC_EOF } from '../format/stream/constants.js';
 import {
   DISCARDS_PER_COMMAND,
@@ -59,7 +59,8 @@ import {
 } from '../format/stream/commands.js';
 import { ReturnPathDecoder, type RpMessage } from '../format/stream/returnpath.js';
 import { checkImage, type Plan } from '../image/checks.js';
-import { LOAD_QUEUE_DEPTH_MAX, StreamOut, checkClusterCrc, type LoadReport } from './precopy.js';
+import { LOAD_QUEUE_DEPTH_MAX, checkClusterCrc, type LoadReport } from './precopy.js';
+import { pipeEncoder, type PipeSink } from './pipe.js';
 
 export const PING_AFTER_OPEN = 1;
 export const PING_IN_PACKAGE = 3;
@@ -424,13 +425,14 @@ export async function runPostcopyLoad(opts: PostcopyOptions): Promise<PostcopyRe
 
 class PostcopySession {
   /** Everything but answers to requests: buffered up to FLUSH_BYTES. */
-  private readonly out: StreamOut;
+  private readonly out: StreamEncoder;
+  private readonly outSink: PipeSink;
   /**
    * Answers to requests, written at once, ahead of background sections still in `out`'s buffer (whole sections in
    * either order are fine for QEMU: each page goes out once and every section names its block).
    */
-  private readonly urgent: StreamOut;
-  private readonly idstrs: Uint8Array[];
+  private readonly urgent: StreamEncoder;
+  private readonly urgentSink: PipeSink;
   private readonly blockByName = new Map<string, number>();
   private readonly pagesIn: number[];
   /** Per block: pages written to the stream (never twice). */
@@ -505,7 +507,6 @@ class PostcopySession {
     private readonly pkg: Uint8Array,
     private readonly t0: number,
   ) {
-    this.idstrs = meta.blocks.map((b) => new Uint8Array(Buffer.from(b.id, 'latin1')));
     meta.blocks.forEach((b, i) => this.blockByName.set(b.id, i));
     this.pagesIn = meta.blocks.map((b) => pagesOf(b));
     this.totalPages = this.pagesIn.reduce((a, n) => a + n, 0);
@@ -518,12 +519,12 @@ class PostcopySession {
     this.slotState = new Uint8Array(slotCount);
     this.slotUrgent = new Uint8Array(slotCount);
     this.zeroLeft = this.totalPages - plan.dataPages;
-    const progress = () => opts.onProgress?.({ bytesOut: this.out.bytesOut + this.urgent.bytesOut });
-    this.out = new StreamOut(opts.out, this.idstrs, meta.ramSectionId, progress);
-    this.urgent = new StreamOut(opts.out, this.idstrs, meta.ramSectionId, () => {
+    const progress = () => opts.onProgress?.({ bytesOut: this.outSink.bytesOut + this.urgentSink.bytesOut });
+    ({ out: this.out, sink: this.outSink } = pipeEncoder(opts.out, progress));
+    ({ out: this.urgent, sink: this.urgentSink } = pipeEncoder(opts.out, () => {
       this.onFlushed();
       progress();
-    });
+    }));
   }
 
   private now(): number {
@@ -711,12 +712,12 @@ class PostcopySession {
   // Emitting pages
 
   /** Writes data page `page` of plan chunk ci from its loaded slot. */
-  private emitDataPage(o: StreamOut, ci: number, block: number, page: number): void {
+  private emitDataPage(o: StreamEncoder, ci: number, block: number, page: number): void {
     const slot = this.chunkSlot[ci];
     assert(slot >= 0 && this.slotState[slot] === SLOT_LOADED);
     this.markSent(block, page);
     const first = this.plan.chunks[ci].chunk * PAGES_PER_CHUNK;
-    o.page(block, page * PAGE_BYTES, this.slotView(slot), (page - first) * PAGE_BYTES);
+    o.page(this.meta.blocks[block].id, page * PAGE_BYTES, this.slotView(slot), (page - first) * PAGE_BYTES);
     if (--this.chunkLeft[ci] === 0) this.chunkDone(ci);
   }
 
@@ -727,9 +728,9 @@ class PostcopySession {
     if (k >= 0) this.warm.splice(k, 1);
   }
 
-  private emitZeroPage(o: StreamOut, block: number, page: number): void {
+  private emitZeroPage(o: StreamEncoder, block: number, page: number): void {
     this.markSent(block, page);
-    o.zero(block, page * PAGE_BYTES);
+    o.zero(this.meta.blocks[block].id, page * PAGE_BYTES);
     this.zeroLeft--;
   }
 
@@ -743,7 +744,7 @@ class PostcopySession {
     const sentOut = this.sentOut[ch.block];
     let n = 0;
     this.out.room(6 + 255 + max * (8 + PAGE_BYTES) + 13);
-    this.out.partStart();
+    this.out.ramPart(this.meta.ramSectionId, 'name-first');
     for (let i = first >>> 3; i < Math.ceil(last / 8) && n < max && this.chunkLeft[ci] > 0; i++) {
       let d = sent[i] & data[i] & ~sentOut[i] & 0xff;
       while (d !== 0 && n < max) {
@@ -755,7 +756,7 @@ class PostcopySession {
         n++;
       }
     }
-    this.out.partEnd();
+    this.out.ramEos(this.meta.ramSectionId);
     return n;
   }
 
@@ -763,7 +764,7 @@ class PostcopySession {
   private emitZeroSection(max: number): number {
     let n = 0;
     this.out.room(6 + 255 + max * (9 + 256) + 13);
-    this.out.partStart();
+    this.out.ramPart(this.meta.ramSectionId, 'name-first');
     while (n < max && this.zeroLeft > 0) {
       const b = this.zeroBlock;
       if (b >= this.meta.blocks.length) break;
@@ -779,7 +780,7 @@ class PostcopySession {
         n++;
       }
     }
-    this.out.partEnd();
+    this.out.ramEos(this.meta.ramSectionId);
     return n;
   }
 
@@ -806,9 +807,9 @@ class PostcopySession {
         }
         if (!this.isData(q.block, page)) {
           this.urgent.room(6 + 255 + 9 + 13);
-          this.urgent.partStart();
+          this.urgent.ramPart(this.meta.ramSectionId, 'name-first');
           this.emitZeroPage(this.urgent, q.block, page);
-          this.urgent.partEnd();
+          this.urgent.ramEos(this.meta.ramSectionId);
           this.r.requestedZeroPages++;
           q.wrotePage = true;
           q.next++;
@@ -826,9 +827,9 @@ class PostcopySession {
           return false;
         }
         this.urgent.room(6 + 255 + 8 + PAGE_BYTES + 13);
-        this.urgent.partStart();
+        this.urgent.ramPart(this.meta.ramSectionId, 'name-first');
         this.emitDataPage(this.urgent, ci, q.block, page);
-        this.urgent.partEnd();
+        this.urgent.ramEos(this.meta.ramSectionId);
         this.r.requestedDataPages++;
         q.wrotePage = true;
         q.next++;
@@ -906,11 +907,11 @@ class PostcopySession {
     const plan = this.plan;
     try {
       // 1-3: header, configuration, RAM setup, ADVISE, return path, PING.
-      out.raw(meta.head);
-      out.raw(meta.ramSetup);
-      out.raw(adviseCommand());
-      out.raw(openReturnPathCommand());
-      out.raw(pingCommand(PING_AFTER_OPEN));
+      out.verbatim(meta.head);
+      out.verbatim(meta.ramSetup);
+      out.verbatim(adviseCommand());
+      out.verbatim(openReturnPathCommand());
+      out.verbatim(pingCommand(PING_AFTER_OPEN));
       out.flush();
 
       // 4: the precopy share.
@@ -934,7 +935,7 @@ class PostcopySession {
       }
       // 4b: the switch-over commands of the save (QEMU 10's SWITCHOVER_START), where QEMU's postcopy_start sends
       // them: after the precopy share and before the discards (migration.c migration_switchover_start).
-      out.raw(meta.switchoverCommands);
+      out.verbatim(meta.switchoverCommands);
       // 5: discard every page not sent yet — also with no precopy share. QEMU 7.2's loadvm_postcopy_handle_listen,
       // when LISTEN comes straight after ADVISE, sets LISTENING and then calls postcopy_ram_prepare_discard, which
       // sets the state back to DISCARD: until RUN, ram_load would then take the precopy path and write pages
@@ -943,8 +944,8 @@ class PostcopySession {
       if (this.r.pagesOut < this.totalPages) this.sendDiscards();
 
       // 6: the package; from LISTEN on, QEMU may ask for pages.
-      out.raw(packagedCommand(this.pkg.length));
-      out.raw(this.pkg);
+      out.verbatim(packagedCommand(this.pkg.length));
+      out.verbatim(this.pkg);
       this.listening = true;
       out.flush();
       this.r.packageSentMs = this.now();
@@ -990,7 +991,7 @@ class PostcopySession {
       assert.equal(this.zeroLeft, 0);
 
       // 8: end of the RAM section, EOF.
-      out.raw(new StreamBuilder(256).ramEnd(meta.ramSectionId).ramEos(meta.ramSectionId).u8(SEC_EOF).build());
+      out.verbatim(new StreamBuilder(256).ramEnd(meta.ramSectionId).ramEos(meta.ramSectionId).u8(SEC_EOF).build());
       out.flush();
       this.eofWritten = true;
       this.r.eofSentMs = this.now();
@@ -1052,7 +1053,7 @@ class PostcopySession {
       let ranges: [number, number][] = [];
       const flushRanges = () => {
         if (ranges.length === 0) return;
-        this.out.raw(discardCommand(this.meta.blocks[b].id, ranges));
+        this.out.verbatim(discardCommand(this.meta.blocks[b].id, ranges));
         this.r.discardCommands++;
         this.r.discardRanges += ranges.length;
         ranges = [];
@@ -1075,7 +1076,8 @@ class PostcopySession {
   private report(): PostcopyReport {
     const seconds = (performance.now() - this.t0) / 1000;
     const r = this.r;
-    const out = { bytesOut: this.out.bytesOut + this.urgent.bytesOut, writeMs: this.out.writeMs + this.urgent.writeMs, writeCalls: this.out.writeCalls + this.urgent.writeCalls, sections: this.out.sections + this.urgent.sections };
+    const [o, u] = [this.outSink, this.urgentSink];
+    const out = { bytesOut: o.bytesOut + u.bytesOut, writeMs: o.writeMs + u.writeMs, writeCalls: o.writeCalls + u.writeCalls, sections: this.out.sections + this.urgent.sections };
     return {
       path: this.opts.path,
       mode: 'postcopy',
@@ -1113,7 +1115,7 @@ class PostcopySession {
       evictions: r.evictions,
       faultLatency: this.latency.summary(),
       requestReadWaitMs: r.requestReadWaitMs,
-      requestWriteMs: this.urgent.writeMs,
+      requestWriteMs: this.urgentSink.writeMs,
       bytesRead: r.bytesRead,
       readMs: r.readMs,
       verifyMs: r.verifyMs,

@@ -23,30 +23,16 @@ import { CLUSTER_BYTES, PAGE_BYTES, PAGES_PER_CHUNK, type SnapshotMeta } from '.
 import { openIoBackend, reapNamed, type IoBackend, type IoBackendName } from '../native/io.js';
 import { enlargePipe } from '../native/uring.js';
 import { alignedShared } from '../native/memory.js';
-import {
-  RAM_CONTINUE,
-  RAM_EOS,
-  RAM_PAGE,
-  RAM_ZERO,
-  SEC_FOOTER,
-  SEC_PART,
-} from '../format/stream/constants.js';
+import { PART_HEAD_BYTES, PART_TAIL_BYTES, type StreamEncoder } from '../format/stream/encoder.js';
+import { pipeEncoder } from './pipe.js';
 import { checkImage, validMask, type DataChunk } from '../image/checks.js';
 
 export const DEFAULT_LOAD_QUEUE_DEPTH = 16;
 export const LOAD_QUEUE_DEPTH_MAX = 256;
-/** Output is assembled here and written with one write call per fill. */
-const OUT_BYTES = 8 << 20;
 /** Bound on ZERO records per PART section (9 bytes each with CONTINUE: ~300 KiB). */
 const ZERO_RECORDS_PER_SECTION = 32768;
 const IDSTR_BYTES_MAX = 255;
-const SECTION_HEAD_BYTES = 5; // type + be32 id
-const SECTION_TAIL_BYTES = 8 + 5; // EOS + footer
-const ZERO_SECTION_BYTES_MAX = SECTION_HEAD_BYTES + ZERO_RECORDS_PER_SECTION * (8 + 1) + 256 * (1 + IDSTR_BYTES_MAX) + SECTION_TAIL_BYTES;
-/** EAGAIN on a non-blocking stdout: sleep this long between retries, give up after this long without progress. */
-const EAGAIN_SLEEP_MS = 2;
-const EAGAIN_STALL_MS_MAX = 10 * 60_000;
-const TWO_32 = 0x1_0000_0000;
+const ZERO_SECTION_BYTES_MAX = PART_HEAD_BYTES + ZERO_RECORDS_PER_SECTION * (8 + 1) + 256 * (1 + IDSTR_BYTES_MAX) + PART_TAIL_BYTES;
 
 export interface LoadProgress {
   bytesOut: number;
@@ -97,230 +83,6 @@ export interface LoadReport {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Cluster reads
-
-
-// ---------------------------------------------------------------------------------------------------------------
-// Output
-
-const sleepCell = new Int32Array(new SharedArrayBuffer(4));
-
-/**
- * Calls `write(done)` until `total` bytes are out: partial writes advanced, EAGAIN waited out (bounded), EPIPE
- * reported as QEMU gone. Returns the number of system calls.
- */
-function writeLoop(total: number, write: (done: number) => number): number {
-  let done = 0;
-  let calls = 0;
-  let stalledSince = 0;
-  while (done < total) {
-    let n: number;
-    try {
-      n = write(done);
-      calls++;
-    } catch (err) {
-      const code = (err as NodeJS.ErrnoException).code;
-      if (code === 'EAGAIN') {
-        const now = performance.now();
-        if (stalledSince === 0) stalledSince = now;
-        else if (now - stalledSince > EAGAIN_STALL_MS_MAX) {
-          throw new SnapPipeError('IO', `writing the stream: the reader took nothing for ${EAGAIN_STALL_MS_MAX / 1000} s`);
-        }
-        Atomics.wait(sleepCell, 0, 0, EAGAIN_SLEEP_MS);
-        continue;
-      }
-      if (code === 'EPIPE' || code === 'ECONNRESET') {
-        throw new SnapPipeError('IO', 'QEMU closed the stream before it was complete (EPIPE); the incoming migration failed on its side');
-      }
-      throw ioError('writing the stream to stdout', err);
-    }
-    stalledSince = 0;
-    done += n;
-  }
-  return calls;
-}
-
-/** Writes all of buf[0, len) to fd (see writeLoop). */
-export function writeAll(fd: number, buf: Uint8Array, len: number): number {
-  return writeLoop(len, (done) => fs.writeSync(fd, buf, done, len - done));
-}
-
-/** Writes the pieces in order with writev (see writeLoop); a partial write resumes inside the piece it stopped in. */
-export function writevAll(fd: number, pieces: Uint8Array[], total: number): number {
-  let first = 0;
-  let skipped = 0; // bytes of pieces[0..first) plus what was cut off pieces[first]
-  return writeLoop(total, (done) => {
-    while (done - skipped >= pieces[first].length) {
-      skipped += pieces[first].length;
-      first++;
-    }
-    if (done > skipped) {
-      pieces[first] = pieces[first].subarray(done - skipped);
-      skipped = done;
-    }
-    return fs.writevSync(fd, first === 0 ? pieces : pieces.slice(first));
-  });
-}
-
-/** Stream encoder over one buffer allocated at start; flushes to `fd` when the next section might not fit. */
-export class StreamOut {
-  private readonly buf = new Uint8Array(OUT_BYTES);
-  private len = 0;
-  /** End of the last complete section or verbatim part in buf. */
-  private sectionEnd = 0;
-  /** A write to fd failed (the reader is gone): nothing more is written. */
-  private broken = false;
-  private lastBlock = -1;
-  bytesOut = 0;
-  writeCalls = 0;
-  writeMs = 0;
-  sections = 0;
-
-  constructor(
-    private readonly fd: number,
-    private readonly idstrs: Uint8Array[],
-    private readonly sectionId: number,
-    private readonly onFlush: () => void,
-  ) {}
-
-  /** Bytes buffered, not yet written. */
-  get buffered(): number {
-    return this.len;
-  }
-
-  /** Makes room for n bytes (flushing if needed). */
-  room(n: number): void {
-    if (this.len + n > this.buf.length) this.flush();
-  }
-
-  /** Best effort after a failure: what is buffered is whole, verified sections (the record in progress is dropped). */
-  flushAfterFailure(): void {
-    if (this.broken) return;
-    this.len = this.sectionEnd;
-    try {
-      this.flush();
-    } catch {
-      // the failure being reported matters more
-    }
-  }
-
-  flush(): void {
-    if (this.len === 0) return;
-    const t0 = performance.now();
-    this.broken = true; // until the write succeeds
-    this.writeCalls += writeAll(this.fd, this.buf, this.len);
-    this.broken = false;
-    this.writeMs += performance.now() - t0;
-    this.bytesOut += this.len;
-    this.len = 0;
-    this.sectionEnd = 0;
-    this.onFlush();
-  }
-
-  /** Verbatim bytes of any size (head, RAM setup, device state). */
-  raw(b: Uint8Array): void {
-    let at = 0;
-    while (at < b.length) {
-      if (this.len === this.buf.length) this.flush();
-      const n = Math.min(b.length - at, this.buf.length - this.len);
-      this.buf.set(b.subarray(at, at + n), this.len);
-      this.len += n;
-      at += n;
-    }
-    this.sectionEnd = this.len;
-  }
-
-  private u8(v: number): void {
-    this.buf[this.len++] = v;
-  }
-
-  private be32(v: number): void {
-    const b = this.buf;
-    let i = this.len;
-    b[i++] = v >>> 24;
-    b[i++] = (v >>> 16) & 0xff;
-    b[i++] = (v >>> 8) & 0xff;
-    b[i++] = v & 0xff;
-    this.len = i;
-  }
-
-  private be64(v: number): void {
-    this.be32(Math.floor(v / TWO_32));
-    this.be32(v >>> 0);
-  }
-
-  /** PART header. Each section names its first block (the destination would also accept CONTINUE across sections). */
-  partStart(): void {
-    this.u8(SEC_PART);
-    this.be32(this.sectionId);
-    this.lastBlock = -1;
-  }
-
-  partEnd(): void {
-    this.be64(RAM_EOS);
-    this.u8(SEC_FOOTER);
-    this.be32(this.sectionId);
-    this.sections++;
-    this.sectionEnd = this.len;
-  }
-
-  private recordHeader(block: number, offsetBytes: number, flags: number): void {
-    if (block === this.lastBlock) {
-      this.be64(offsetBytes + flags + RAM_CONTINUE);
-      return;
-    }
-    this.be64(offsetBytes + flags);
-    const id = this.idstrs[block];
-    this.u8(id.length);
-    this.buf.set(id, this.len);
-    this.len += id.length;
-    this.lastBlock = block;
-  }
-
-  zero(block: number, offsetBytes: number): void {
-    this.recordHeader(block, offsetBytes, RAM_ZERO);
-    this.u8(0);
-  }
-
-  page(block: number, offsetBytes: number, src: Uint8Array, srcOff: number): void {
-    this.recordHeader(block, offsetBytes, RAM_PAGE);
-    this.buf.set(src.subarray(srcOff, srcOff + PAGE_BYTES), this.len);
-    this.len += PAGE_BYTES;
-  }
-
-  /**
-   * One PART section with the given pages of a cluster, written at once with writev straight from the cluster's
-   * memory: the record headers go in the buffer, the page data is never copied. What was buffered goes out first.
-   */
-  pagesSection(block: number, cluster: Uint8Array, firstPage: number, pages: Int32Array, count: number): void {
-    this.flush();
-    this.partStart();
-    const pieces: Uint8Array[] = [];
-    let cut = 0;
-    for (let i = 0; i < count; i++) {
-      const p = pages[i];
-      this.recordHeader(block, p * PAGE_BYTES, RAM_PAGE);
-      pieces.push(this.buf.subarray(cut, this.len));
-      const at = (p - firstPage) * PAGE_BYTES;
-      pieces.push(cluster.subarray(at, at + PAGE_BYTES));
-      cut = this.len;
-    }
-    this.partEnd();
-    pieces.push(this.buf.subarray(cut, this.len));
-    const total = this.len + count * PAGE_BYTES;
-    const t0 = performance.now();
-    this.broken = true; // until the write succeeds
-    this.writeCalls += writevAll(this.fd, pieces, total);
-    this.broken = false;
-    this.writeMs += performance.now() - t0;
-    this.bytesOut += total;
-    this.len = 0;
-    this.sectionEnd = 0;
-    this.onFlush();
-  }
-}
-
-// ---------------------------------------------------------------------------------------------------------------
 // Validation (before any output)
 
 /**
@@ -363,11 +125,9 @@ export async function runLoad(opts: LoadOptions): Promise<LoadReport> {
     reads = opened.backend;
     if (opened.note) opts.onNote?.(opened.note);
 
-    // Block names were decoded as latin1 from the stream: encode them back the same way.
-    const idstrs = meta.blocks.map((b) => new Uint8Array(Buffer.from(b.id, 'latin1')));
     let dataPagesOut = 0;
-    const out = new StreamOut(opts.out, idstrs, meta.ramSectionId, () =>
-      opts.onProgress?.({ bytesOut: out.bytesOut, dataPagesOut, dataPagesTotal: plan.dataPages }),
+    const { out, sink } = pipeEncoder(opts.out, () =>
+      opts.onProgress?.({ bytesOut: sink.bytesOut, dataPagesOut, dataPagesTotal: plan.dataPages }),
     );
 
     // Data clusters: up to `depth` reads outstanding, consumed in submission order (chunk i uses slot i % slotCount).
@@ -387,8 +147,8 @@ export async function runLoad(opts: LoadOptions): Promise<LoadReport> {
     let verifyMs = 0;
     // Nothing has been written so far: every refusal above left `out` untouched.
     try {
-      out.raw(meta.head);
-      out.raw(meta.ramSetup);
+      out.verbatim(meta.head);
+      out.verbatim(meta.ramSetup);
       emitZeroPages(out, meta);
 
       for (let next = 0; next < chunks.length; ) {
@@ -428,8 +188,8 @@ export async function runLoad(opts: LoadOptions): Promise<LoadReport> {
       assert.equal(dataPagesOut, plan.dataPages, 'every data page sent once');
 
       // After the RAM and before the device state, where QEMU sends them (migration.c migration_completion_precopy).
-      out.raw(meta.switchoverCommands);
-      out.raw(meta.deviceState);
+      out.verbatim(meta.switchoverCommands);
+      out.verbatim(meta.deviceState);
       out.flush();
     } catch (err) {
       // Send the sections already complete (all verified) before failing: QEMU 7.2 only starts an exec: incoming
@@ -442,8 +202,8 @@ export async function runLoad(opts: LoadOptions): Promise<LoadReport> {
     return {
       path,
       seconds,
-      bytesOut: out.bytesOut,
-      outMBps: out.bytesOut / 1e6 / seconds,
+      bytesOut: sink.bytesOut,
+      outMBps: sink.bytesOut / 1e6 / seconds,
       dataPages: plan.dataPages,
       zeroPages: plan.zeroPages,
       unsentPages: plan.unsentPages,
@@ -451,8 +211,8 @@ export async function runLoad(opts: LoadOptions): Promise<LoadReport> {
       bytesRead,
       readMs,
       verifyMs,
-      writeMs: out.writeMs,
-      writeCalls: out.writeCalls,
+      writeMs: sink.writeMs,
+      writeCalls: sink.writeCalls,
       ramSections: out.sections,
       deviceStateBytes: meta.deviceState.length,
       blocks: meta.blocks.length,
@@ -470,7 +230,8 @@ export async function runLoad(opts: LoadOptions): Promise<LoadReport> {
 }
 
 /** ZERO records for every page whose last version was zero, in block order, in PART sections of bounded size. */
-function emitZeroPages(out: StreamOut, meta: SnapshotMeta): void {
+function emitZeroPages(out: StreamEncoder, meta: SnapshotMeta): void {
+  const id = meta.ramSectionId;
   let inSection = 0;
   meta.blocks.forEach((b, bi) => {
     const pages = pagesOf(b);
@@ -484,22 +245,22 @@ function emitZeroPages(out: StreamOut, meta: SnapshotMeta): void {
         z &= z - 1;
         if (inSection === 0) {
           out.room(ZERO_SECTION_BYTES_MAX);
-          out.partStart();
+          out.ramPart(id, 'name-first');
         }
-        out.zero(bi, (i * 8 + bit) * PAGE_BYTES);
+        out.zero(b.id, (i * 8 + bit) * PAGE_BYTES);
         if (++inSection === ZERO_RECORDS_PER_SECTION) {
-          out.partEnd();
+          out.ramEos(id);
           inSection = 0;
         }
       }
     }
   });
-  if (inSection > 0) out.partEnd();
+  if (inSection > 0) out.ramEos(meta.ramSectionId);
 }
 
 /** PAGE records for the chunk's data pages, from the cluster just read; returns how many. */
 /** The data pages of one cluster, as one PART section written from the cluster's memory. */
-function emitChunkPages(out: StreamOut, meta: SnapshotMeta, ch: DataChunk, cluster: Uint8Array, list: Int32Array): number {
+function emitChunkPages(out: StreamEncoder, meta: SnapshotMeta, ch: DataChunk, cluster: Uint8Array, list: Int32Array): number {
   const b = meta.blocks[ch.block];
   const pages = pagesOf(b);
   const { sent, data } = meta.pages[ch.block];
@@ -514,6 +275,6 @@ function emitChunkPages(out: StreamOut, meta: SnapshotMeta, ch: DataChunk, clust
       list[n++] = i * 8 + bit;
     }
   }
-  out.pagesSection(ch.block, cluster, firstPage, list, n);
+  out.pagesSection(meta.ramSectionId, b.id, cluster, firstPage, list, n);
   return n;
 }
