@@ -59,7 +59,8 @@ import {
 } from '../format/stream/commands.js';
 import { ReturnPathDecoder, type RpMessage } from '../format/stream/returnpath.js';
 import { checkImage, type Plan } from '../image/checks.js';
-import { LOAD_QUEUE_DEPTH_MAX, checkClusterCrc, type LoadReport } from './precopy.js';
+import type { LoadReport } from './precopy.js';
+import { LOAD_QUEUE_DEPTH_MAX, checkClusterCrc } from './source.js';
 import { pipeEncoder, type PipeSink } from './pipe.js';
 
 export const PING_AFTER_OPEN = 1;
