@@ -22,7 +22,7 @@
 // QEMU would reject these payloads when loading (the RAM part and the framing it would accept).
 import { closeSync, openSync, writeFileSync, writeSync } from 'node:fs';
 import { isatty } from 'node:tty';
-import { StreamBuilder } from '../src/format/stream/builder.js';
+import { StreamBuilder } from '../src/format/stream/encoder.js';
 
 export type Order = 'ascending' | 'background' | 'precopy';
 export const ORDERS: readonly Order[] = ['ascending', 'background', 'precopy'];

@@ -6,7 +6,8 @@ import { formatHelp, integerFlag, onePath, parseArgs, parseInteger, parseIo, usa
 import { formatBytes } from '../format/units.js';
 import { printErr, printOut, tellErr } from '../output.js';
 import { jsonText, printable } from '../format/text.js';
-import { DEFAULT_LOAD_QUEUE_DEPTH, LOAD_QUEUE_DEPTH_MAX, runLoad, type LoadReport } from '../load/precopy.js';
+import { runLoad, type LoadReport } from '../load/precopy.js';
+import { DEFAULT_LOAD_QUEUE_DEPTH, LOAD_QUEUE_DEPTH_MAX } from '../load/source.js';
 import type { PostcopyReport } from '../load/postcopy.js';
 
 const STDIN_FD = 0;

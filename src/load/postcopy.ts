@@ -44,26 +44,24 @@ import { CLUSTER_BYTES, PAGE_BYTES, PAGES_PER_CHUNK, type SnapshotMeta } from '.
 import { crc32cImplementation } from '../native/fastmem.js';
 import { openIoBackend, reapNamed, type IoBackend, type IoBackendName } from '../native/io.js';
 import { alignedShared } from '../native/memory.js';
-import { StreamBuilder } from '../format/stream/builder.js';
+import { StreamBuilder, type StreamEncoder } from '../format/stream/encoder.js';
+import { SEC_EOF } from '../format/stream/constants.js';
 import {
-  CMD_OPEN_RETURN_PATH,
-  CMD_PACKAGED,
-  CMD_PING,
-  CMD_POSTCOPY_ADVISE,
-  CMD_POSTCOPY_LISTEN,
-  CMD_POSTCOPY_RAM_DISCARD,
-  CMD_POSTCOPY_RUN,
-  SEC_EOF,
-} from '../format/stream/constants.js';
-import { vmdescStart } from '../format/stream/parser.js';
+  DISCARDS_PER_COMMAND,
+  PACKAGED_BYTES_MAX,
+  adviseCommand,
+  deviceSectionsEnd,
+  discardCommand,
+  openReturnPathCommand,
+  pingCommand,
+  packagedCommand,
+  postcopyPackage,
+} from '../format/stream/commands.js';
 import { ReturnPathDecoder, type RpMessage } from '../format/stream/returnpath.js';
 import { checkImage, type Plan } from '../image/checks.js';
-import { LOAD_QUEUE_DEPTH_MAX, StreamOut, checkClusterCrc, type LoadReport } from './precopy.js';
-
-/** postcopy-ram.c MAX_DISCARDS_PER_COMMAND. */
-const DISCARDS_PER_COMMAND = 12;
-/** savevm.c MAX_VM_CMD_PACKAGED_SIZE (UINT32_MAX in 7.2). */
-const PACKAGED_BYTES_MAX = 0xffff_ffff;
+import type { LoadReport } from './precopy.js';
+import { LOAD_QUEUE_DEPTH_MAX, checkClusterCrc } from './source.js';
+import { pipeEncoder, type PipeSink } from './pipe.js';
 
 export const PING_AFTER_OPEN = 1;
 export const PING_IN_PACKAGE = 3;
@@ -237,47 +235,6 @@ export interface PostcopyReport extends LoadReport {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Stream pieces
-
-/** A small piece of stream built with the shared encoder. */
-function piece(build: (b: StreamBuilder) => StreamBuilder): Uint8Array {
-  return build(new StreamBuilder(256)).build();
-}
-
-function command(cmd: number, payload?: Uint8Array): Uint8Array {
-  return piece((b) => b.command(cmd, payload));
-}
-
-export function pingCommand(value: number): Uint8Array {
-  return command(CMD_PING, piece((b) => b.be32(value)));
-}
-
-export function adviseCommand(): Uint8Array {
-  // page-size summary (plain RAM blocks only), then the target page size
-  return command(CMD_POSTCOPY_ADVISE, piece((b) => b.be64(PAGE_BYTES).be64(PAGE_BYTES)));
-}
-
-/** One POSTCOPY_RAM_DISCARD: version 0, name, 0, then (be64 start, be64 length) byte ranges. */
-export function discardCommand(idstr: Uint8Array, ranges: [number, number][]): Uint8Array {
-  assert(ranges.length >= 1 && ranges.length <= DISCARDS_PER_COMMAND);
-  const p = new StreamBuilder(256).u8(0).u8(idstr.length).bytes(idstr).u8(0);
-  for (const [start, len] of ranges) p.be64(start).be64(len);
-  return command(CMD_POSTCOPY_RAM_DISCARD, p.build());
-}
-
-/**
- * Where the device sections of a saved device state end: the offset of its trailing EOF (which, with the
- * VMDESCRIPTION after it, must not go into the package: the nested loader would stop at EOF before RUN).
- */
-export function deviceSectionsEnd(dev: Uint8Array): number {
-  const n = dev.length;
-  const k = vmdescStart(dev);
-  if (k >= 0) return k;
-  if (n > 0 && dev[n - 1] === SEC_EOF) return n - 1; // VM description suppressed
-  throw new SnapPipeError('BAD_IMAGE', 'device state does not end with EOF (and a VM description)');
-}
-
-// ---------------------------------------------------------------------------------------------------------------
 // Return path input
 
 /**
@@ -446,15 +403,7 @@ export async function runPostcopyLoad(opts: PostcopyOptions): Promise<PostcopyRe
     const { meta, plan } = checkImage(reader);
     const devEnd = deviceSectionsEnd(meta.deviceState);
     const deviceSections = meta.deviceState.subarray(0, devEnd);
-    const pkg = new Uint8Array(5 + deviceSections.length + 9 + 5);
-    {
-      let at = 0;
-      for (const part of [command(CMD_POSTCOPY_LISTEN), deviceSections, pingCommand(PING_IN_PACKAGE), command(CMD_POSTCOPY_RUN)]) {
-        pkg.set(part, at);
-        at += part.length;
-      }
-      assert.equal(at, pkg.length);
-    }
+    const pkg = postcopyPackage(deviceSections, PING_IN_PACKAGE);
     if (pkg.length > PACKAGED_BYTES_MAX) throw new SnapPipeError('UNSUPPORTED', `${path}: device state of ${pkg.length} bytes is too large for a postcopy package`);
     fd = openImageFile(path, { direct: opts.direct });
     rp = new ReturnPathIn(opts.rpIn);
@@ -477,13 +426,14 @@ export async function runPostcopyLoad(opts: PostcopyOptions): Promise<PostcopyRe
 
 class PostcopySession {
   /** Everything but answers to requests: buffered up to FLUSH_BYTES. */
-  private readonly out: StreamOut;
+  private readonly out: StreamEncoder;
+  private readonly outSink: PipeSink;
   /**
    * Answers to requests, written at once, ahead of background sections still in `out`'s buffer (whole sections in
    * either order are fine for QEMU: each page goes out once and every section names its block).
    */
-  private readonly urgent: StreamOut;
-  private readonly idstrs: Uint8Array[];
+  private readonly urgent: StreamEncoder;
+  private readonly urgentSink: PipeSink;
   private readonly blockByName = new Map<string, number>();
   private readonly pagesIn: number[];
   /** Per block: pages written to the stream (never twice). */
@@ -558,7 +508,6 @@ class PostcopySession {
     private readonly pkg: Uint8Array,
     private readonly t0: number,
   ) {
-    this.idstrs = meta.blocks.map((b) => new Uint8Array(Buffer.from(b.id, 'latin1')));
     meta.blocks.forEach((b, i) => this.blockByName.set(b.id, i));
     this.pagesIn = meta.blocks.map((b) => pagesOf(b));
     this.totalPages = this.pagesIn.reduce((a, n) => a + n, 0);
@@ -571,12 +520,12 @@ class PostcopySession {
     this.slotState = new Uint8Array(slotCount);
     this.slotUrgent = new Uint8Array(slotCount);
     this.zeroLeft = this.totalPages - plan.dataPages;
-    const progress = () => opts.onProgress?.({ bytesOut: this.out.bytesOut + this.urgent.bytesOut });
-    this.out = new StreamOut(opts.out, this.idstrs, meta.ramSectionId, progress);
-    this.urgent = new StreamOut(opts.out, this.idstrs, meta.ramSectionId, () => {
+    const progress = () => opts.onProgress?.({ bytesOut: this.outSink.bytesOut + this.urgentSink.bytesOut });
+    ({ out: this.out, sink: this.outSink } = pipeEncoder(opts.out, progress));
+    ({ out: this.urgent, sink: this.urgentSink } = pipeEncoder(opts.out, () => {
       this.onFlushed();
       progress();
-    });
+    }));
   }
 
   private now(): number {
@@ -764,12 +713,12 @@ class PostcopySession {
   // Emitting pages
 
   /** Writes data page `page` of plan chunk ci from its loaded slot. */
-  private emitDataPage(o: StreamOut, ci: number, block: number, page: number): void {
+  private emitDataPage(o: StreamEncoder, ci: number, block: number, page: number): void {
     const slot = this.chunkSlot[ci];
     assert(slot >= 0 && this.slotState[slot] === SLOT_LOADED);
     this.markSent(block, page);
     const first = this.plan.chunks[ci].chunk * PAGES_PER_CHUNK;
-    o.page(block, page * PAGE_BYTES, this.slotView(slot), (page - first) * PAGE_BYTES);
+    o.page(this.meta.blocks[block].id, page * PAGE_BYTES, this.slotView(slot), (page - first) * PAGE_BYTES);
     if (--this.chunkLeft[ci] === 0) this.chunkDone(ci);
   }
 
@@ -780,9 +729,9 @@ class PostcopySession {
     if (k >= 0) this.warm.splice(k, 1);
   }
 
-  private emitZeroPage(o: StreamOut, block: number, page: number): void {
+  private emitZeroPage(o: StreamEncoder, block: number, page: number): void {
     this.markSent(block, page);
-    o.zero(block, page * PAGE_BYTES);
+    o.zero(this.meta.blocks[block].id, page * PAGE_BYTES);
     this.zeroLeft--;
   }
 
@@ -796,7 +745,7 @@ class PostcopySession {
     const sentOut = this.sentOut[ch.block];
     let n = 0;
     this.out.room(6 + 255 + max * (8 + PAGE_BYTES) + 13);
-    this.out.partStart();
+    this.out.ramPart(this.meta.ramSectionId, 'name-first');
     for (let i = first >>> 3; i < Math.ceil(last / 8) && n < max && this.chunkLeft[ci] > 0; i++) {
       let d = sent[i] & data[i] & ~sentOut[i] & 0xff;
       while (d !== 0 && n < max) {
@@ -808,7 +757,7 @@ class PostcopySession {
         n++;
       }
     }
-    this.out.partEnd();
+    this.out.ramEos(this.meta.ramSectionId);
     return n;
   }
 
@@ -816,7 +765,7 @@ class PostcopySession {
   private emitZeroSection(max: number): number {
     let n = 0;
     this.out.room(6 + 255 + max * (9 + 256) + 13);
-    this.out.partStart();
+    this.out.ramPart(this.meta.ramSectionId, 'name-first');
     while (n < max && this.zeroLeft > 0) {
       const b = this.zeroBlock;
       if (b >= this.meta.blocks.length) break;
@@ -832,7 +781,7 @@ class PostcopySession {
         n++;
       }
     }
-    this.out.partEnd();
+    this.out.ramEos(this.meta.ramSectionId);
     return n;
   }
 
@@ -859,9 +808,9 @@ class PostcopySession {
         }
         if (!this.isData(q.block, page)) {
           this.urgent.room(6 + 255 + 9 + 13);
-          this.urgent.partStart();
+          this.urgent.ramPart(this.meta.ramSectionId, 'name-first');
           this.emitZeroPage(this.urgent, q.block, page);
-          this.urgent.partEnd();
+          this.urgent.ramEos(this.meta.ramSectionId);
           this.r.requestedZeroPages++;
           q.wrotePage = true;
           q.next++;
@@ -879,9 +828,9 @@ class PostcopySession {
           return false;
         }
         this.urgent.room(6 + 255 + 8 + PAGE_BYTES + 13);
-        this.urgent.partStart();
+        this.urgent.ramPart(this.meta.ramSectionId, 'name-first');
         this.emitDataPage(this.urgent, ci, q.block, page);
-        this.urgent.partEnd();
+        this.urgent.ramEos(this.meta.ramSectionId);
         this.r.requestedDataPages++;
         q.wrotePage = true;
         q.next++;
@@ -959,11 +908,11 @@ class PostcopySession {
     const plan = this.plan;
     try {
       // 1-3: header, configuration, RAM setup, ADVISE, return path, PING.
-      out.raw(meta.head);
-      out.raw(meta.ramSetup);
-      out.raw(adviseCommand());
-      out.raw(command(CMD_OPEN_RETURN_PATH));
-      out.raw(pingCommand(PING_AFTER_OPEN));
+      out.verbatim(meta.head);
+      out.verbatim(meta.ramSetup);
+      out.verbatim(adviseCommand());
+      out.verbatim(openReturnPathCommand());
+      out.verbatim(pingCommand(PING_AFTER_OPEN));
       out.flush();
 
       // 4: the precopy share.
@@ -987,7 +936,7 @@ class PostcopySession {
       }
       // 4b: the switch-over commands of the save (QEMU 10's SWITCHOVER_START), where QEMU's postcopy_start sends
       // them: after the precopy share and before the discards (migration.c migration_switchover_start).
-      out.raw(meta.switchoverCommands);
+      out.verbatim(meta.switchoverCommands);
       // 5: discard every page not sent yet — also with no precopy share. QEMU 7.2's loadvm_postcopy_handle_listen,
       // when LISTEN comes straight after ADVISE, sets LISTENING and then calls postcopy_ram_prepare_discard, which
       // sets the state back to DISCARD: until RUN, ram_load would then take the precopy path and write pages
@@ -996,8 +945,8 @@ class PostcopySession {
       if (this.r.pagesOut < this.totalPages) this.sendDiscards();
 
       // 6: the package; from LISTEN on, QEMU may ask for pages.
-      out.raw(command(CMD_PACKAGED, piece((b) => b.be32(this.pkg.length))));
-      out.raw(this.pkg);
+      out.verbatim(packagedCommand(this.pkg.length));
+      out.verbatim(this.pkg);
       this.listening = true;
       out.flush();
       this.r.packageSentMs = this.now();
@@ -1043,7 +992,7 @@ class PostcopySession {
       assert.equal(this.zeroLeft, 0);
 
       // 8: end of the RAM section, EOF.
-      out.raw(piece((b) => b.ramEnd(meta.ramSectionId).ramEos(meta.ramSectionId).u8(SEC_EOF)));
+      out.verbatim(new StreamBuilder(256).ramEnd(meta.ramSectionId).ramEos(meta.ramSectionId).u8(SEC_EOF).build());
       out.flush();
       this.eofWritten = true;
       this.r.eofSentMs = this.now();
@@ -1105,7 +1054,7 @@ class PostcopySession {
       let ranges: [number, number][] = [];
       const flushRanges = () => {
         if (ranges.length === 0) return;
-        this.out.raw(discardCommand(this.idstrs[b], ranges));
+        this.out.verbatim(discardCommand(this.meta.blocks[b].id, ranges));
         this.r.discardCommands++;
         this.r.discardRanges += ranges.length;
         ranges = [];
@@ -1128,7 +1077,8 @@ class PostcopySession {
   private report(): PostcopyReport {
     const seconds = (performance.now() - this.t0) / 1000;
     const r = this.r;
-    const out = { bytesOut: this.out.bytesOut + this.urgent.bytesOut, writeMs: this.out.writeMs + this.urgent.writeMs, writeCalls: this.out.writeCalls + this.urgent.writeCalls, sections: this.out.sections + this.urgent.sections };
+    const [o, u] = [this.outSink, this.urgentSink];
+    const out = { bytesOut: o.bytesOut + u.bytesOut, writeMs: o.writeMs + u.writeMs, writeCalls: o.writeCalls + u.writeCalls, sections: this.out.sections + this.urgent.sections };
     return {
       path: this.opts.path,
       mode: 'postcopy',
@@ -1166,7 +1116,7 @@ class PostcopySession {
       evictions: r.evictions,
       faultLatency: this.latency.summary(),
       requestReadWaitMs: r.requestReadWaitMs,
-      requestWriteMs: this.urgent.writeMs,
+      requestWriteMs: this.urgentSink.writeMs,
       bytesRead: r.bytesRead,
       readMs: r.readMs,
       verifyMs: r.verifyMs,

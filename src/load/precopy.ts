@@ -13,40 +13,20 @@
 // verifies a cluster and writes its pages to the pipe.
 
 import assert from 'node:assert/strict';
-import fs from 'node:fs';
-import { crc32c, crc32cImplementation } from '../native/fastmem.js';
-import { SnapPipeError, ioError } from '../errors.js';
-import { pagesOf } from '../format/image/metadata.js';
-import { openImageFile } from '../image/open.js';
-import { ImageReader } from '../image/reader.js';
-import { CLUSTER_BYTES, PAGE_BYTES, PAGES_PER_CHUNK, type SnapshotMeta } from '../format/image/types.js';
-import { openIoBackend, reapNamed, type IoBackend, type IoBackendName } from '../native/io.js';
+import { crc32cImplementation } from '../native/fastmem.js';
+import { PAGE_BYTES, PAGES_PER_CHUNK, type SnapshotMeta } from '../format/image/types.js';
+import type { IoBackendName } from '../native/io.js';
 import { enlargePipe } from '../native/uring.js';
-import { alignedShared } from '../native/memory.js';
-import {
-  RAM_CONTINUE,
-  RAM_EOS,
-  RAM_PAGE,
-  RAM_ZERO,
-  SEC_FOOTER,
-  SEC_PART,
-} from '../format/stream/constants.js';
-import { checkImage, validMask, type DataChunk } from '../image/checks.js';
+import { PART_HEAD_BYTES, PART_TAIL_BYTES, RECORD_HEAD_BYTES_MAX, type StreamEncoder } from '../format/stream/encoder.js';
+import { pipeEncoder, type PipeSink } from './pipe.js';
+import { dataPagesOf, forEachZeroPage } from './plan.js';
+import { LOAD_QUEUE_DEPTH_MAX, LoadSource } from './source.js';
 
-export const DEFAULT_LOAD_QUEUE_DEPTH = 16;
-export const LOAD_QUEUE_DEPTH_MAX = 256;
-/** Output is assembled here and written with one write call per fill. */
-const OUT_BYTES = 8 << 20;
 /** Bound on ZERO records per PART section (9 bytes each with CONTINUE: ~300 KiB). */
 const ZERO_RECORDS_PER_SECTION = 32768;
-const IDSTR_BYTES_MAX = 255;
-const SECTION_HEAD_BYTES = 5; // type + be32 id
-const SECTION_TAIL_BYTES = 8 + 5; // EOS + footer
-const ZERO_SECTION_BYTES_MAX = SECTION_HEAD_BYTES + ZERO_RECORDS_PER_SECTION * (8 + 1) + 256 * (1 + IDSTR_BYTES_MAX) + SECTION_TAIL_BYTES;
-/** EAGAIN on a non-blocking stdout: sleep this long between retries, give up after this long without progress. */
-const EAGAIN_SLEEP_MS = 2;
-const EAGAIN_STALL_MS_MAX = 10 * 60_000;
-const TWO_32 = 0x1_0000_0000;
+/** A zero section's most bytes: every record CONTINUE, but up to 256 of them naming a block. */
+const ZERO_SECTION_BYTES_MAX = PART_HEAD_BYTES + ZERO_RECORDS_PER_SECTION * (8 + 1) + 256 * (RECORD_HEAD_BYTES_MAX - 8) + PART_TAIL_BYTES;
+const CRC_STOPS_BEFORE = 'this chunk and the device state, so the destination fails the migration';
 
 export interface LoadProgress {
   bytesOut: number;
@@ -96,341 +76,29 @@ export interface LoadReport {
   checksum: typeof crc32cImplementation;
 }
 
-// ---------------------------------------------------------------------------------------------------------------
-// Cluster reads
-
-
-// ---------------------------------------------------------------------------------------------------------------
-// Output
-
-const sleepCell = new Int32Array(new SharedArrayBuffer(4));
-
-/**
- * Calls `write(done)` until `total` bytes are out: partial writes advanced, EAGAIN waited out (bounded), EPIPE
- * reported as QEMU gone. Returns the number of system calls.
- */
-function writeLoop(total: number, write: (done: number) => number): number {
-  let done = 0;
-  let calls = 0;
-  let stalledSince = 0;
-  while (done < total) {
-    let n: number;
-    try {
-      n = write(done);
-      calls++;
-    } catch (err) {
-      const code = (err as NodeJS.ErrnoException).code;
-      if (code === 'EAGAIN') {
-        const now = performance.now();
-        if (stalledSince === 0) stalledSince = now;
-        else if (now - stalledSince > EAGAIN_STALL_MS_MAX) {
-          throw new SnapPipeError('IO', `writing the stream: the reader took nothing for ${EAGAIN_STALL_MS_MAX / 1000} s`);
-        }
-        Atomics.wait(sleepCell, 0, 0, EAGAIN_SLEEP_MS);
-        continue;
-      }
-      if (code === 'EPIPE' || code === 'ECONNRESET') {
-        throw new SnapPipeError('IO', 'QEMU closed the stream before it was complete (EPIPE); the incoming migration failed on its side');
-      }
-      throw ioError('writing the stream to stdout', err);
-    }
-    stalledSince = 0;
-    done += n;
-  }
-  return calls;
+/** What the data phase counts. */
+interface Sent {
+  dataPagesOut: number;
+  readMs: number;
 }
-
-/** Writes all of buf[0, len) to fd (see writeLoop). */
-export function writeAll(fd: number, buf: Uint8Array, len: number): number {
-  return writeLoop(len, (done) => fs.writeSync(fd, buf, done, len - done));
-}
-
-/** Writes the pieces in order with writev (see writeLoop); a partial write resumes inside the piece it stopped in. */
-export function writevAll(fd: number, pieces: Uint8Array[], total: number): number {
-  let first = 0;
-  let skipped = 0; // bytes of pieces[0..first) plus what was cut off pieces[first]
-  return writeLoop(total, (done) => {
-    while (done - skipped >= pieces[first].length) {
-      skipped += pieces[first].length;
-      first++;
-    }
-    if (done > skipped) {
-      pieces[first] = pieces[first].subarray(done - skipped);
-      skipped = done;
-    }
-    return fs.writevSync(fd, first === 0 ? pieces : pieces.slice(first));
-  });
-}
-
-/** Stream encoder over one buffer allocated at start; flushes to `fd` when the next section might not fit. */
-export class StreamOut {
-  private readonly buf = new Uint8Array(OUT_BYTES);
-  private len = 0;
-  /** End of the last complete section or verbatim part in buf. */
-  private sectionEnd = 0;
-  /** A write to fd failed (the reader is gone): nothing more is written. */
-  private broken = false;
-  private lastBlock = -1;
-  bytesOut = 0;
-  writeCalls = 0;
-  writeMs = 0;
-  sections = 0;
-
-  constructor(
-    private readonly fd: number,
-    private readonly idstrs: Uint8Array[],
-    private readonly sectionId: number,
-    private readonly onFlush: () => void,
-  ) {}
-
-  /** Bytes buffered, not yet written. */
-  get buffered(): number {
-    return this.len;
-  }
-
-  /** Makes room for n bytes (flushing if needed). */
-  room(n: number): void {
-    if (this.len + n > this.buf.length) this.flush();
-  }
-
-  /** Best effort after a failure: what is buffered is whole, verified sections (the record in progress is dropped). */
-  flushAfterFailure(): void {
-    if (this.broken) return;
-    this.len = this.sectionEnd;
-    try {
-      this.flush();
-    } catch {
-      // the failure being reported matters more
-    }
-  }
-
-  flush(): void {
-    if (this.len === 0) return;
-    const t0 = performance.now();
-    this.broken = true; // until the write succeeds
-    this.writeCalls += writeAll(this.fd, this.buf, this.len);
-    this.broken = false;
-    this.writeMs += performance.now() - t0;
-    this.bytesOut += this.len;
-    this.len = 0;
-    this.sectionEnd = 0;
-    this.onFlush();
-  }
-
-  /** Verbatim bytes of any size (head, RAM setup, device state). */
-  raw(b: Uint8Array): void {
-    let at = 0;
-    while (at < b.length) {
-      if (this.len === this.buf.length) this.flush();
-      const n = Math.min(b.length - at, this.buf.length - this.len);
-      this.buf.set(b.subarray(at, at + n), this.len);
-      this.len += n;
-      at += n;
-    }
-    this.sectionEnd = this.len;
-  }
-
-  private u8(v: number): void {
-    this.buf[this.len++] = v;
-  }
-
-  private be32(v: number): void {
-    const b = this.buf;
-    let i = this.len;
-    b[i++] = v >>> 24;
-    b[i++] = (v >>> 16) & 0xff;
-    b[i++] = (v >>> 8) & 0xff;
-    b[i++] = v & 0xff;
-    this.len = i;
-  }
-
-  private be64(v: number): void {
-    this.be32(Math.floor(v / TWO_32));
-    this.be32(v >>> 0);
-  }
-
-  /** PART header. Each section names its first block (the destination would also accept CONTINUE across sections). */
-  partStart(): void {
-    this.u8(SEC_PART);
-    this.be32(this.sectionId);
-    this.lastBlock = -1;
-  }
-
-  partEnd(): void {
-    this.be64(RAM_EOS);
-    this.u8(SEC_FOOTER);
-    this.be32(this.sectionId);
-    this.sections++;
-    this.sectionEnd = this.len;
-  }
-
-  private recordHeader(block: number, offsetBytes: number, flags: number): void {
-    if (block === this.lastBlock) {
-      this.be64(offsetBytes + flags + RAM_CONTINUE);
-      return;
-    }
-    this.be64(offsetBytes + flags);
-    const id = this.idstrs[block];
-    this.u8(id.length);
-    this.buf.set(id, this.len);
-    this.len += id.length;
-    this.lastBlock = block;
-  }
-
-  zero(block: number, offsetBytes: number): void {
-    this.recordHeader(block, offsetBytes, RAM_ZERO);
-    this.u8(0);
-  }
-
-  page(block: number, offsetBytes: number, src: Uint8Array, srcOff: number): void {
-    this.recordHeader(block, offsetBytes, RAM_PAGE);
-    this.buf.set(src.subarray(srcOff, srcOff + PAGE_BYTES), this.len);
-    this.len += PAGE_BYTES;
-  }
-
-  /**
-   * One PART section with the given pages of a cluster, written at once with writev straight from the cluster's
-   * memory: the record headers go in the buffer, the page data is never copied. What was buffered goes out first.
-   */
-  pagesSection(block: number, cluster: Uint8Array, firstPage: number, pages: Int32Array, count: number): void {
-    this.flush();
-    this.partStart();
-    const pieces: Uint8Array[] = [];
-    let cut = 0;
-    for (let i = 0; i < count; i++) {
-      const p = pages[i];
-      this.recordHeader(block, p * PAGE_BYTES, RAM_PAGE);
-      pieces.push(this.buf.subarray(cut, this.len));
-      const at = (p - firstPage) * PAGE_BYTES;
-      pieces.push(cluster.subarray(at, at + PAGE_BYTES));
-      cut = this.len;
-    }
-    this.partEnd();
-    pieces.push(this.buf.subarray(cut, this.len));
-    const total = this.len + count * PAGE_BYTES;
-    const t0 = performance.now();
-    this.broken = true; // until the write succeeds
-    this.writeCalls += writevAll(this.fd, pieces, total);
-    this.broken = false;
-    this.writeMs += performance.now() - t0;
-    this.bytesOut += total;
-    this.len = 0;
-    this.sectionEnd = 0;
-    this.onFlush();
-  }
-}
-
-// ---------------------------------------------------------------------------------------------------------------
-// Validation (before any output)
-
-/**
- * Throws CHECKSUM, naming block, offset and chunk, when a cluster's CRC-32C differs from the one recorded at save;
- * `stoppedBefore` says what the stream stops short of.
- */
-export function checkClusterCrc(path: string, meta: SnapshotMeta, ch: DataChunk, cluster: Uint8Array, stoppedBefore: string): void {
-  const got = crc32c(cluster) >>> 0;
-  const want = meta.chunkCrc32c[ch.block][ch.chunk] >>> 0;
-  if (got === want) return;
-  throw new SnapPipeError(
-    'CHECKSUM',
-    `${path}: block ${meta.blocks[ch.block].id} offset 0x${(ch.chunk * CLUSTER_BYTES).toString(16)} (1 MiB chunk ${ch.chunk}): ` +
-      `checksum mismatch (stored 0x${want.toString(16).padStart(8, '0')}, read 0x${got.toString(16).padStart(8, '0')}, ` +
-      `cluster at byte ${ch.hostOffsetBytes}); stream stopped before ${stoppedBefore} (--no-verify sends it anyway)`,
-  );
-}
-
-// ---------------------------------------------------------------------------------------------------------------
-// The load
 
 export async function runLoad(opts: LoadOptions): Promise<LoadReport> {
   const t0 = performance.now();
-  const { path } = opts;
   assert(Number.isInteger(opts.queueDepth) && opts.queueDepth >= 1 && opts.queueDepth <= LOAD_QUEUE_DEPTH_MAX, 'runLoad: queueDepth');
-  const reader = ImageReader.open(path, { direct: opts.direct });
-  let fd = -1;
-  let reads: IoBackend | undefined;
+  const source = LoadSource.check(opts.path, opts.direct);
   try {
-    const { meta, plan } = checkImage(reader);
     // A 64 KiB pipe makes QEMU and us take turns in small pieces; grow it (postcopy does not: a deep pipe would
     // queue background pages ahead of the pages the guest is waiting for).
     enlargePipe(opts.out);
-    fd = openImageFile(path, { direct: opts.direct });
-    const depth = Math.max(1, Math.min(opts.queueDepth, plan.chunks.length));
     // One slot more than reads in flight: the cluster being sent keeps its slot while `depth` reads go on.
-    const slotCount = depth + 1;
-    const slots = new Uint8Array(alignedShared(slotCount * CLUSTER_BYTES), 0, slotCount * CLUSTER_BYTES);
-    const opened = openIoBackend({ io: opts.io, queueDepth: depth });
-    reads = opened.backend;
-    if (opened.note) opts.onNote?.(opened.note);
-
-    // Block names were decoded as latin1 from the stream: encode them back the same way.
-    const idstrs = meta.blocks.map((b) => new Uint8Array(Buffer.from(b.id, 'latin1')));
-    let dataPagesOut = 0;
-    const out = new StreamOut(opts.out, idstrs, meta.ramSectionId, () =>
-      opts.onProgress?.({ bytesOut: out.bytesOut, dataPagesOut, dataPagesTotal: plan.dataPages }),
+    source.openReads({ direct: opts.direct, io: opts.io, queueDepth: opts.queueDepth, extraSlots: 1, backendDepth: 'depth', onNote: opts.onNote });
+    const sent: Sent = { dataPagesOut: 0, readMs: 0 };
+    const { out, sink } = pipeEncoder(opts.out, () =>
+      opts.onProgress?.({ bytesOut: sink.bytesOut, dataPagesOut: sent.dataPagesOut, dataPagesTotal: source.plan.dataPages }),
     );
-
-    // Data clusters: up to `depth` reads outstanding, consumed in submission order (chunk i uses slot i % slotCount).
-    const chunks = plan.chunks;
-    const doneSlot = new Uint8Array(slotCount);
-    const gotBytes = new Float64Array(slotCount);
-    const harvest = (min: number) => {
-      for (const c of reapNamed(reads!, path, min)) {
-        doneSlot[c.tag] = 1;
-        gotBytes[c.tag] = c.bytes;
-      }
-    };
-    let submitted = 0;
-    const pageList = new Int32Array(PAGES_PER_CHUNK);
-    let bytesRead = 0;
-    let readMs = 0;
-    let verifyMs = 0;
     // Nothing has been written so far: every refusal above left `out` untouched.
     try {
-      out.raw(meta.head);
-      out.raw(meta.ramSetup);
-      emitZeroPages(out, meta);
-
-      for (let next = 0; next < chunks.length; ) {
-        const t1 = performance.now();
-        let queued = 0;
-        while (submitted < chunks.length && submitted - next < slotCount && reads.inFlight < depth) {
-          const slot = submitted % slotCount;
-          reads.read(fd, slots, slot * CLUSTER_BYTES, CLUSTER_BYTES, chunks[submitted].hostOffsetBytes, slot);
-          submitted++;
-          queued++;
-        }
-        // Hand new reads to the kernel now, not at the next wait: when the cluster we want is already here, no wait
-        // comes for a while and the disk would run with fewer reads than `depth`.
-        if (queued > 0) harvest(0);
-        const slot = next % slotCount;
-        // Bounded: each reap returns at least one of the reads in flight, and the one we want is among them.
-        while (doneSlot[slot] === 0) {
-          assert(reads.inFlight > 0, 'waiting for a read that was never queued');
-          harvest(1);
-        }
-        readMs += performance.now() - t1;
-        doneSlot[slot] = 0;
-        const ch = chunks[next];
-        if (gotBytes[slot] !== CLUSTER_BYTES) {
-          throw new SnapPipeError('TRUNCATED', `${path}: the file ends inside the cluster at byte ${ch.hostOffsetBytes} (truncated image)`);
-        }
-        bytesRead += CLUSTER_BYTES;
-        const cluster = slots.subarray(slot * CLUSTER_BYTES, (slot + 1) * CLUSTER_BYTES);
-        if (opts.verify) {
-          const t2 = performance.now();
-          checkClusterCrc(path, meta, ch, cluster, 'this chunk and the device state, so the destination fails the migration');
-          verifyMs += performance.now() - t2;
-        }
-        dataPagesOut += emitChunkPages(out, meta, ch, cluster, pageList);
-        next++;
-      }
-      assert.equal(dataPagesOut, plan.dataPages, 'every data page sent once');
-
-      // After the RAM and before the device state, where QEMU sends them (migration.c migration_completion_precopy).
-      out.raw(meta.switchoverCommands);
-      out.raw(meta.deviceState);
-      out.flush();
+      sendStream(source, out, opts.verify, sent);
     } catch (err) {
       // Send the sections already complete (all verified) before failing: QEMU 7.2 only starts an exec: incoming
       // migration when the pipe becomes readable, and a pipe closed with nothing in it is never readable (HUP
@@ -438,82 +106,131 @@ export async function runLoad(opts: LoadOptions): Promise<LoadReport> {
       out.flushAfterFailure();
       throw err;
     }
-    const seconds = (performance.now() - t0) / 1000;
-    return {
-      path,
-      seconds,
-      bytesOut: out.bytesOut,
-      outMBps: out.bytesOut / 1e6 / seconds,
-      dataPages: plan.dataPages,
-      zeroPages: plan.zeroPages,
-      unsentPages: plan.unsentPages,
-      dataClusters: chunks.length,
-      bytesRead,
-      readMs,
-      verifyMs,
-      writeMs: out.writeMs,
-      writeCalls: out.writeCalls,
-      ramSections: out.sections,
-      deviceStateBytes: meta.deviceState.length,
-      blocks: meta.blocks.length,
-      direct: opts.direct,
-      verified: opts.verify,
-      queueDepth: depth,
-      readBackend: reads.name,
-      checksum: crc32cImplementation,
-    };
+    return report(opts, (performance.now() - t0) / 1000, source, out, sink, sent);
   } finally {
-    reads?.close();
-    if (fd >= 0) fs.closeSync(fd);
-    reader.close();
+    source.close();
   }
+}
+
+/** The whole stream, in the order at the top of this file. */
+function sendStream(source: LoadSource, out: StreamEncoder, verify: boolean, sent: Sent): void {
+  const { meta } = source;
+  out.verbatim(meta.head);
+  out.verbatim(meta.ramSetup);
+  sendZeroPages(out, meta);
+  sendDataClusters(source, out, verify, sent);
+  assert.equal(sent.dataPagesOut, source.plan.dataPages, 'every data page sent once');
+  // After the RAM and before the device state, where QEMU sends them (migration.c migration_completion_precopy).
+  out.verbatim(meta.switchoverCommands);
+  out.verbatim(meta.deviceState);
+  out.flush();
 }
 
 /** ZERO records for every page whose last version was zero, in block order, in PART sections of bounded size. */
-function emitZeroPages(out: StreamOut, meta: SnapshotMeta): void {
+function sendZeroPages(out: StreamEncoder, meta: SnapshotMeta): void {
+  const id = meta.ramSectionId;
   let inSection = 0;
-  meta.blocks.forEach((b, bi) => {
-    const pages = pagesOf(b);
-    const { sent, data } = meta.pages[bi];
-    const bytes = Math.ceil(pages / 8);
-    for (let i = 0; i < bytes; i++) {
-      let z = sent[i] & ~data[i] & validMask(i, pages);
-      // Bounded by the 8 bits of z.
-      while (z !== 0) {
-        const bit = 31 - Math.clz32(z & -z);
-        z &= z - 1;
-        if (inSection === 0) {
-          out.room(ZERO_SECTION_BYTES_MAX);
-          out.partStart();
-        }
-        out.zero(bi, (i * 8 + bit) * PAGE_BYTES);
-        if (++inSection === ZERO_RECORDS_PER_SECTION) {
-          out.partEnd();
-          inSection = 0;
-        }
-      }
+  forEachZeroPage(meta, (block, page) => {
+    if (inSection === 0) out.room(ZERO_SECTION_BYTES_MAX).ramPart(id, 'name-first');
+    out.zero(meta.blocks[block].id, page * PAGE_BYTES);
+    if (++inSection === ZERO_RECORDS_PER_SECTION) {
+      out.ramEos(id);
+      inSection = 0;
     }
   });
-  if (inSection > 0) out.partEnd();
+  if (inSection > 0) out.ramEos(id);
 }
 
-/** PAGE records for the chunk's data pages, from the cluster just read; returns how many. */
-/** The data pages of one cluster, as one PART section written from the cluster's memory. */
-function emitChunkPages(out: StreamOut, meta: SnapshotMeta, ch: DataChunk, cluster: Uint8Array, list: Int32Array): number {
-  const b = meta.blocks[ch.block];
-  const pages = pagesOf(b);
-  const { sent, data } = meta.pages[ch.block];
-  const firstPage = ch.chunk * PAGES_PER_CHUNK;
-  const lastByte = Math.ceil(Math.min(firstPage + PAGES_PER_CHUNK, pages) / 8);
-  let n = 0;
-  for (let i = firstPage / 8; i < lastByte; i++) {
-    let d = sent[i] & data[i] & validMask(i, pages);
-    while (d !== 0) {
-      const bit = 31 - Math.clz32(d & -d);
-      d &= d - 1;
-      list[n++] = i * 8 + bit;
+/** Every data cluster in plan order, checked, its data pages as one PART section written from the cluster's memory. */
+function sendDataClusters(source: LoadSource, out: StreamEncoder, verify: boolean, sent: Sent): void {
+  const { meta, plan } = source;
+  const reads = new InOrderReads(source);
+  const pageList = new Int32Array(PAGES_PER_CHUNK);
+  for (let next = 0; next < plan.chunks.length; next++) {
+    const t1 = performance.now();
+    const slot = reads.take(next);
+    sent.readMs += performance.now() - t1;
+    const cluster = source.arrived(next, slot, reads.bytesOf(slot), verify, CRC_STOPS_BEFORE);
+    const ch = plan.chunks[next];
+    const n = dataPagesOf(meta, ch, pageList);
+    out.pagesSection(meta.ramSectionId, meta.blocks[ch.block].id, cluster, ch.chunk * PAGES_PER_CHUNK, pageList, n);
+    sent.dataPagesOut += n;
+  }
+}
+
+/**
+ * Cluster reads consumed in submission order: plan chunk i goes to slot i % slotCount, and up to `depth` reads are in
+ * flight while the cluster being sent keeps its slot.
+ */
+class InOrderReads {
+  private submitted = 0;
+  private readonly done: Uint8Array;
+  private readonly gotBytes: Float64Array;
+
+  constructor(private readonly source: LoadSource) {
+    this.done = new Uint8Array(source.slotCount);
+    this.gotBytes = new Float64Array(source.slotCount);
+  }
+
+  /** Queues reads up to the depth, then waits for chunk `next`'s; returns its slot. */
+  take(next: number): number {
+    const { source } = this;
+    const { slotCount, depth } = source;
+    const chunks = source.plan.chunks.length;
+    let queued = 0;
+    while (this.submitted < chunks && this.submitted - next < slotCount && source.reads.inFlight < depth) {
+      source.read(this.submitted, this.submitted % slotCount);
+      this.submitted++;
+      queued++;
+    }
+    // Hand new reads to the kernel now, not at the next wait: when the cluster we want is already here, no wait
+    // comes for a while and the disk would run with fewer reads than `depth`.
+    if (queued > 0) this.harvest(0);
+    const slot = next % slotCount;
+    // Bounded: each reap returns at least one of the reads in flight, and the one we want is among them.
+    while (this.done[slot] === 0) {
+      assert(source.reads.inFlight > 0, 'waiting for a read that was never queued');
+      this.harvest(1);
+    }
+    this.done[slot] = 0;
+    return slot;
+  }
+
+  bytesOf(slot: number): number {
+    return this.gotBytes[slot];
+  }
+
+  private harvest(min: number): void {
+    for (const c of this.source.reap(min)) {
+      this.done[c.tag] = 1;
+      this.gotBytes[c.tag] = c.bytes;
     }
   }
-  out.pagesSection(ch.block, cluster, firstPage, list, n);
-  return n;
+}
+
+function report(opts: LoadOptions, seconds: number, source: LoadSource, out: StreamEncoder, sink: PipeSink, sent: Sent): LoadReport {
+  const { meta, plan } = source;
+  return {
+    path: opts.path,
+    seconds,
+    bytesOut: sink.bytesOut,
+    outMBps: sink.bytesOut / 1e6 / seconds,
+    dataPages: plan.dataPages,
+    zeroPages: plan.zeroPages,
+    unsentPages: plan.unsentPages,
+    dataClusters: plan.chunks.length,
+    bytesRead: source.bytesRead,
+    readMs: sent.readMs,
+    verifyMs: source.verifyMs,
+    writeMs: sink.writeMs,
+    writeCalls: sink.writeCalls,
+    ramSections: out.sections,
+    deviceStateBytes: meta.deviceState.length,
+    blocks: meta.blocks.length,
+    direct: opts.direct,
+    verified: opts.verify,
+    queueDepth: source.depth,
+    readBackend: source.reads.name,
+    checksum: crc32cImplementation,
+  };
 }

@@ -1,6 +1,6 @@
 // Builds migration streams from a list of page operations and keeps the RAM they should leave behind, so tests can
 // check an image against what the stream meant (the last record of each page wins).
-import { StreamBuilder } from '../../src/format/stream/builder.js';
+import { StreamBuilder } from '../../src/format/stream/encoder.js';
 import { CMD_SWITCHOVER_START, RAM_MEM_SIZE, RAM_MULTIFD_FLUSH, RAM_VERSION, SEC_START } from '../../src/format/stream/constants.js';
 import { SWITCHOVER_START_BYTES } from '../../src/format/stream/switchover.js';
 

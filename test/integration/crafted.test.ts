@@ -15,7 +15,7 @@ import { crc32 } from 'node:zlib';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { VIRTUAL_BYTES_MAX } from '../../src/format/image/limits.js';
 import { decodeHeader } from '../../src/format/image/qcow2.js';
-import { StreamBuilder } from '../../src/format/stream/builder.js';
+import { StreamBuilder } from '../../src/format/stream/encoder.js';
 import { BIN, ROOT, runCli } from '../helpers/cli.js';
 import { SMALL_PC_BLOCKS, buildStream, pageContent, sequentialOps, type ModelStream } from '../helpers/model.js';
 import { parseAll } from '../helpers/parse.js';

@@ -9,7 +9,7 @@ import { open } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { StreamBuilder } from '../../src/format/stream/builder.js';
+import { StreamBuilder } from '../../src/format/stream/encoder.js';
 import { BIN, info, ROOT, runCli } from '../helpers/cli.js';
 import { buildStream, pageContent, sequentialOps, type BlockSpec } from '../helpers/model.js';
 

@@ -10,7 +10,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { readInfo } from '../../src/image/info.js';
-import { StreamBuilder } from '../../src/format/stream/builder.js';
+import { StreamBuilder } from '../../src/format/stream/encoder.js';
 import { CMD_OPEN_RETURN_PATH, CMD_PING } from '../../src/format/stream/constants.js';
 import { ReturnPathDecoder, type RpMessage } from '../../src/format/stream/returnpath.js';
 import { BIN, ROOT } from '../helpers/cli.js';

@@ -17,8 +17,6 @@ const MiB = 1 << 20;
 /** As QEMU would send them: single bytes (the stream's names are bytes; snap-pipe reads them as latin1). */
 const MACHINE = 'pc-i440fx-7.2\x1b[31m\nred\x9b2J\x7f';
 const BLOCK = '/rom@etc/\x1b[31mred\nline\x9bq';
-/** The same names with one ASCII byte in place of each non-ASCII one, for the stream builder (which writes UTF-8). */
-const stand = (name: string) => name.replace(/[\u0080-\u00ff]/g, '\x01');
 const BLOCKS: BlockSpec[] = [
   { id: 'pc.ram', lengthBytes: MiB },
   { id: BLOCK, lengthBytes: MiB },
@@ -29,28 +27,12 @@ const RAW_CONTROL = /[\u0000-\u0009\u000b-\u001f\u007f-\u009f]/;
 let dir: string;
 let img: string;
 
-/** The stream with every occurrence of each stand-in name replaced by the real name's bytes. */
-function withRealNames(stream: Uint8Array, names: string[]): Uint8Array {
-  const out = Buffer.from(stream);
-  for (const name of names) {
-    const from = Buffer.from(stand(name), 'latin1');
-    const to = Buffer.from(name, 'latin1');
-    let replaced = 0;
-    for (let at = out.indexOf(from); at >= 0; at = out.indexOf(from, at + to.length)) {
-      to.copy(out, at);
-      replaced++;
-    }
-    expect(replaced, stand(name)).toBeGreaterThan(0);
-  }
-  return new Uint8Array(out);
-}
-
 beforeAll(async () => {
   dir = mkdtempSync(join(tmpdir(), 'snap-pipe-untrusted-'));
-  const blocks = BLOCKS.map((b) => ({ ...b, id: stand(b.id) }));
-  const stream = buildStream(blocks, sequentialOps(blocks, 5), { machineType: stand(MACHINE), ramEnd: true });
+  // The encoder writes names as latin1, one byte per character, as QEMU's bytes read back.
+  const stream = buildStream(BLOCKS, sequentialOps(BLOCKS, 5), { machineType: MACHINE, ramEnd: true });
   img = join(dir, 'names.qcow2');
-  const saved = await runCli(['save', img], withRealNames(stream.bytes, [MACHINE, BLOCK]));
+  const saved = await runCli(['save', img], stream.bytes);
   expect(saved.code, saved.stderr).toBe(0);
 });
 afterAll(() => rmSync(dir, { recursive: true, force: true }));

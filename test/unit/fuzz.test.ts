@@ -13,7 +13,7 @@ import { join } from 'node:path';
 import { Worker } from 'node:worker_threads';
 import { crc32 } from 'node:zlib';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { StreamBuilder } from '../../src/format/stream/builder.js';
+import { StreamBuilder } from '../../src/format/stream/encoder.js';
 import { buildStream, pageContent, pulledForward, rng, sequentialOps, type BlockSpec } from '../helpers/model.js';
 
 const ROOT = join(import.meta.dirname, '..', '..');

@@ -2,7 +2,7 @@
 // state built to look like a VM description at every few bytes, and the same answers as trying every position.
 import { describe, expect, it } from 'vitest';
 import { SnapPipeError } from '../../src/errors.js';
-import { StreamBuilder } from '../../src/format/stream/builder.js';
+import { StreamBuilder } from '../../src/format/stream/encoder.js';
 import { isJsonText } from '../../src/format/stream/json.js';
 import { checkDeviceStateEnd, vmdescCandidates, vmdescStart } from '../../src/format/stream/parser.js';
 import { rng } from '../helpers/model.js';

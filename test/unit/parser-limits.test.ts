@@ -5,7 +5,7 @@ import { describe, expect, it } from 'vitest';
 import { SnapPipeError } from '../../src/errors.js';
 import { InputRing } from '../../src/save/ring/input.js';
 import { CTRL, CTRL_INTS } from '../../src/save/ring/layout.js';
-import { StreamBuilder } from '../../src/format/stream/builder.js';
+import { StreamBuilder } from '../../src/format/stream/encoder.js';
 import { RAM_EOS, RAM_MEM_SIZE, RAM_VERSION, SEC_START } from '../../src/format/stream/constants.js';
 import { BLOCK_PAGES_MAX, RAM_TOTAL_BYTES_MAX, StreamParser, type ParsedBlock } from '../../src/format/stream/parser.js';
 import { pageContent } from '../helpers/model.js';

@@ -1,6 +1,6 @@
 import { describe, expect, it } from 'vitest';
 import { SnapPipeError } from '../../src/errors.js';
-import { StreamBuilder } from '../../src/format/stream/builder.js';
+import { StreamBuilder } from '../../src/format/stream/encoder.js';
 import { buildStream, pageContent, rng, sequentialOps, type BlockSpec } from '../helpers/model.js';
 import { parseAll } from '../helpers/parse.js';
 

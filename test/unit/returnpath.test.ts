@@ -3,8 +3,7 @@
 // refusals QEMU's own source_return_path_thread makes; and the fault-latency histogram.
 import { describe, expect, it } from 'vitest';
 import { SnapPipeError } from '../../src/errors.js';
-import { LatencyHistogram, adviseCommand, deviceSectionsEnd, discardCommand, pingCommand } from '../../src/load/postcopy.js';
-import { StreamBuilder } from '../../src/format/stream/builder.js';
+import { LatencyHistogram } from '../../src/load/postcopy.js';
 import { ReturnPathDecoder, encodePong, encodeReqPages, encodeShut, encodeSwitchoverAck, type RpMessage } from '../../src/format/stream/returnpath.js';
 
 function hex(s: string): Uint8Array {
@@ -115,29 +114,6 @@ describe('return path decoder', () => {
     expect(d.pending).toBe(6);
     d.push(hex('0001'));
     expect(d.next()).toEqual({ type: 'shut', status: 1 });
-  });
-});
-
-describe('postcopy stream pieces', () => {
-  it('commands as QEMU 7.2 writes them', () => {
-    expect(Buffer.from(adviseCommand()).toString('hex')).toBe('0800030010' + '0000000000001000' + '0000000000001000');
-    expect(Buffer.from(pingCommand(3)).toString('hex')).toBe('080002000400000003');
-    const name = new Uint8Array(Buffer.from('pc.ram'));
-    expect(Buffer.from(discardCommand(name, [[0x2000, 0x3000], [2 ** 33, 4096]])).toString('hex')).toBe(
-      '080006' + '0029' + '00' + '06' + Buffer.from('pc.ram').toString('hex') + '00' +
-        '0000000000002000' + '0000000000003000' + '0000000200000000' + '0000000000001000',
-    );
-  });
-
-  it('finds the end of the device sections before EOF + VMDESCRIPTION, or before a bare EOF', () => {
-    const b = new StreamBuilder().device(3, 'timer', new Uint8Array([0, 6, 0, 0, 0, 2]));
-    const sectionsOnly = b.build().slice();
-    const withDesc = new StreamBuilder().bytes(sectionsOnly).eof().build();
-    expect(deviceSectionsEnd(withDesc)).toBe(sectionsOnly.length);
-    const bare = new StreamBuilder().bytes(sectionsOnly).eof(undefined).build();
-    expect(deviceSectionsEnd(bare)).toBe(sectionsOnly.length);
-    expect(sectionsOnly[sectionsOnly.length - 1]).not.toBe(0);
-    expect(() => deviceSectionsEnd(sectionsOnly)).toThrow(/does not end with EOF/);
   });
 });
 

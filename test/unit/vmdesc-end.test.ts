@@ -3,7 +3,7 @@
 // Also the parser with acceptReturnPath: OPEN_RETURN_PATH and PING reach the sink, and the parse ends at the VM
 // description.
 import { describe, expect, it } from 'vitest';
-import { StreamBuilder } from '../../src/format/stream/builder.js';
+import { StreamBuilder } from '../../src/format/stream/encoder.js';
 import { CMD_OPEN_RETURN_PATH, CMD_PING } from '../../src/format/stream/constants.js';
 import { knowsSwitchoverAck } from '../../src/format/stream/parser.js';
 import { VmdescEnd } from '../../src/format/stream/vmdesc-end.js';
