@@ -3,7 +3,7 @@
 import { formatHelp, integerFlag, onePath, parseArgs, parseIo, type FlagSpec } from './args.js';
 import { SnapPipeError } from '../errors.js';
 import { formatBytes } from '../format/units.js';
-import { printErr, printOut, tellErr } from '../output.js';
+import { printOut, tellErr } from '../output.js';
 import { jsonText, printable } from '../format/text.js';
 import {
   DEFAULT_VERIFY_QUEUE_DEPTH,

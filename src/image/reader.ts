@@ -19,6 +19,7 @@ import {
 } from '../format/image/limits.js';
 import { decodeMeta } from '../format/image/metadata.js';
 import { openImageFile } from './open.js';
+import { ClusterReader, type ClusterReadOptions } from './clusters.js';
 import {
   ENTRIES_PER_TABLE_CLUSTER,
   HEADER_AREA_BYTES,
@@ -202,6 +203,24 @@ export class ImageReader {
     }
     const got = readAt(this.path, this.fd, dst, CLUSTER_BYTES, host * CLUSTER_BYTES, this.direct);
     if (got !== CLUSTER_BYTES) throw truncated(this.path, `cluster at byte ${host * CLUSTER_BYTES}`);
+  }
+
+  /** Reads of whole data clusters through this image's fd; close it before this reader. */
+  clusterReader(o: ClusterReadOptions): ClusterReader {
+    assert(this.fd >= 0, 'clusterReader after close');
+    return new ClusterReader(this.path, this.fd, o);
+  }
+
+  /**
+   * Reads exactly `lengthBytes` at `positionBytes` into `dst` (page aligned when direct); the file ending first is
+   * a truncated image, `what` naming the structure read.
+   */
+  readExact(dst: Uint8Array, lengthBytes: number, positionBytes: number, what: string): void {
+    assert(this.fd >= 0, 'readExact after close');
+    const got = readAt(this.path, this.fd, dst, lengthBytes, positionBytes, this.direct, what);
+    if (got < lengthBytes) {
+      throw new SnapPipeError('TRUNCATED', `${this.path}: the file ends inside the ${what} at byte ${positionBytes + got} (truncated image)`);
+    }
   }
 
   close(): void {

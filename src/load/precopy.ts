@@ -91,7 +91,7 @@ export async function runLoad(opts: LoadOptions): Promise<LoadReport> {
     // queue background pages ahead of the pages the guest is waiting for).
     enlargePipe(opts.out);
     // One slot more than reads in flight: the cluster being sent keeps its slot while `depth` reads go on.
-    source.openReads({ direct: opts.direct, io: opts.io, queueDepth: opts.queueDepth, extraSlots: 1, backendDepth: 'depth', onNote: opts.onNote });
+    source.openReads({ io: opts.io, queueDepth: opts.queueDepth, extraSlots: 1, backendDepth: 'depth', onNote: opts.onNote });
     const sent: Sent = { dataPagesOut: 0, readMs: 0 };
     const { out, sink } = pipeEncoder(opts.out, () =>
       opts.onProgress?.({ bytesOut: sink.bytesOut, dataPagesOut: sent.dataPagesOut, dataPagesTotal: source.plan.dataPages }),
@@ -150,7 +150,7 @@ function sendDataClusters(source: LoadSource, out: StreamEncoder, verify: boolea
     const t1 = performance.now();
     const slot = reads.take(next);
     sent.readMs += performance.now() - t1;
-    const cluster = source.arrived(next, slot, reads.bytesOf(slot), verify, CRC_STOPS_BEFORE);
+    const cluster = source.arrived(next, slot, verify, CRC_STOPS_BEFORE);
     const ch = plan.chunks[next];
     const n = dataPagesOf(meta, ch, pageList);
     out.pagesSection(meta.ramSectionId, meta.blocks[ch.block].id, cluster, ch.chunk * PAGES_PER_CHUNK, pageList, n);
@@ -165,11 +165,9 @@ function sendDataClusters(source: LoadSource, out: StreamEncoder, verify: boolea
 class InOrderReads {
   private submitted = 0;
   private readonly done: Uint8Array;
-  private readonly gotBytes: Float64Array;
 
   constructor(private readonly source: LoadSource) {
     this.done = new Uint8Array(source.slotCount);
-    this.gotBytes = new Float64Array(source.slotCount);
   }
 
   /** Queues reads up to the depth, then waits for chunk `next`'s; returns its slot. */
@@ -178,7 +176,7 @@ class InOrderReads {
     const { slotCount, depth } = source;
     const chunks = source.plan.chunks.length;
     let queued = 0;
-    while (this.submitted < chunks && this.submitted - next < slotCount && source.reads.inFlight < depth) {
+    while (this.submitted < chunks && this.submitted - next < slotCount && source.inFlight < depth) {
       source.read(this.submitted, this.submitted % slotCount);
       this.submitted++;
       queued++;
@@ -189,22 +187,15 @@ class InOrderReads {
     const slot = next % slotCount;
     // Bounded: each reap returns at least one of the reads in flight, and the one we want is among them.
     while (this.done[slot] === 0) {
-      assert(source.reads.inFlight > 0, 'waiting for a read that was never queued');
+      assert(source.inFlight > 0, 'waiting for a read that was never queued');
       this.harvest(1);
     }
     this.done[slot] = 0;
     return slot;
   }
 
-  bytesOf(slot: number): number {
-    return this.gotBytes[slot];
-  }
-
   private harvest(min: number): void {
-    for (const c of this.source.reap(min)) {
-      this.done[c.tag] = 1;
-      this.gotBytes[c.tag] = c.bytes;
-    }
+    for (const slot of this.source.reap(min)) this.done[slot] = 1;
   }
 }
 
@@ -230,7 +221,7 @@ function report(opts: LoadOptions, seconds: number, source: LoadSource, out: Str
     direct: opts.direct,
     verified: opts.verify,
     queueDepth: source.depth,
-    readBackend: source.reads.name,
+    readBackend: source.readBackend,
     checksum: crc32cImplementation,
   };
 }

@@ -1,22 +1,19 @@
-// The image side of a load, owned in one place: the image (opened and checked before anything is written), its
-// file opened again for cluster reads, the I/O backend, and the cluster slots the reads land in (allocated once).
-// close() releases all of it, whatever was opened. Precopy and postcopy decide which cluster goes in which slot and
-// when; a cluster that arrives is checked here (whole, and its CRC-32C) before any of its pages may go out.
+// The image side of a load, owned in one place: the image (opened and checked before anything is written) and the
+// reads of its data clusters into slots allocated once (image/clusters.ts). close() releases all of it, whatever
+// was opened. Precopy and postcopy decide which cluster goes in which slot and when; a cluster that arrives is
+// checked here (its CRC-32C) before any of its pages may go out.
 import { SnapPipeError } from '../errors.js';
 import { CLUSTER_BYTES, type SnapshotMeta } from '../format/image/types.js';
 import { checkImage, type DataChunk, type Plan } from '../image/checks.js';
-import { openImageFile } from '../image/open.js';
+import type { ClusterReader } from '../image/clusters.js';
 import { ImageReader } from '../image/reader.js';
 import { crc32c } from '../native/fastmem.js';
-import { openIoBackend, reapNamed, type IoBackend, type IoBackendName, type IoCompletion } from '../native/io.js';
-import { alignedShared } from '../native/memory.js';
-import fs from 'node:fs';
+import type { IoBackendName } from '../native/io.js';
 
 export const DEFAULT_LOAD_QUEUE_DEPTH = 16;
 export const LOAD_QUEUE_DEPTH_MAX = 256;
 
 export interface ReadOptions {
-  direct: boolean;
   io: IoBackendName | 'auto';
   /** Cluster reads the caller keeps in flight (capped at the clusters there are), and extra slots beyond them. */
   queueDepth: number;
@@ -27,13 +24,10 @@ export interface ReadOptions {
 }
 
 export class LoadSource {
-  private fd = -1;
-  private backend: IoBackend | undefined;
-  /** Cluster slots: slot s is bytes [s MiB, (s+1) MiB). */
-  slots: Uint8Array = new Uint8Array(0);
+  private clusters: ClusterReader | undefined;
+  /** Slots and reads in flight the caller keeps (set by openReads). */
   slotCount = 0;
   depth = 0;
-  bytesRead = 0;
   verifyMs = 0;
 
   private constructor(
@@ -58,59 +52,62 @@ export class LoadSource {
     return this.reader.path;
   }
 
-  get reads(): IoBackend {
-    if (!this.backend) throw new Error('LoadSource: openReads() first');
-    return this.backend;
+  private get reads(): ClusterReader {
+    if (!this.clusters) throw new Error('LoadSource: openReads() first');
+    return this.clusters;
   }
 
-  /** Opens the file for cluster reads, allocates the slots, opens the I/O backend (its note goes to onNote). */
+  /** Reads in flight, and the I/O backend's name (for the report). */
+  get inFlight(): number {
+    return this.reads.inFlight;
+  }
+
+  get readBackend(): IoBackendName {
+    return this.reads.backendName;
+  }
+
+  get bytesRead(): number {
+    return this.clusters?.bytesRead ?? 0;
+  }
+
+  /** Allocates the cluster slots and opens the I/O backend (its note goes to onNote). */
   openReads(o: ReadOptions): void {
-    this.fd = openImageFile(this.path, { direct: o.direct });
     this.depth = Math.max(1, Math.min(o.queueDepth, this.plan.chunks.length));
     this.slotCount = this.depth + o.extraSlots;
-    const bytes = this.slotCount * CLUSTER_BYTES;
-    this.slots = new Uint8Array(alignedShared(bytes), 0, bytes);
-    const opened = openIoBackend({ io: o.io, queueDepth: o.backendDepth === 'depth' ? this.depth : this.slotCount });
-    this.backend = opened.backend;
-    if (opened.note) o.onNote?.(opened.note);
+    const inFlightMax = o.backendDepth === 'depth' ? this.depth : this.slotCount;
+    this.clusters = this.reader.clusterReader({ io: o.io, slots: this.slotCount, inFlightMax, onNote: o.onNote });
   }
 
-  /** Queues the read of plan chunk `ci`'s cluster into `slot` (tagged with the slot). */
+  /** Queues the read of plan chunk `ci`'s cluster into `slot`. */
   read(ci: number, slot: number): void {
-    this.reads.read(this.fd, this.slots, slot * CLUSTER_BYTES, CLUSTER_BYTES, this.plan.chunks[ci].hostOffsetBytes, slot);
+    this.reads.read(this.plan.chunks[ci].hostOffsetBytes, slot);
   }
 
-  /** Submits what is queued and takes at least `min` completions (see IoBackend.reap). */
-  reap(min = 1): IoCompletion[] {
-    return reapNamed(this.reads, this.path, min);
+  /** Submits what is queued and waits for at least `min` reads; returns the slots whose cluster arrived whole. */
+  reap(min = 1): readonly number[] {
+    return this.reads.reap(min);
   }
 
   slotView(slot: number): Uint8Array {
-    return this.slots.subarray(slot * CLUSTER_BYTES, (slot + 1) * CLUSTER_BYTES);
+    return this.reads.slotView(slot);
   }
 
   /**
-   * A read of chunk `ci` into `slot` completed with `bytes`: the whole cluster must be there and, with `verify`,
-   * match its CRC-32C (`stoppedBefore` says what the stream stops short of when it does not). Returns the cluster.
+   * The cluster of chunk `ci`, arrived in `slot`: with `verify`, it must match its CRC-32C (`stoppedBefore` says what
+   * the stream stops short of when it does not). Returns the cluster.
    */
-  arrived(ci: number, slot: number, bytes: number, verify: boolean, stoppedBefore: string): Uint8Array {
-    const ch = this.plan.chunks[ci];
-    if (bytes !== CLUSTER_BYTES) {
-      throw new SnapPipeError('TRUNCATED', `${this.path}: the file ends inside the cluster at byte ${ch.hostOffsetBytes} (truncated image)`);
-    }
-    this.bytesRead += CLUSTER_BYTES;
+  arrived(ci: number, slot: number, verify: boolean, stoppedBefore: string): Uint8Array {
     const cluster = this.slotView(slot);
     if (verify) {
       const t0 = performance.now();
-      checkClusterCrc(this.path, this.meta, ch, cluster, stoppedBefore);
+      checkClusterCrc(this.path, this.meta, this.plan.chunks[ci], cluster, stoppedBefore);
       this.verifyMs += performance.now() - t0;
     }
     return cluster;
   }
 
   close(): void {
-    this.backend?.close();
-    if (this.fd >= 0) fs.closeSync(this.fd);
+    this.clusters?.close();
     this.reader.close();
   }
 }

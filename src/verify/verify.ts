@@ -12,7 +12,6 @@
 // and returned in the report: the caller decides (the CLI prints the summary, then fails).
 
 import assert from 'node:assert/strict';
-import fs from 'node:fs';
 import { crc32c } from '../native/fastmem.js';
 import { Piscina } from 'piscina';
 import { SnapPipeError } from '../errors.js';
@@ -28,10 +27,10 @@ import {
   type Qcow2Header,
   type TailLayout,
 } from '../format/image/qcow2.js';
-import { openImageFile } from '../image/open.js';
-import { ImageReader, readAt } from '../image/reader.js';
+import type { ClusterReader } from '../image/clusters.js';
+import { ImageReader } from '../image/reader.js';
 import { CLUSTER_BYTES, type SnapshotMeta } from '../format/image/types.js';
-import { openIoBackend, reapNamed, type IoBackend, type IoBackendName } from '../native/io.js';
+import type { IoBackendName } from '../native/io.js';
 import { alignedShared } from '../native/memory.js';
 import type { CrcTask } from './crc-task.js';
 import { checkImage } from '../image/checks.js';
@@ -104,14 +103,6 @@ function damaged(path: string, what: string): SnapPipeError {
   return new SnapPipeError('BAD_IMAGE', `${path}: ${what}`);
 }
 
-/** Reads `lengthBytes` at `positionBytes` with plain reads (tables are few and small); short means truncated. */
-function readExact(path: string, fd: number, dst: Uint8Array, lengthBytes: number, positionBytes: number, what: string): void {
-  const got = readAt(path, fd, dst, lengthBytes, positionBytes, false, what);
-  if (got < lengthBytes) {
-    throw new SnapPipeError('TRUNCATED', `${path}: the file ends inside the ${what} at byte ${positionBytes + got} (truncated image)`);
-  }
-}
-
 /** The clusters to check, in file order, after checking that data clusters sit at host clusters 1..D, once each. */
 function planChecks(path: string, reader: ImageReader): ClusterCheck[] {
   const meta = reader.meta;
@@ -146,11 +137,11 @@ function planChecks(path: string, reader: ImageReader): ClusterCheck[] {
 }
 
 /** Header, L1 table and refcount table against the layout snap-pipe's writer produces for these data clusters. */
-function checkLayout(path: string, fd: number, reader: ImageReader, checks: ClusterCheck[]): TailLayout {
+function checkLayout(path: string, reader: ImageReader, checks: ClusterCheck[]): TailLayout {
   const C = CLUSTER_BYTES;
-  // Aligned: `fd` may be O_DIRECT.
+  // Aligned: the image may be open with O_DIRECT.
   const buf = new Uint8Array(alignedShared(C), 0, C);
-  readExact(path, fd, buf, HEADER_AREA_BYTES, 0, 'header');
+  reader.readExact(buf, HEADER_AREA_BYTES, 0, 'header');
   const decoded = decodeHeader(buf.subarray(0, HEADER_AREA_BYTES));
   assert(decoded.kind === 'ok' && decoded.snap, 'ImageReader accepted the header');
   const h: Qcow2Header = decoded.header;
@@ -187,7 +178,7 @@ function checkLayout(path: string, fd: number, reader: ImageReader, checks: Clus
   // image was opened (ImageReader): what is left is that they sit where snap-pipe's layout has them.
   const l2At = new Map<number, number>();
   layout.l2ForL1Index.forEach((l1Index, k) => l2At.set(l1Index, (layout.l2FirstCluster + k) * C));
-  readExact(path, fd, buf, HEADER_AREA_BYTES, layout.l1FirstCluster * C, 'L1 table');
+  reader.readExact(buf, HEADER_AREA_BYTES, layout.l1FirstCluster * C, 'L1 table');
   for (let i = 0; i < layout.l1Entries; i++) {
     const entry = readEntry(buf, i);
     const want = l2At.get(i) ?? 0;
@@ -195,7 +186,7 @@ function checkLayout(path: string, fd: number, reader: ImageReader, checks: Clus
       throw damaged(path, `L1 entry ${i} is 0x${entry.toString(16)}, where snap-pipe's layout has ${want === 0 ? 'no L2 table' : `its L2 table at byte ${want}`} (damaged L1 table)`);
     }
   }
-  readExact(path, fd, buf, C, layout.refcountTableFirstCluster * C, 'refcount table');
+  reader.readExact(buf, C, layout.refcountTableFirstCluster * C, 'refcount table');
   for (let b = 0; b < layout.refcountBlocks; b++) {
     const entry = readEntry(buf, b);
     const want = (layout.refcountBlockFirstCluster + b) * C;
@@ -309,7 +300,7 @@ class PoolCrc implements CrcEngine {
 /**
  * Reads the clusters to check, up to the backend's queue depth at a time into the read slots, has the engine compute
  * each one's CRC-32C and compares it with the one recorded at save. Mismatches are all counted, the first
- * BAD_LIST_MAX kept. Owns none of what it is given: the caller opens and closes the file, backend and engine.
+ * BAD_LIST_MAX kept. Owns none of what it is given: the caller opens and closes the image, its reads and the engine.
  */
 class ClusterChecks {
   readonly mismatches: ChunkMismatch[] = [];
@@ -323,14 +314,11 @@ class ClusterChecks {
   private readonly free: number[] = [];
 
   constructor(
-    private readonly path: string,
-    private readonly fd: number,
-    private readonly reads: IoBackend,
-    private readonly slots: Uint8Array,
+    private readonly clusters: ClusterReader,
     private readonly meta: SnapshotMeta,
     private readonly checks: ClusterCheck[],
   ) {
-    const depth = slots.byteLength / CLUSTER_BYTES;
+    const depth = clusters.slotCount;
     this.slotCheck = new Int32Array(depth).fill(-1);
     for (let s = depth - 1; s >= 0; s--) this.free.push(s);
   }
@@ -350,7 +338,7 @@ class ClusterChecks {
     // Bounded: every round completes at least one read or one CRC, and there are `total` of each.
     while (this.checked < total) {
       this.submitReads();
-      if (this.reads.inFlight > 0) {
+      if (this.clusters.inFlight > 0) {
         // With CRCs running elsewhere, only collect what is ready; otherwise wait for one read.
         const taken = this.takeReads(engine, engine.pending > 0 ? 0 : 1);
         if (taken > 0 && this.free.length > 0 && this.submitted < total) continue;
@@ -368,7 +356,7 @@ class ClusterChecks {
     while (this.submitted < this.checks.length && this.free.length > 0) {
       const slot = this.free.pop() as number;
       this.slotCheck[slot] = this.submitted;
-      this.reads.read(this.fd, this.slots, slot * CLUSTER_BYTES, CLUSTER_BYTES, this.checks[this.submitted].hostOffsetBytes, slot);
+      this.clusters.read(this.checks[this.submitted].hostOffsetBytes, slot);
       this.submitted++;
     }
   }
@@ -376,15 +364,10 @@ class ClusterChecks {
   /** Waits for at least `min` reads, and starts the CRC of each one completed; returns how many completed. */
   private takeReads(engine: CrcEngine, min: number): number {
     const t1 = performance.now();
-    const done = reapNamed(this.reads, this.path, min);
+    const slots = this.clusters.reap(min);
     this.readWaitMs += performance.now() - t1;
-    for (const c of done) {
-      if (c.bytes !== CLUSTER_BYTES) {
-        throw new SnapPipeError('TRUNCATED', `${this.path}: the file ends inside the cluster at byte ${this.checks[this.slotCheck[c.tag]].hostOffsetBytes} (truncated image)`);
-      }
-      engine.start(c.tag, c.tag * CLUSTER_BYTES);
-    }
-    return done.length;
+    for (const slot of slots) engine.start(slot, slot * CLUSTER_BYTES);
+    return slots.length;
   }
 
   private mismatch(ch: ClusterCheck, want: number, crc: number): void {
@@ -407,25 +390,18 @@ export async function runVerify(opts: VerifyOptions): Promise<VerifyReport> {
   assert(Number.isInteger(opts.queueDepth) && opts.queueDepth >= 1 && opts.queueDepth <= VERIFY_QUEUE_DEPTH_MAX, 'runVerify: queueDepth');
   assert(Number.isInteger(opts.threads) && opts.threads >= 0 && opts.threads <= VERIFY_THREADS_MAX, 'runVerify: threads');
   const reader = ImageReader.open(path, { direct: opts.direct });
-  let fd = -1;
-  let reads: IoBackend | undefined;
+  let clusters: ClusterReader | undefined;
   let engine: CrcEngine | undefined;
   try {
     // What load checks before it sends anything, so that an image verify passes is one load accepts.
     const { meta } = checkImage(reader);
     const checks = planChecks(path, reader);
-    fd = openImageFile(path, { direct: opts.direct });
-    checkLayout(path, fd, reader, checks);
+    checkLayout(path, reader, checks);
 
     const depth = Math.max(1, Math.min(opts.queueDepth, checks.length));
-    const shared = alignedShared(depth * CLUSTER_BYTES);
-    const slots = new Uint8Array(shared, 0, depth * CLUSTER_BYTES);
-    const opened = openIoBackend({ io: opts.io, queueDepth: depth });
-    reads = opened.backend;
-    if (opened.note) opts.onNote?.(opened.note);
-
-    const content = new ClusterChecks(path, fd, reads, slots, meta, checks);
-    engine = opts.threads === 0 ? new InlineCrc(slots, content.crcDone) : new PoolCrc(opts.threads, shared, content.crcDone);
+    clusters = reader.clusterReader({ io: opts.io, slots: depth, inFlightMax: depth, onNote: opts.onNote });
+    const content = new ClusterChecks(clusters, meta, checks);
+    engine = opts.threads === 0 ? new InlineCrc(clusters.slots, content.crcDone) : new PoolCrc(opts.threads, clusters.memory, content.crcDone);
     await content.run(engine);
     const seconds = (performance.now() - t0) / 1000;
     return {
@@ -441,7 +417,7 @@ export async function runVerify(opts: VerifyOptions): Promise<VerifyReport> {
       badClusters: content.badClusters,
       mismatches: content.sortedMismatches(),
       threads: engine.threads,
-      io: reads.name,
+      io: clusters.backendName,
       direct: opts.direct,
       queueDepth: depth,
       readWaitMs: content.readWaitMs,
@@ -450,8 +426,7 @@ export async function runVerify(opts: VerifyOptions): Promise<VerifyReport> {
     };
   } finally {
     await engine?.close();
-    reads?.close();
-    if (fd >= 0) fs.closeSync(fd);
+    clusters?.close();
     reader.close();
   }
 }
