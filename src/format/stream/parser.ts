@@ -4,7 +4,7 @@
 // section, the commands QEMU sends among the RAM sections at switch-over (QEMU 10's SWITCHOVER_START), and
 // everything from the first device-state section to the end of the stream.
 import { SnapPipeError } from '../../errors.js';
-import { PAGE_BITS, PAGE_BYTES } from '../image/types.js';
+import { PAGE_BITS, PAGE_BYTES } from '../units.js';
 import { isJsonText } from './json.js';
 import type { StreamSource } from './source.js';
 import { SWITCHOVER_COMMANDS_MAX, SWITCHOVER_START_BYTES } from './switchover.js';
@@ -153,6 +153,35 @@ export class StreamParser {
 
   parse(): ParsedStream {
     const r = this.ring;
+    const { head, machineType, capabilities, uuid } = this.parseHead();
+    const ram = this.parseRamSections();
+    const devAt = r.consumedBytes;
+    this.sink.deviceState?.();
+    const deviceState = this.returnPath ? this.takeToVmdescEnd() : r.takeRest();
+    const vmdescPresent = checkDeviceStateEnd(deviceState, devAt);
+    return {
+      machineType,
+      capabilities,
+      uuid,
+      ramSectionId: this.ramSectionId,
+      ramVersionId: ram.versionId,
+      head,
+      ramSetup: ram.setup,
+      switchoverCommands: concatAll(ram.switchover),
+      deviceState,
+      vmdescPresent,
+      sawRamEnd: ram.sawEnd,
+      bareFlushes: this.bareFlushes,
+      returnPath: this.returnPath,
+      blocks: this.blocks,
+      streamBytes: r.consumedBytes,
+      ramSections: ram.sections,
+    };
+  }
+
+  /** The file magic and version, and the configuration section if there is one: kept verbatim as the head. */
+  private parseHead(): { head: Uint8Array; machineType: string; capabilities: string[]; uuid?: Uint8Array } {
+    const r = this.ring;
     if (!r.ensure(1)) throw new SnapPipeError('TRUNCATED', 'the stream is empty (the source sent nothing)');
     r.startCapture();
     const magic = r.be32('file magic');
@@ -161,7 +190,6 @@ export class StreamParser {
     }
     const version = r.be32('file version');
     if (version !== QEVM_VERSION) throw this.unsupported(`migration stream version ${version} (snap-pipe reads 3)`, 4);
-
     let machineType = '';
     let capabilities: string[] = [];
     let uuid: Uint8Array | undefined;
@@ -170,12 +198,18 @@ export class StreamParser {
     }
     this.ignoreShared = capabilities.includes(CAP_IGNORE_SHARED);
     this.machineType = machineType;
-    const head = r.endCapture();
+    return { head: r.endCapture(), machineType, capabilities, uuid };
+  }
 
-    let ramSetup: Uint8Array | undefined;
-    let ramVersionId = 0;
-    let sawRamEnd = false;
-    let ramSections = 0;
+  /**
+   * The RAM part: sections up to the first device-state section (FULL) or EOF. Only the RAM section may be
+   * iterable; commands among its sections are skipped or kept as switch-over commands (see command()).
+   */
+  private parseRamSections(): { setup: Uint8Array; versionId: number; sawEnd: boolean; sections: number; switchover: Uint8Array[] } {
+    const r = this.ring;
+    let setup: Uint8Array | undefined;
+    let sawEnd = false;
+    let sections = 0;
     const switchover: Uint8Array[] = [];
     for (;;) {
       const at = r.consumedBytes;
@@ -187,35 +221,20 @@ export class StreamParser {
       if (type === SEC_FULL || type === SEC_EOF) break; // device state from here on
       r.u8('section type');
       if (type === SEC_START) {
-        r.startCapture();
-        this.setupCaptureAt = r.consumedBytes;
-        const id = r.be32('section id');
-        const idstr = decoder.decode(r.take(r.u8('section name length'), 'section name'));
-        r.be32('instance id');
-        const versionId = r.be32('version id');
-        if (idstr !== RAM_IDSTR) {
-          throw this.unsupported(`iterable section ${shown(idstr)} (snap-pipe stores RAM only; disable block migration and dirty-bitmaps)`, at);
-        }
-        if (ramSetup) throw this.bad('a second ram START section', at);
-        if (versionId !== RAM_VERSION) throw this.unsupported(`ram section version ${versionId} (expected ${RAM_VERSION})`, at);
-        this.ramSectionId = id;
-        ramVersionId = versionId;
-        this.parseRamRecords(true);
-        this.footer(id);
-        ramSetup = concatType(SEC_START, withoutRecords(r.endCapture(), this.setupFlushAt));
-        ramSections++;
+        setup = this.parseRamSetup(at, setup !== undefined);
+        sections++;
       } else if (type === SEC_PART || type === SEC_END) {
         const id = r.be32('section id');
-        if (!ramSetup || id !== this.ramSectionId) {
+        if (!setup || id !== this.ramSectionId) {
           throw this.unsupported(`${sectionTypeName(type)} of section ${id}, which is not the RAM section`, at);
         }
         this.parseRamRecords(false);
         this.footer(id);
-        if (type === SEC_END) sawRamEnd = true;
-        ramSections++;
+        if (type === SEC_END) sawEnd = true;
+        sections++;
       } else if (type === SEC_COMMAND) {
         if (!this.command(at)) continue;
-        if (!ramSetup) throw this.bad('a SWITCHOVER_START command before the RAM setup', at);
+        if (!setup) throw this.bad('a SWITCHOVER_START command before the RAM setup', at);
         if (switchover.length === SWITCHOVER_COMMANDS_MAX) throw this.bad(`more than ${SWITCHOVER_COMMANDS_MAX} switch-over commands`, at);
         switchover.push(SWITCHOVER_START_BYTES);
       } else if (type === SEC_CONFIGURATION) {
@@ -224,29 +243,38 @@ export class StreamParser {
         throw this.bad(`unknown section type ${sectionTypeName(type)}`, at);
       }
     }
-    if (!ramSetup) throw this.bad('device state before any RAM section (no ram START)');
-    const devAt = r.consumedBytes;
-    this.sink.deviceState?.();
-    const deviceState = this.returnPath ? this.takeToVmdescEnd() : r.takeRest();
-    const vmdescPresent = checkDeviceStateEnd(deviceState, devAt);
-    return {
-      machineType,
-      capabilities,
-      uuid,
-      ramSectionId: this.ramSectionId,
-      ramVersionId,
-      head,
-      ramSetup,
-      switchoverCommands: concatAll(switchover),
-      deviceState,
-      vmdescPresent,
-      sawRamEnd,
-      bareFlushes: this.bareFlushes,
-      returnPath: this.returnPath,
-      blocks: this.blocks,
-      streamBytes: r.consumedBytes,
-      ramSections,
-    };
+    if (!setup) throw this.bad('device state before any RAM section (no ram START)');
+    return { setup, versionId: RAM_VERSION, sawEnd, sections, switchover };
+  }
+
+  /**
+   * The ram START section after its type byte: its header, then the RAM setup records (block list), kept verbatim
+   * (with the setup's bare MULTIFD_FLUSH records left out) as the image's RAM setup.
+   */
+  private parseRamSetup(at: number, second: boolean): Uint8Array {
+    const r = this.ring;
+    r.startCapture();
+    this.setupCaptureAt = r.consumedBytes;
+    const id = this.ramStartHeader(at, second);
+    this.ramSectionId = id;
+    this.parseRamRecords(true);
+    this.footer(id);
+    return concatType(SEC_START, withoutRecords(r.endCapture(), this.setupFlushAt));
+  }
+
+  /** A START section's header: only one ram START (not `second`) of RAM_VERSION is accepted. Returns its id. */
+  private ramStartHeader(at: number, second: boolean): number {
+    const r = this.ring;
+    const id = r.be32('section id');
+    const idstr = decoder.decode(r.take(r.u8('section name length'), 'section name'));
+    r.be32('instance id');
+    const versionId = r.be32('version id');
+    if (idstr !== RAM_IDSTR) {
+      throw this.unsupported(`iterable section ${shown(idstr)} (snap-pipe stores RAM only; disable block migration and dirty-bitmaps)`, at);
+    }
+    if (second) throw this.bad('a second ram START section', at);
+    if (versionId !== RAM_VERSION) throw this.unsupported(`ram section version ${versionId} (expected ${RAM_VERSION})`, at);
+    return id;
   }
 
   private parseConfiguration(): { machineType: string; capabilities: string[]; uuid?: Uint8Array } {
