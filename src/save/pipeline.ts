@@ -4,7 +4,8 @@ import { closeSync, constants, existsSync, fstatSync, openSync, statSync, writeS
 import { join } from 'node:path';
 import { pathToFileURL } from 'node:url';
 import { deserializeError, SnapPipeError } from '../errors.js';
-import { FORMAT_VERSION, PAGE_BYTES, type SnapshotMeta } from '../format/image/types.js';
+import { FORMAT_VERSION, type SnapshotMeta } from '../format/image/types.js';
+import { PAGE_BYTES } from '../format/units.js';
 import { crc32cImplementation } from '../native/fastmem.js';
 import type { IoBackendName } from '../native/io.js';
 import { CTRL, FAIL_ABORT, FAIL_ERROR, SLOT_BYTES, type SaveRingSizes, type SaveShared } from './ring/layout.js';

@@ -1,7 +1,7 @@
 import { describe, expect, it } from 'vitest';
-import { Coalescer } from '../../src/save/coalesce.js';
+import { Coalescer } from '../../src/save/stages/coalesce.js';
 import { crc32cJs } from '../../src/native/fastmem.js';
-import { SPARSE_FIRST_PAGES_MAX } from '../../src/save/coalesce.js';
+import { SPARSE_FIRST_PAGES_MAX } from '../../src/save/stages/coalesce.js';
 import {
   BLOCK_F64S,
   SLOT_BLOCK,

@@ -15,8 +15,8 @@
 // cluster holds zeros. Fresh clusters are written whole (absent pages zero-filled), or, when they carry few pages,
 // only those pages (the rest is a hole in the file, read as zeros); clusters written before get only the pages this
 // publication carries (data, or zeros for pages re-sent as ZERO after data).
-import { PAGE_BYTES, PAGES_PER_CHUNK } from '../format/image/types.js';
-import { crc32c, crc32cOfPages, RangeCopier, zeroFill } from '../native/fastmem.js';
+import { PAGE_BYTES, PAGES_PER_CHUNK } from '../../format/units.js';
+import { crc32c, crc32cOfPages, RangeCopier, zeroFill } from '../../native/fastmem.js';
 import {
   BLOCK_F64S,
   BLOCK_PAGES,
@@ -33,7 +33,7 @@ import {
   SLOT_SEEN_COUNT,
   SLOT_VIRT_CLUSTER,
   SLOT_WHOLE,
-} from './ring/layout.js';
+} from '../ring/layout.js';
 
 export interface SlotPool {
   /** A free slot number (may wait for the writer). */

@@ -1,6 +1,6 @@
 // Coalescer stage: turns the reader's page descriptors into filled 1 MiB chunk slots for the writer, releasing
 // input ring space as pages are copied out.
-import { Coalescer, type CoalesceCounters } from '../coalesce.js';
+import { Coalescer, type CoalesceCounters } from './coalesce.js';
 import { DescriptorConsumer } from '../ring/descriptors.js';
 import { IntQueueConsumer, IntQueueProducer } from '../ring/queue.js';
 import {

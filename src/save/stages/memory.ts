@@ -10,7 +10,7 @@ import {
   type SaveShared,
 } from '../ring/layout.js';
 import { alignedShared } from '../../native/memory.js';
-import { PAGE_BYTES } from '../../format/image/types.js';
+import { PAGE_BYTES } from '../../format/units.js';
 
 export interface SaveViews {
   sizes: SaveRingSizes;

@@ -3,7 +3,7 @@
 import { readSync } from 'node:fs';
 import { SnapPipeError, ioError } from '../../errors.js';
 import { layoutBlocks } from '../../format/image/qcow2.js';
-import { CLUSTER_BYTES } from '../../format/image/types.js';
+import { CLUSTER_BYTES } from '../../format/units.js';
 import { enlargePipe } from '../../native/uring.js';
 import { DescriptorProducer } from '../ring/descriptors.js';
 import { InputRing, type ByteInput } from '../ring/input.js';

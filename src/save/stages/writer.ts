@@ -8,7 +8,8 @@
 import assert from 'node:assert/strict';
 import { crc32cOfPages, crc32cZeros } from '../../native/fastmem.js';
 import { ImageWriter } from '../../image/writer.js';
-import { CLUSTER_BYTES, PAGE_BYTES, PAGES_PER_CHUNK, type SnapshotMeta } from '../../format/image/types.js';
+import { type SnapshotMeta } from '../../format/image/types.js';
+import { CLUSTER_BYTES, PAGE_BYTES, PAGES_PER_CHUNK } from '../../format/units.js';
 import { openIoBackend, reapNamed, type IoBackend, type IoBackendName } from '../../native/io.js';
 import { IntQueueConsumer, IntQueueProducer } from '../ring/queue.js';
 import {
