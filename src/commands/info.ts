@@ -1,6 +1,6 @@
 // `snap-pipe info IMG [--json]`: what an image holds, for people and for scripts.
 import { jsonText, printable } from '../format/text.js';
-import { formatBytes } from '../format/units.js';
+import { formatBytes } from '../format/text.js';
 import { readInfo, type ImageInfo } from '../image/info.js';
 import { incompleteWhy } from '../image/reader.js';
 import { printOut } from '../output.js';

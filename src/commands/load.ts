@@ -3,7 +3,7 @@
 import { fstatSync, writeSync, writeFileSync } from 'node:fs';
 import { isatty } from 'node:tty';
 import { formatHelp, integerFlag, onePath, parseArgs, parseInteger, parseIo, usage, type FlagSpec } from './args.js';
-import { formatBytes } from '../format/units.js';
+import { formatBytes } from '../format/text.js';
 import { printErr, printOut, tellErr } from '../output.js';
 import { jsonText, printable } from '../format/text.js';
 import { runLoad, type LoadReport } from '../load/precopy.js';

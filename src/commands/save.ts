@@ -2,7 +2,7 @@
 import { writeFileSync } from 'node:fs';
 import { isatty } from 'node:tty';
 import { jsonText, printable } from '../format/text.js';
-import { formatBytes } from '../format/units.js';
+import { formatBytes } from '../format/text.js';
 import { printErr, printOut, tellErr } from '../output.js';
 import { DEFAULT_END_TIMEOUT_S, DEFAULT_QUEUE_DEPTH, DEFAULT_RING_BYTES, SavePipeline, type SaveReport } from '../save/pipeline.js';
 import { formatHelp, integerFlag, onePath, parseArgs, parseIo, parseSize, usage, type FlagSpec } from './args.js';

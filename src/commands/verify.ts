@@ -2,7 +2,7 @@
 // Exit 0 only for a sound image; otherwise the summary (when the structure allowed one) and one line on stderr.
 import { formatHelp, integerFlag, onePath, parseArgs, parseIo, type FlagSpec } from './args.js';
 import { SnapPipeError } from '../errors.js';
-import { formatBytes } from '../format/units.js';
+import { formatBytes } from '../format/text.js';
 import { printOut, tellErr } from '../output.js';
 import { jsonText, printable } from '../format/text.js';
 import {

@@ -14,3 +14,16 @@ export function printable(text: string): string {
 export function jsonText(value: unknown): string {
   return JSON.stringify(value, null, 2).replace(/[\u007f-\u009f]/g, (c) => `\\u${c.charCodeAt(0).toString(16).padStart(4, '0')}`);
 }
+
+/** 1536 -> "1.5 KiB"; below 1 KiB, "N bytes". */
+export function formatBytes(bytes: number): string {
+  const units = ['bytes', 'KiB', 'MiB', 'GiB', 'TiB'];
+  let v = bytes;
+  let u = 0;
+  while (v >= 1024 && u < units.length - 1) {
+    v /= 1024;
+    u++;
+  }
+  if (u === 0) return `${bytes} bytes`;
+  return `${Number(v.toFixed(2))} ${units[u]}`;
+}

@@ -8,7 +8,8 @@ import { popcount8 } from '../format/image/bits.js';
 import { BLOCK_ID_BYTES_MAX, BLOCKS_MAX } from '../format/image/limits.js';
 import { chunksOf, pagesOf } from '../format/image/metadata.js';
 import type { ImageReader } from './reader.js';
-import { CLUSTER_BYTES, PAGES_PER_CHUNK, type SnapshotMeta } from '../format/image/types.js';
+import { type SnapshotMeta } from '../format/image/types.js';
+import { CLUSTER_BYTES, PAGES_PER_CHUNK } from '../format/units.js';
 import {
   CAP_IGNORE_SHARED,
   QEVM_MAGIC,

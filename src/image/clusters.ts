@@ -5,7 +5,7 @@
 // here for every caller. Which cluster goes in which slot, and when, is the caller's: load keeps them in plan order,
 // postcopy serves page requests first, verify checks them in file order.
 import { SnapPipeError } from '../errors.js';
-import { CLUSTER_BYTES } from '../format/image/types.js';
+import { CLUSTER_BYTES } from '../format/units.js';
 import { openIoBackend, reapNamed, type IoBackend, type IoBackendName } from '../native/io.js';
 import { alignedShared } from '../native/memory.js';
 

@@ -3,7 +3,8 @@
 import { popcount8 } from '../format/image/bits.js';
 import { ImageReader } from './reader.js';
 import { bitmapBytesOf, pagesOf } from '../format/image/metadata.js';
-import { CLUSTER_BYTES, type SnapshotMeta } from '../format/image/types.js';
+import { type SnapshotMeta } from '../format/image/types.js';
+import { CLUSTER_BYTES } from '../format/units.js';
 import { countSwitchoverStarts } from '../format/stream/switchover.js';
 
 export interface BlockSummary {

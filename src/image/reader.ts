@@ -48,7 +48,8 @@ import {
   useName,
   type Entry,
 } from '../format/image/tables.js';
-import { CLUSTER_BITS, CLUSTER_BYTES, FORMAT_VERSION, type SnapshotMeta } from '../format/image/types.js';
+import { FORMAT_VERSION, type SnapshotMeta } from '../format/image/types.js';
+import { CLUSTER_BITS, CLUSTER_BYTES } from '../format/units.js';
 
 /** Why an image is incomplete, for one line: the failure its save recorded, or that it never finished. */
 export function incompleteWhy(failure: string | undefined): string {

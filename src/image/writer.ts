@@ -24,7 +24,8 @@ import {
   writeEntry,
   type TailLayout,
 } from '../format/image/qcow2.js';
-import { CLUSTER_BYTES, FORMAT_VERSION, type SnapshotMeta } from '../format/image/types.js';
+import { FORMAT_VERSION, type SnapshotMeta } from '../format/image/types.js';
+import { CLUSTER_BYTES } from '../format/units.js';
 
 /**
  * The file's blocks are allocated (fallocate) this far ahead of the data clusters handed out, and the file is cut to

@@ -5,7 +5,8 @@
 //   unsent never sent at save: precopy leaves it out; postcopy sends it as zero (ADVISE wiped the destination).
 // Pure: bitmaps in, page numbers out.
 import { pagesOf } from '../format/image/metadata.js';
-import { PAGES_PER_CHUNK, type SnapshotMeta } from '../format/image/types.js';
+import { type SnapshotMeta } from '../format/image/types.js';
+import { PAGES_PER_CHUNK } from '../format/units.js';
 import { validMask, type DataChunk } from '../image/checks.js';
 
 /** Whether page `page` of block `block` is a data page. */

@@ -14,7 +14,8 @@
 
 import assert from 'node:assert/strict';
 import { crc32cImplementation } from '../native/fastmem.js';
-import { PAGE_BYTES, PAGES_PER_CHUNK, type SnapshotMeta } from '../format/image/types.js';
+import { type SnapshotMeta } from '../format/image/types.js';
+import { PAGE_BYTES, PAGES_PER_CHUNK } from '../format/units.js';
 import type { IoBackendName } from '../native/io.js';
 import { enlargePipe } from '../native/uring.js';
 import { PART_HEAD_BYTES, PART_TAIL_BYTES, RECORD_HEAD_BYTES_MAX, type StreamEncoder } from '../format/stream/encoder.js';

@@ -3,7 +3,8 @@
 // was opened. Precopy and postcopy decide which cluster goes in which slot and when; a cluster that arrives is
 // checked here (its CRC-32C) before any of its pages may go out.
 import { SnapPipeError } from '../errors.js';
-import { CLUSTER_BYTES, type SnapshotMeta } from '../format/image/types.js';
+import { type SnapshotMeta } from '../format/image/types.js';
+import { CLUSTER_BYTES } from '../format/units.js';
 import { checkImage, type DataChunk, type Plan } from '../image/checks.js';
 import type { ClusterReader } from '../image/clusters.js';
 import { ImageReader } from '../image/reader.js';

@@ -29,7 +29,8 @@ import {
 } from '../format/image/qcow2.js';
 import type { ClusterReader } from '../image/clusters.js';
 import { ImageReader } from '../image/reader.js';
-import { CLUSTER_BYTES, type SnapshotMeta } from '../format/image/types.js';
+import { type SnapshotMeta } from '../format/image/types.js';
+import { CLUSTER_BYTES } from '../format/units.js';
 import type { IoBackendName } from '../native/io.js';
 import { alignedShared } from '../native/memory.js';
 import type { CrcTask } from './crc-task.js';

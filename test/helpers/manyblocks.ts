@@ -3,7 +3,8 @@
 // state) come from a real stream parsed in this thread, so load and verify find them consistent.
 import { ImageWriter } from '../../src/image/writer.js';
 import { layoutBlocks } from '../../src/format/image/qcow2.js';
-import { FORMAT_VERSION, PAGE_BYTES, type SnapshotMeta } from '../../src/format/image/types.js';
+import { FORMAT_VERSION, type SnapshotMeta } from '../../src/format/image/types.js';
+import { PAGE_BYTES } from '../../src/format/units.js';
 import { buildStream, type BlockSpec, type Op } from './model.js';
 import { parseAll } from './parse.js';
 

@@ -24,7 +24,8 @@ import {
   layoutTail,
   snapHeader,
 } from '../../src/format/image/qcow2.js';
-import { CLUSTER_BYTES, FORMAT_VERSION, type SnapshotMeta } from '../../src/format/image/types.js';
+import { FORMAT_VERSION, type SnapshotMeta } from '../../src/format/image/types.js';
+import { CLUSTER_BYTES } from '../../src/format/units.js';
 
 const C = CLUSTER_BYTES;
 

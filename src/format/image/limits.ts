@@ -19,7 +19,7 @@
 
 import { RAM_TOTAL_BYTES_MAX } from '../stream/parser.js';
 import { ENTRIES_PER_TABLE_CLUSTER, layoutTail } from './qcow2.js';
-import { CLUSTER_BYTES } from './types.js';
+import { CLUSTER_BYTES } from '../units.js';
 
 /**
  * RAM blocks in one image. QEMU machines have tens (a pc guest: pc.ram, pc.bios, the VGA RAM, a few option ROMs

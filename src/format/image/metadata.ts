@@ -14,14 +14,8 @@ import assert from 'node:assert/strict';
 import { crc32 } from 'node:zlib';
 import { SnapPipeError } from '../../errors.js';
 import { BLOCK_ID_BYTES_MAX, BLOCKS_MAX, JSON_SECTION_BYTES_MAX } from './limits.js';
-import {
-  CLUSTER_BYTES,
-  PAGE_BYTES,
-  type BlockPages,
-  type RamBlockInfo,
-  type SaveCounters,
-  type SnapshotMeta,
-} from './types.js';
+import { type BlockPages, type RamBlockInfo, type SaveCounters, type SnapshotMeta } from './types.js';
+import { CLUSTER_BYTES, PAGE_BYTES } from '../units.js';
 
 const META_MAGIC = new Uint8Array([0x53, 0x4e, 0x50, 0x4d, 0x45, 0x54, 0x41, 0x00]); // "SNPMETA\0"
 const CONTAINER_HEADER_BYTES = 24;

@@ -12,7 +12,7 @@
 
 import assert from 'node:assert/strict';
 import { printable } from '../text.js';
-import { CLUSTER_BITS, CLUSTER_BYTES } from './types.js';
+import { CLUSTER_BITS, CLUSTER_BYTES } from '../units.js';
 
 export const QCOW2_MAGIC = 0x514649fb; // "QFI\xfb"
 export const QCOW2_VERSION = 3;

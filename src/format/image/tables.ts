@@ -15,7 +15,7 @@
 //     cluster N refcount=1 reference=2").
 // snap-pipe writes every used cluster once, with refcount 1 and COPIED set, and never the zero or compressed flags.
 
-import { CLUSTER_BYTES } from './types.js';
+import { CLUSTER_BYTES } from '../units.js';
 
 /** An entry split into its high and low 32 bits (numbers, not BigInt: hot loops read 131072 per table). */
 export interface Entry {

@@ -1,14 +1,6 @@
 // The logical content of a snap-pipe image, shared by the writer (save) and the reader (info, load).
 // Physical layout (QCOW2 v3, 1 MiB clusters) lives in qcow2.ts; the metadata encoding in metadata.ts.
 
-/** Size of a QCOW2 cluster and of a coalesced chunk: one chunk of a RAM block fills one cluster. */
-export const CLUSTER_BYTES = 1 << 20;
-export const CLUSTER_BITS = 20;
-/** Guest page size: x86 TARGET_PAGE_SIZE. Streams with other target page sizes are refused. */
-export const PAGE_BYTES = 4096;
-export const PAGE_BITS = 12;
-export const PAGES_PER_CHUNK = CLUSTER_BYTES / PAGE_BYTES; // 256
-
 /**
  * Version of snap-pipe's own metadata; a reader refuses versions it does not know.
  * 1: cluster checksums were CRC-32 (zlib). 2: cluster checksums are CRC-32C (Castagnoli), which the CPU computes

@@ -6,7 +6,7 @@
 // and the destination checks each command's length against savevm.c mig_cmd_args[] (loadvm_process_command).
 // The switch-over commands (SWITCHOVER_START) are replayed verbatim from the image, not encoded here.
 import { SnapPipeError } from '../../errors.js';
-import { PAGE_BYTES } from '../image/types.js';
+import { PAGE_BYTES } from '../units.js';
 import {
   CMD_OPEN_RETURN_PATH,
   CMD_PACKAGED,

@@ -16,7 +16,7 @@
 // the wire, and the parser decodes them as latin1: they are encoded as latin1 here, one byte per character, so a
 // name decoded from a stream is written back byte for byte. A character above U+00FF cannot come from a stream and
 // is a RangeError, as is a name of more than 255 bytes (QEMU asserts that too).
-import { PAGE_BYTES } from '../image/types.js';
+import { PAGE_BYTES } from '../units.js';
 import {
   QEVM_MAGIC,
   QEVM_VERSION,
