@@ -32,31 +32,53 @@ export function writeText(fd: number, text: string): void {
 
 /** Writes all of `bytes` to `fd`, as writeText does (save's answers on QEMU's return path go this way too). */
 export function writeAll(fd: number, bytes: Uint8Array): void {
+  const name = streamName(fd);
+  writeLoop(bytes.length, (done) => fs.writeSync(fd, bytes, done, bytes.length - done), {
+    stalled: name,
+    closed: `${name}: the reader closed it before the output was complete (EPIPE)`,
+    failed: `write to ${name}`,
+  });
+}
+
+/** What writeLoop's failures say: the prefix of the stall line, the whole EPIPE line, the failing write. */
+export interface WriteWords {
+  stalled: string;
+  closed: string;
+  failed: string;
+}
+
+/**
+ * Calls `write(done)` until `total` bytes are out: partial writes advanced, EAGAIN waited out (bounded by
+ * EAGAIN_STALL_MS_MAX without progress), EPIPE and every other error thrown as a SnapPipeError in `words`.
+ * Returns the number of system calls.
+ */
+export function writeLoop(total: number, write: (done: number) => number, words: WriteWords): number {
   let done = 0;
+  let calls = 0;
   let stalledSince = 0;
-  while (done < bytes.length) {
+  while (done < total) {
     let n: number;
     try {
-      n = fs.writeSync(fd, bytes, done, bytes.length - done);
+      n = write(done);
+      calls++;
     } catch (err) {
       const code = (err as NodeJS.ErrnoException).code;
       if (code === 'EAGAIN') {
         const now = performance.now();
         if (stalledSince === 0) stalledSince = now;
         else if (now - stalledSince > EAGAIN_STALL_MS_MAX) {
-          throw new SnapPipeError('IO', `${streamName(fd)}: the reader took nothing for ${EAGAIN_STALL_MS_MAX / 1000} s`);
+          throw new SnapPipeError('IO', `${words.stalled}: the reader took nothing for ${EAGAIN_STALL_MS_MAX / 1000} s`);
         }
         Atomics.wait(sleepCell, 0, 0, EAGAIN_SLEEP_MS);
         continue;
       }
-      if (code === 'EPIPE' || code === 'ECONNRESET') {
-        throw new SnapPipeError('IO', `${streamName(fd)}: the reader closed it before the output was complete (EPIPE)`);
-      }
-      throw ioError(`write to ${streamName(fd)}`, err);
+      if (code === 'EPIPE' || code === 'ECONNRESET') throw new SnapPipeError('IO', words.closed);
+      throw ioError(words.failed, err);
     }
     stalledSince = 0;
     done += n;
   }
+  return calls;
 }
 
 /** Results (help, info, verify's report): all of it on stdout, or a SnapPipeError. */

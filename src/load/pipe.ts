@@ -3,55 +3,20 @@
 // EAGAIN (a descriptor left non-blocking by whoever shares it) is waited out for a bounded time, and EPIPE means
 // QEMU went away.
 import fs from 'node:fs';
-import { SnapPipeError, ioError } from '../errors.js';
+import { writeLoop, type WriteWords } from '../output.js';
 import { StreamEncoder, type ByteSink } from '../format/stream/encoder.js';
 
 /** Output is assembled in a buffer this large and written with one write call per fill. */
 export const PIPE_BUFFER_BYTES = 8 << 20;
-/** EAGAIN on a non-blocking stdout: sleep this long between retries, give up after this long without progress. */
-const EAGAIN_SLEEP_MS = 2;
-const EAGAIN_STALL_MS_MAX = 10 * 60_000;
-
-const sleepCell = new Int32Array(new SharedArrayBuffer(4));
-
-/**
- * Calls `write(done)` until `total` bytes are out: partial writes advanced, EAGAIN waited out (bounded), EPIPE
- * reported as QEMU gone. Returns the number of system calls.
- */
-function writeLoop(total: number, write: (done: number) => number): number {
-  let done = 0;
-  let calls = 0;
-  let stalledSince = 0;
-  while (done < total) {
-    let n: number;
-    try {
-      n = write(done);
-      calls++;
-    } catch (err) {
-      const code = (err as NodeJS.ErrnoException).code;
-      if (code === 'EAGAIN') {
-        const now = performance.now();
-        if (stalledSince === 0) stalledSince = now;
-        else if (now - stalledSince > EAGAIN_STALL_MS_MAX) {
-          throw new SnapPipeError('IO', `writing the stream: the reader took nothing for ${EAGAIN_STALL_MS_MAX / 1000} s`);
-        }
-        Atomics.wait(sleepCell, 0, 0, EAGAIN_SLEEP_MS);
-        continue;
-      }
-      if (code === 'EPIPE' || code === 'ECONNRESET') {
-        throw new SnapPipeError('IO', 'QEMU closed the stream before it was complete (EPIPE); the incoming migration failed on its side');
-      }
-      throw ioError('writing the stream to stdout', err);
-    }
-    stalledSince = 0;
-    done += n;
-  }
-  return calls;
-}
+const WORDS: WriteWords = {
+  stalled: 'writing the stream',
+  closed: 'QEMU closed the stream before it was complete (EPIPE); the incoming migration failed on its side',
+  failed: 'writing the stream to stdout',
+};
 
 /** Writes all of buf[0, len) to fd (see writeLoop). */
 export function writeAll(fd: number, buf: Uint8Array, len: number): number {
-  return writeLoop(len, (done) => fs.writeSync(fd, buf, done, len - done));
+  return writeLoop(len, (done) => fs.writeSync(fd, buf, done, len - done), WORDS);
 }
 
 /** Writes the pieces in order with writev (see writeLoop); a partial write resumes inside the piece it stopped in. */
@@ -68,7 +33,7 @@ export function writevAll(fd: number, pieces: Uint8Array[], total: number): numb
       skipped = done;
     }
     return fs.writevSync(fd, first === 0 ? pieces : pieces.slice(first));
-  });
+  }, WORDS);
 }
 
 /** The encoder's sink for a file descriptor: counts what it wrote and how long that took; `onWritten` after each. */
