@@ -12,6 +12,7 @@ import { CTRL, FAIL_ABORT, FAIL_ERROR, SLOT_BYTES, type SaveRingSizes, type Save
 import { signalFailure } from './ring/wait.js';
 import { VERSION } from '../version.js';
 import { countSetBits } from '../format/image/bits.js';
+import { streamParts } from '../format/stream/parts.js';
 import type { CoalescerApi, CoalescerResult } from './stages/coalescer.js';
 import type { ReaderApi, ReaderResult } from './stages/reader.js';
 import { startStage, type Outcome, type StageHandle } from './stages/rpc.js';
@@ -315,15 +316,7 @@ export class SavePipeline {
     }
     return {
       formatVersion: FORMAT_VERSION,
-      machineType: p.machineType,
-      capabilities: p.capabilities,
-      ramSectionId: p.ramSectionId,
-      ramVersionId: p.ramVersionId,
-      head: p.head,
-      ramSetup: p.ramSetup,
-      switchoverCommands: p.switchoverCommands,
-      deviceState: p.deviceState,
-      sawRamEnd: p.sawRamEnd,
+      ...streamParts(p),
       blocks: p.blocks.map((b, i) => ({
         id: b.id,
         lengthBytes: b.lengthBytes,

@@ -7,6 +7,7 @@ import { FORMAT_VERSION, type SnapshotMeta } from '../../src/format/image/types.
 import { PAGE_BYTES } from '../../src/format/units.js';
 import { buildStream, type BlockSpec, type Op } from './model.js';
 import { parseAll } from './parse.js';
+import { streamParts } from '../../src/format/stream/parts.js';
 
 /** `count` blocks of one page each, named `/rom@many-NNNNNN`; every third page sent as a zero page, no data. */
 export function writeManyBlockImage(img: string, count: number): BlockSpec[] {
@@ -19,15 +20,7 @@ export function writeManyBlockImage(img: string, count: number): BlockSpec[] {
   const { virtOffsetsBytes } = layoutBlocks(blocks.map((b) => b.lengthBytes));
   const meta: SnapshotMeta = {
     formatVersion: FORMAT_VERSION,
-    machineType: p.machineType,
-    capabilities: p.capabilities,
-    ramSectionId: p.ramSectionId,
-    ramVersionId: p.ramVersionId,
-    head: p.head,
-    ramSetup: p.ramSetup,
-    switchoverCommands: p.switchoverCommands,
-    deviceState: p.deviceState,
-    sawRamEnd: p.sawRamEnd,
+    ...streamParts(p),
     blocks: blocks.map((b, i) => ({ id: b.id, lengthBytes: b.lengthBytes, virtOffsetBytes: virtOffsetsBytes[i] })),
     pages: blocks.map((_, i) => ({ sent: new Uint8Array([i % 3 === 0 ? 1 : 0]), data: new Uint8Array(1) })),
     chunkCrc32c: blocks.map(() => new Uint32Array(1)),

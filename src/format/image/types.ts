@@ -1,5 +1,6 @@
 // The logical content of a snap-pipe image, shared by the writer (save) and the reader (info, load).
 // Physical layout (QCOW2 v3, 1 MiB clusters) lives in qcow2.ts; the metadata encoding in metadata.ts.
+import type { StreamParts } from '../stream/parts.js';
 
 /**
  * Version of snap-pipe's own metadata; a reader refuses versions it does not know.
@@ -42,30 +43,9 @@ export interface SaveCounters {
   rewrittenClusters: number;
 }
 
-/** Everything snap-pipe keeps besides the RAM pages themselves. */
-export interface SnapshotMeta {
+/** Everything snap-pipe keeps besides the RAM pages themselves: the stream's verbatim parts, and its own records. */
+export interface SnapshotMeta extends StreamParts {
   formatVersion: number;
-  /** Machine type from the configuration section, e.g. "pc-i440fx-7.2". */
-  machineType: string;
-  /** Capabilities named in the configuration section (QEMU 7.2 names only validatable ones). */
-  capabilities: string[];
-  /** RAM section id and version as the source sent them. */
-  ramSectionId: number;
-  ramVersionId: number;
-  /** Stream bytes before the RAM setup section: file header and configuration section, verbatim. */
-  head: Uint8Array;
-  /** The whole ram START section (header, setup payload, EOS, footer), verbatim. */
-  ramSetup: Uint8Array;
-  /**
-   * COMMAND sections QEMU sent among the RAM sections, verbatim, in order: QEMU 10.0+'s SWITCHOVER_START (empty for
-   * older sources and old machine types). Load sends them after the RAM pages and before the device state, as QEMU
-   * does (migration.c migration_completion_precopy, postcopy_start).
-   */
-  switchoverCommands: Uint8Array;
-  /** Everything after the last RAM section: device state sections, EOF, VM description; verbatim. */
-  deviceState: Uint8Array;
-  /** True if the stream had a ram END section (plain migration); background snapshots have none. */
-  sawRamEnd: boolean;
   blocks: RamBlockInfo[];
   pages: BlockPages[];
   /**

@@ -7,6 +7,7 @@ import { SnapPipeError } from '../../errors.js';
 import { PAGE_BITS, PAGE_BYTES } from '../units.js';
 import { isJsonText } from './json.js';
 import type { StreamSource } from './source.js';
+import type { StreamParts } from './parts.js';
 import { SWITCHOVER_COMMANDS_MAX, SWITCHOVER_START_BYTES } from './switchover.js';
 import { VmdescEnd } from './vmdesc-end.js';
 import {
@@ -75,20 +76,10 @@ export interface ParserOptions {
   acceptReturnPath?: boolean;
 }
 
-export interface ParsedStream {
-  machineType: string;
-  capabilities: string[];
+export interface ParsedStream extends StreamParts {
   uuid?: Uint8Array;
-  ramSectionId: number;
-  ramVersionId: number;
-  head: Uint8Array;
-  ramSetup: Uint8Array;
-  /** COMMAND sections sent among the RAM sections (only SWITCHOVER_START is accepted), verbatim, in order. */
-  switchoverCommands: Uint8Array;
-  deviceState: Uint8Array;
   /** The device state ends with EOF + VMDESCRIPTION (false: the source suppressed the VM description). */
   vmdescPresent: boolean;
-  sawRamEnd: boolean;
   /** Bare MULTIFD_FLUSH records skipped (QEMU 8.1.0-8.1.2 without multifd). */
   bareFlushes: number;
   blocks: ParsedBlock[];
