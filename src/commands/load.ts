@@ -88,13 +88,13 @@ function formatPostcopyReport(r: PostcopyReport): string {
 }
 
 export async function cmdLoad(argv: string[]): Promise<number> {
-  const progress: LoadProgressSeen = { bytesOut: 0, untracked: false };
+  const progress: LoadProgressSeen = { bytesOut: 0 };
   try {
     return await load(argv, progress);
   } catch (err) {
     // Any refusal, a bad command line included: under QEMU it must not leave the pipe empty. Never after stream
-    // bytes went out (or might have: a runner that reports no progress), where the marker would join the stream.
-    if (progress.bytesOut === 0 && !progress.untracked) writeRefusalMarker();
+    // bytes went out (both runners report every write), where the marker would join the stream.
+    if (progress.bytesOut === 0) writeRefusalMarker();
     throw err;
   }
 }
@@ -102,8 +102,6 @@ export async function cmdLoad(argv: string[]): Promise<number> {
 /** What the failure path needs to know: did stream bytes go out? */
 interface LoadProgressSeen {
   bytesOut: number;
-  /** A runner without a progress hook started: bytes may have gone out. */
-  untracked: boolean;
 }
 
 async function load(argv: string[], progress: LoadProgressSeen): Promise<number> {
