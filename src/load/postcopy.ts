@@ -26,17 +26,10 @@
 //
 // Every page goes out before EOF (never-saved pages as ZERO): after EOF the destination unregisters userfaultfd,
 // and a fault it could still send us then would find us gone.
-//
-// stdin is read without blocking, between sections and while idle: through a second open file description of the
-// same pipe (/proc/self/fd/0 with O_NONBLOCK), or for a socket (Node's child_process pipes) fd 0 itself switched to
-// non-blocking mode. After EOF, with nothing left to send, the wait for SHUT blocks in the event loop (libuv's epoll
-// on that fd: no polling, no thread stuck in a read) for at most SHUT_WAIT_MS_MAX, so a SHUT or the pipe closing is
-// seen at once, and a destination that never says SHUT ends the load with an error instead of hanging it.
 
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
-import net from 'node:net';
-import { SnapPipeError, ioError } from '../errors.js';
+import { SnapPipeError } from '../errors.js';
 import { chunksOf, pagesOf } from '../format/image/metadata.js';
 import { openImageFile } from '../image/open.js';
 import { ImageReader } from '../image/reader.js';
@@ -57,11 +50,13 @@ import {
   packagedCommand,
   postcopyPackage,
 } from '../format/stream/commands.js';
-import { ReturnPathDecoder, type RpMessage } from '../format/stream/returnpath.js';
+import type { RpMessage } from '../format/stream/returnpath.js';
 import { checkImage, type Plan } from '../image/checks.js';
 import type { LoadReport } from './precopy.js';
 import { LOAD_QUEUE_DEPTH_MAX, checkClusterCrc } from './source.js';
 import { pipeEncoder, type PipeSink } from './pipe.js';
+import { LatencyHistogram, type LatencySummary } from './postcopy/latency.js';
+import { ReturnPathIn } from './postcopy/return-path.js';
 
 export const PING_AFTER_OPEN = 1;
 export const PING_IN_PACKAGE = 3;
@@ -84,95 +79,6 @@ const URGENT_SLOTS = 16;
  * down postcopy (userfaultfd unregistered): well under a second for the guests measured, seconds at worst.
  */
 export const SHUT_WAIT_MS_MAX = 60_000;
-/** Tests shorten the wait for SHUT through this variable (ms). */
-
-// ---------------------------------------------------------------------------------------------------------------
-// Fault latency histogram: log-linear buckets (8 per power of two) over microseconds, exact min/max/mean.
-
-const SUB_BUCKETS = 8;
-const BUCKETS = 40 * SUB_BUCKETS; // up to 2^40 us
-
-export interface LatencySummary {
-  count: number;
-  minMs: number;
-  meanMs: number;
-  p50Ms: number;
-  p90Ms: number;
-  p99Ms: number;
-  maxMs: number;
-  /** Non-empty buckets: upper bound (ms) and count. */
-  buckets: { leMs: number; count: number }[];
-}
-
-export class LatencyHistogram {
-  private readonly counts = new Float64Array(BUCKETS);
-  count = 0;
-  private sum = 0;
-  private min = Infinity;
-  private max = 0;
-
-  /**
-   * Bucket i holds values in (upper(i-1), upper(i)] microseconds: 1 us wide up to 8 us, then 8 buckets for each
-   * power of two ((8, 16] in steps of 1, (16, 32] in steps of 2, ...).
-   */
-  static upperUs(i: number): number {
-    if (i < SUB_BUCKETS) return i + 1;
-    const k = 3 + Math.floor((i - SUB_BUCKETS) / SUB_BUCKETS);
-    const sub = (i - SUB_BUCKETS) % SUB_BUCKETS;
-    return 2 ** k * (1 + (sub + 1) / SUB_BUCKETS);
-  }
-
-  static indexOf(us: number): number {
-    let i: number;
-    if (us <= SUB_BUCKETS) {
-      i = Math.max(0, Math.ceil(us) - 1);
-    } else {
-      const k = Math.floor(Math.log2(us));
-      const base = 2 ** k;
-      i = SUB_BUCKETS + (k - 3) * SUB_BUCKETS + Math.ceil(((us - base) / base) * SUB_BUCKETS) - 1;
-    }
-    // Floating-point edges: make sure the value is within the bucket's bounds.
-    while (i > 0 && us <= LatencyHistogram.upperUs(i - 1)) i--;
-    while (i < BUCKETS - 1 && us > LatencyHistogram.upperUs(i)) i++;
-    return Math.max(0, Math.min(i, BUCKETS - 1));
-  }
-
-  add(ms: number): void {
-    const v = Math.max(0, ms);
-    this.counts[LatencyHistogram.indexOf(v * 1000)]++;
-    this.count++;
-    this.sum += v;
-    if (v < this.min) this.min = v;
-    if (v > this.max) this.max = v;
-  }
-
-  /** Upper bound of the bucket holding the q-quantile, capped at the exact maximum. */
-  quantileMs(q: number): number {
-    if (this.count === 0) return 0;
-    const rank = Math.max(1, Math.ceil(q * this.count));
-    let seen = 0;
-    for (let i = 0; i < BUCKETS; i++) {
-      seen += this.counts[i];
-      if (seen >= rank) return Math.min(LatencyHistogram.upperUs(i) / 1000, this.max);
-    }
-    return this.max;
-  }
-
-  summary(): LatencySummary {
-    const buckets: { leMs: number; count: number }[] = [];
-    for (let i = 0; i < BUCKETS; i++) if (this.counts[i] > 0) buckets.push({ leMs: LatencyHistogram.upperUs(i) / 1000, count: this.counts[i] });
-    return {
-      count: this.count,
-      minMs: this.count ? this.min : 0,
-      meanMs: this.count ? this.sum / this.count : 0,
-      p50Ms: this.quantileMs(0.5),
-      p90Ms: this.quantileMs(0.9),
-      p99Ms: this.quantileMs(0.99),
-      maxMs: this.max,
-      buckets,
-    };
-  }
-}
 
 // ---------------------------------------------------------------------------------------------------------------
 // Options and report
@@ -232,144 +138,6 @@ export interface PostcopyReport extends LoadReport {
   /** Time spent waiting for clusters that requests needed, and writing answers to requests (a full pipe ahead). */
   requestReadWaitMs: number;
   requestWriteMs: number;
-}
-
-// ---------------------------------------------------------------------------------------------------------------
-// Return path input
-
-/**
- * QEMU's return path, decoded; every message is stamped with the time its bytes were read. Non-blocking reads while
- * the stream goes out (poll), then one bounded, blocking wait at the end (waitUntil).
- */
-class ReturnPathIn {
-  private readonly fd: number;
-  private readonly ownFd: boolean;
-  /** For a socket on stdin: the handle that put it in non-blocking mode (kept referenced, never read through). */
-  private readonly socket: net.Socket | undefined;
-  private readonly buf = new Uint8Array(64 << 10);
-  private readonly decoder = new ReturnPathDecoder();
-  /** The last phase's libuv handle on `fd` (see waitUntil); poll() no longer reads once it exists. */
-  private watcher: net.Socket | undefined;
-  eof = false;
-  bytes = 0;
-
-  constructor(fd: number) {
-    try {
-      // A pipe (QEMU's exec: gives one): a second open file description of it, so that O_NONBLOCK does not change
-      // the description behind fd 0.
-      this.fd = fs.openSync(`/proc/self/fd/${fd}`, fs.constants.O_RDONLY | fs.constants.O_NONBLOCK);
-      this.ownFd = true;
-      return;
-    } catch (err) {
-      if ((err as NodeJS.ErrnoException).code !== 'ENXIO') throw ioError(`opening the return path (fd ${fd})`, err);
-    }
-    // A socket (cannot be reopened): let libuv switch it to non-blocking mode, and read it directly.
-    try {
-      this.socket = new net.Socket({ fd, readable: false, writable: false });
-    } catch (err) {
-      throw ioError(`opening the return path (fd ${fd})`, err);
-    }
-    this.fd = fd;
-    this.ownFd = false;
-  }
-
-  /** Reads what is there now (without waiting) and hands each whole message to `on`. */
-  poll(on: (m: RpMessage, t: number) => void): void {
-    assert(!this.watcher, 'ReturnPathIn.poll after waitUntil');
-    if (this.eof) return;
-    for (;;) {
-      let n: number;
-      const limit = Error.stackTraceLimit;
-      Error.stackTraceLimit = 0; // EAGAIN is the common case: keep its error object cheap
-      try {
-        n = fs.readSync(this.fd, this.buf, 0, this.buf.length, null);
-      } catch (err) {
-        const code = (err as NodeJS.ErrnoException).code;
-        if (code === 'EAGAIN' || code === 'EWOULDBLOCK') return;
-        if (code === 'EINTR') continue;
-        throw ioError('reading the return path (stdin)', err);
-      } finally {
-        Error.stackTraceLimit = limit;
-      }
-      const t = performance.now();
-      if (n === 0) {
-        this.eof = true;
-        const err = this.closedInsideMessage();
-        if (err) throw err;
-        return;
-      }
-      this.decode(this.buf.subarray(0, n), t, on);
-      if (n < this.buf.length) return;
-    }
-  }
-
-  private decode(data: Uint8Array, t: number, on: (m: RpMessage, t: number) => void): void {
-    this.bytes += data.length;
-    this.decoder.push(data);
-    for (let m = this.decoder.next(); m; m = this.decoder.next()) on(m, t);
-  }
-
-  private closedInsideMessage(): SnapPipeError | undefined {
-    if (this.decoder.pending === 0) return undefined;
-    return new SnapPipeError('TRUNCATED', `return path from QEMU: closed inside a message (${this.decoder.pending} bytes of it)`);
-  }
-
-  /**
-   * The last phase: waits, without polling, until `done()` holds after a message, the return path closes, or
-   * `waitMsMax` passes; resolves false only when the time ran out. The fd is handed to libuv (a net.Socket over it:
-   * epoll, so the event loop sleeps until QEMU writes or closes), and poll() may not be used afterwards. In the
-   * socket case this is a second handle on fd 0; the first (this.socket) never reads, so it never registered fd 0.
-   */
-  waitUntil(on: (m: RpMessage, t: number) => void, done: () => boolean, waitMsMax: number): Promise<boolean> {
-    this.poll(on); // what is there already
-    if (done() || this.eof) return Promise.resolve(true);
-    let w: net.Socket;
-    try {
-      w = this.watcher = new net.Socket({ fd: this.fd, readable: true, writable: false });
-    } catch (err) {
-      throw ioError(`waiting on the return path (fd ${this.fd})`, err);
-    }
-    return new Promise<boolean>((resolve, reject) => {
-      let settled = false;
-      const finish = (err: unknown, ok: boolean) => {
-        if (settled) return;
-        settled = true;
-        clearTimeout(timer);
-        w.pause();
-        if (err) reject(err);
-        else resolve(ok);
-      };
-      const timer = setTimeout(() => finish(undefined, false), waitMsMax);
-      w.on('data', (d: Buffer) => {
-        if (settled) return;
-        try {
-          this.decode(d, performance.now(), on);
-          if (done()) finish(undefined, true);
-        } catch (err) {
-          finish(err, false);
-        }
-      });
-      w.on('end', () => {
-        this.eof = true;
-        finish(this.closedInsideMessage(), true);
-      });
-      w.on('error', (err) => finish(ioError('reading the return path (stdin)', err), false));
-    });
-  }
-
-  close(): void {
-    if (this.watcher) {
-      // libuv closes the fd it was given, except 0-2 (fd 0 itself stays, as below).
-      this.watcher.destroy();
-      return;
-    }
-    if (!this.ownFd) return; // fd 0 itself: left to the process exit
-    try {
-      fs.closeSync(this.fd);
-    } catch {
-      // nothing to do
-    }
-  }
 }
 
 // ---------------------------------------------------------------------------------------------------------------
