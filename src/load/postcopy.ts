@@ -28,15 +28,11 @@
 // and a fault it could still send us then would find us gone.
 
 import assert from 'node:assert/strict';
-import fs from 'node:fs';
 import { SnapPipeError } from '../errors.js';
 import { chunksOf, pagesOf } from '../format/image/metadata.js';
-import { openImageFile } from '../image/open.js';
-import { ImageReader } from '../image/reader.js';
-import { CLUSTER_BYTES, PAGE_BYTES, PAGES_PER_CHUNK, type SnapshotMeta } from '../format/image/types.js';
+import { PAGE_BYTES, PAGES_PER_CHUNK, type SnapshotMeta } from '../format/image/types.js';
 import { crc32cImplementation } from '../native/fastmem.js';
-import { openIoBackend, reapNamed, type IoBackend, type IoBackendName } from '../native/io.js';
-import { alignedShared } from '../native/memory.js';
+import type { IoBackendName } from '../native/io.js';
 import { StreamBuilder, type StreamEncoder } from '../format/stream/encoder.js';
 import { SEC_EOF } from '../format/stream/constants.js';
 import {
@@ -51,10 +47,11 @@ import {
   postcopyPackage,
 } from '../format/stream/commands.js';
 import type { RpMessage } from '../format/stream/returnpath.js';
-import { checkImage, type Plan } from '../image/checks.js';
+import type { Plan } from '../image/checks.js';
 import type { LoadReport } from './precopy.js';
-import { LOAD_QUEUE_DEPTH_MAX, checkClusterCrc } from './source.js';
+import { LOAD_QUEUE_DEPTH_MAX, LoadSource } from './source.js';
 import { pipeEncoder, type PipeSink } from './pipe.js';
+import { ClusterCache } from './postcopy/cache.js';
 import { LatencyHistogram, type LatencySummary } from './postcopy/latency.js';
 import { ReturnPathIn } from './postcopy/return-path.js';
 
@@ -143,10 +140,6 @@ export interface PostcopyReport extends LoadReport {
 // ---------------------------------------------------------------------------------------------------------------
 // The load
 
-const SLOT_FREE = 0;
-const SLOT_READING = 1;
-const SLOT_LOADED = 2;
-
 interface PendingRequest {
   block: number;
   firstPage: number;
@@ -163,32 +156,23 @@ export async function runPostcopyLoad(opts: PostcopyOptions): Promise<PostcopyRe
   const { path } = opts;
   assert(Number.isInteger(opts.queueDepth) && opts.queueDepth >= 1 && opts.queueDepth <= LOAD_QUEUE_DEPTH_MAX, 'runPostcopyLoad: queueDepth');
   assert(Number.isInteger(opts.precopyPercent) && opts.precopyPercent >= 0 && opts.precopyPercent <= 100, 'runPostcopyLoad: precopyPercent');
-  const reader = ImageReader.open(path, { direct: opts.direct });
-  let fd = -1;
-  let reads: IoBackend | undefined;
+  const source = LoadSource.check(path, opts.direct);
   let rp: ReturnPathIn | undefined;
   try {
-    const { meta, plan } = checkImage(reader);
+    const { meta } = source;
     const devEnd = deviceSectionsEnd(meta.deviceState);
     const deviceSections = meta.deviceState.subarray(0, devEnd);
     const pkg = postcopyPackage(deviceSections, PING_IN_PACKAGE);
     if (pkg.length > PACKAGED_BYTES_MAX) throw new SnapPipeError('UNSUPPORTED', `${path}: device state of ${pkg.length} bytes is too large for a postcopy package`);
-    fd = openImageFile(path, { direct: opts.direct });
     rp = new ReturnPathIn(opts.rpIn);
-    const depth = Math.max(1, Math.min(opts.queueDepth, plan.chunks.length));
-    const slotCount = depth + URGENT_SLOTS;
-    const slots = new Uint8Array(alignedShared(slotCount * CLUSTER_BYTES), 0, slotCount * CLUSTER_BYTES);
-    const opened = openIoBackend({ io: opts.io, queueDepth: slotCount });
-    reads = opened.backend;
-    if (opened.note) opts.onNote?.(opened.note);
+    // The reads in flight and URGENT_SLOTS more for requests; the backend can hold a read for every slot.
+    source.openReads({ direct: opts.direct, io: opts.io, queueDepth: opts.queueDepth, extraSlots: URGENT_SLOTS, backendDepth: 'slots', onNote: opts.onNote });
 
-    const s = new PostcopySession(opts, meta, plan, fd, reads, slots, slotCount, depth, rp, pkg, t0);
+    const s = new PostcopySession(opts, source, new ClusterCache(source, opts.verify), rp, pkg, t0);
     return await s.run(); // awaited here: the finally below must not close rp while the session waits on it
   } finally {
-    reads?.close();
     rp?.close();
-    if (fd >= 0) fs.closeSync(fd);
-    reader.close();
+    source.close();
   }
 }
 
@@ -208,15 +192,8 @@ class PostcopySession {
   private readonly sentOut: Uint8Array[];
   /** Per block, per chunk: index into plan.chunks, or -1 (no data pages). */
   private readonly chunkIndex: Int32Array[];
-  private readonly chunkSlot: Int32Array;
   /** Data pages of each plan chunk not yet written. */
   private readonly chunkLeft: Int32Array;
-  private readonly slotChunk: Int32Array;
-  private readonly slotState: Uint8Array;
-  private readonly slotUrgent: Uint8Array;
-  private bgSlotsUsed = 0;
-  private bgReading = 0;
-  private urgentSlotsUsed = 0;
   /** Chunks read for a request whose other pages go out before the background continues (oldest first). */
   private warm: number[] = [];
   private bgNext = 0;
@@ -245,13 +222,8 @@ class PostcopySession {
     requestedDataPages: 0,
     requestedZeroPages: 0,
     requestedAlreadySent: 0,
-    requestReads: 0,
-    backgroundReads: 0,
     evictions: 0,
     requestReadWaitMs: 0,
-    bytesRead: 0,
-    readMs: 0,
-    verifyMs: 0,
     precopyDataPages: 0,
     precopyZeroPages: 0,
     precopyClusters: 0,
@@ -262,31 +234,27 @@ class PostcopySession {
     pagesOut: 0,
   };
   private readonly totalPages: number;
+  private readonly meta: SnapshotMeta;
+  private readonly plan: Plan;
 
   constructor(
     private readonly opts: PostcopyOptions,
-    private readonly meta: SnapshotMeta,
-    private readonly plan: Plan,
-    private readonly fd: number,
-    private readonly reads: IoBackend,
-    private readonly slots: Uint8Array,
-    private readonly slotCount: number,
-    private readonly depth: number,
+    private readonly source: LoadSource,
+    private readonly cache: ClusterCache,
     private readonly rp: ReturnPathIn,
     private readonly pkg: Uint8Array,
     private readonly t0: number,
   ) {
+    const { meta, plan } = source;
+    this.meta = meta;
+    this.plan = plan;
     meta.blocks.forEach((b, i) => this.blockByName.set(b.id, i));
     this.pagesIn = meta.blocks.map((b) => pagesOf(b));
     this.totalPages = this.pagesIn.reduce((a, n) => a + n, 0);
     this.sentOut = this.pagesIn.map((n) => new Uint8Array(Math.ceil(n / 8)));
     this.chunkIndex = meta.blocks.map((b) => new Int32Array(chunksOf(b)).fill(-1));
     plan.chunks.forEach((c, i) => (this.chunkIndex[c.block][c.chunk] = i));
-    this.chunkSlot = new Int32Array(plan.chunks.length).fill(-1);
     this.chunkLeft = Int32Array.from(plan.chunks, (c) => c.pages);
-    this.slotChunk = new Int32Array(slotCount).fill(-1);
-    this.slotState = new Uint8Array(slotCount);
-    this.slotUrgent = new Uint8Array(slotCount);
     this.zeroLeft = this.totalPages - plan.dataPages;
     const progress = () => opts.onProgress?.({ bytesOut: this.outSink.bytesOut + this.urgentSink.bytesOut });
     ({ out: this.out, sink: this.outSink } = pipeEncoder(opts.out, progress));
@@ -387,93 +355,30 @@ class PostcopySession {
   }
 
   // -------------------------------------------------------------------------------------------------------------
-  // Cluster slots and reads
-
-  private slotView(slot: number): Uint8Array {
-    return this.slots.subarray(slot * CLUSTER_BYTES, (slot + 1) * CLUSTER_BYTES);
-  }
-
-  private freeSlot(slot: number): void {
-    const ci = this.slotChunk[slot];
-    if (ci >= 0) this.chunkSlot[ci] = -1;
-    if (this.slotUrgent[slot]) this.urgentSlotsUsed--;
-    else this.bgSlotsUsed--;
-    this.slotChunk[slot] = -1;
-    this.slotState[slot] = SLOT_FREE;
-    this.slotUrgent[slot] = 0;
-  }
-
-  private takeSlot(ci: number, urgent: boolean): number {
-    for (let s = 0; s < this.slotCount; s++) {
-      if (this.slotState[s] !== SLOT_FREE) continue;
-      this.slotState[s] = SLOT_READING;
-      this.slotChunk[s] = ci;
-      this.slotUrgent[s] = urgent ? 1 : 0;
-      if (urgent) this.urgentSlotsUsed++;
-      else this.bgSlotsUsed++;
-      this.chunkSlot[ci] = s;
-      const ch = this.plan.chunks[ci];
-      this.reads.read(this.fd, this.slots, s * CLUSTER_BYTES, CLUSTER_BYTES, ch.hostOffsetBytes, s);
-      if (urgent) this.r.requestReads++;
-      else {
-        this.r.backgroundReads++;
-        this.bgReading++;
-      }
-      return s;
-    }
-    throw new Error('no free cluster slot');
-  }
-
-  /** Waits for at least one read and checks every cluster that arrived. */
-  private reapSome(): void {
-    assert(this.reads.inFlight > 0, 'waiting for a read that was never queued');
-    const t1 = performance.now();
-    const done = reapNamed(this.reads, this.opts.path);
-    this.r.readMs += performance.now() - t1;
-    for (const c of done) {
-      const slot = c.tag;
-      const ci = this.slotChunk[slot];
-      assert(ci >= 0 && this.slotState[slot] === SLOT_READING, 'completion for an idle slot');
-      const ch = this.plan.chunks[ci];
-      if (c.bytes !== CLUSTER_BYTES) {
-        throw new SnapPipeError('TRUNCATED', `${this.opts.path}: the file ends inside the cluster at byte ${ch.hostOffsetBytes} (truncated image)`);
-      }
-      this.r.bytesRead += CLUSTER_BYTES;
-      if (this.opts.verify) {
-        const t2 = performance.now();
-        checkClusterCrc(this.opts.path, this.meta, ch, this.slotView(slot), 'its pages');
-        this.r.verifyMs += performance.now() - t2;
-      }
-      this.slotState[slot] = SLOT_LOADED;
-      if (!this.slotUrgent[slot]) this.bgReading--;
-    }
-  }
+  // A slot for a request
 
   /** A slot for a request's chunk: a free one, else drop the oldest warm chunk not being waited for. */
-  private urgentSlot(ci: number): number {
-    if (this.slotCount - this.bgSlotsUsed - this.urgentSlotsUsed > 0) return this.takeSlot(ci, true);
+  private urgentSlot(ci: number): void {
+    if (this.cache.hasFreeSlot()) return this.cache.take(ci, true);
     for (let k = 0; k < this.warm.length; k++) {
       const w = this.warm[k];
-      const slot = this.chunkSlot[w];
-      if (slot >= 0 && this.slotState[slot] === SLOT_LOADED && !this.requests.some((q) => this.chunkIndex[q.block][Math.floor((q.firstPage + q.next) / PAGES_PER_CHUNK)] === w)) {
+      if (this.cache.loaded(w) && !this.requests.some((q) => this.chunkIndex[q.block][Math.floor((q.firstPage + q.next) / PAGES_PER_CHUNK)] === w)) {
         this.warm.splice(k, 1);
-        this.freeSlot(slot);
+        this.cache.drop(w);
         this.r.evictions++;
-        return this.takeSlot(ci, true);
+        return this.cache.take(ci, true);
       }
     }
     // Everything is in flight or loaded for the background: wait for a read, then drop a loaded background chunk.
     for (;;) {
-      for (let slot = 0; slot < this.slotCount; slot++) {
-        if (this.slotState[slot] === SLOT_LOADED && !this.slotUrgent[slot]) {
-          const other = this.slotChunk[slot];
-          this.freeSlot(slot);
-          this.r.evictions++;
-          if (other < this.readAhead) this.readAhead = Math.min(this.readAhead, other);
-          return this.takeSlot(ci, true);
-        }
+      const other = this.cache.loadedBackgroundChunk();
+      if (other >= 0) {
+        this.cache.drop(other);
+        this.r.evictions++;
+        if (other < this.readAhead) this.readAhead = Math.min(this.readAhead, other);
+        return this.cache.take(ci, true);
       }
-      this.reapSome();
+      this.cache.reap();
     }
   }
 
@@ -482,17 +387,15 @@ class PostcopySession {
 
   /** Writes data page `page` of plan chunk ci from its loaded slot. */
   private emitDataPage(o: StreamEncoder, ci: number, block: number, page: number): void {
-    const slot = this.chunkSlot[ci];
-    assert(slot >= 0 && this.slotState[slot] === SLOT_LOADED);
+    const cluster = this.cache.cluster(ci);
     this.markSent(block, page);
     const first = this.plan.chunks[ci].chunk * PAGES_PER_CHUNK;
-    o.page(this.meta.blocks[block].id, page * PAGE_BYTES, this.slotView(slot), (page - first) * PAGE_BYTES);
+    o.page(this.meta.blocks[block].id, page * PAGE_BYTES, cluster, (page - first) * PAGE_BYTES);
     if (--this.chunkLeft[ci] === 0) this.chunkDone(ci);
   }
 
   private chunkDone(ci: number): void {
-    const slot = this.chunkSlot[ci];
-    if (slot >= 0) this.freeSlot(slot);
+    this.cache.drop(ci);
     const k = this.warm.indexOf(ci);
     if (k >= 0) this.warm.splice(k, 1);
   }
@@ -586,12 +489,11 @@ class PostcopySession {
         }
         const ci = this.chunkIndex[q.block][Math.floor(page / PAGES_PER_CHUNK)];
         assert(ci >= 0, 'a data page has a cluster');
-        let slot = this.chunkSlot[ci];
-        if (slot < 0) {
-          slot = this.urgentSlot(ci);
+        if (!this.cache.has(ci)) {
+          this.urgentSlot(ci);
           if (!this.warm.includes(ci)) this.warm.push(ci);
         }
-        if (this.slotState[slot] !== SLOT_LOADED) {
+        if (!this.cache.loaded(ci)) {
           this.queueReadsBehind();
           return false;
         }
@@ -616,9 +518,9 @@ class PostcopySession {
       const page = q.firstPage + q.next;
       if (this.isSent(q.block, page) || !this.isData(q.block, page)) continue;
       const ci = this.chunkIndex[q.block][Math.floor(page / PAGES_PER_CHUNK)];
-      if (this.chunkSlot[ci] >= 0) continue;
-      if (this.slotCount - this.bgSlotsUsed - this.urgentSlotsUsed === 0) return;
-      this.takeSlot(ci, true);
+      if (this.cache.has(ci)) continue;
+      if (!this.cache.hasFreeSlot()) return;
+      this.cache.take(ci, true);
       if (!this.warm.includes(ci)) this.warm.push(ci);
     }
   }
@@ -629,11 +531,12 @@ class PostcopySession {
   /** Keeps up to `depth` background reads ahead of the cursor. */
   private fillReadAhead(limit: number): void {
     if (this.readAhead < this.bgNext) this.readAhead = this.bgNext;
-    while (this.readAhead < limit && this.bgSlotsUsed < this.depth && (!this.listening || this.bgReading < BG_READS_IN_FLIGHT)) {
+    const { cache } = this;
+    while (this.readAhead < limit && cache.backgroundSlots < cache.depth && (!this.listening || cache.backgroundReading < BG_READS_IN_FLIGHT)) {
       const ci = this.readAhead;
-      if (this.chunkLeft[ci] > 0 && this.chunkSlot[ci] < 0) {
-        if (this.slotCount - this.bgSlotsUsed - this.urgentSlotsUsed === 0) return;
-        this.takeSlot(ci, false);
+      if (this.chunkLeft[ci] > 0 && !cache.has(ci)) {
+        if (!cache.hasFreeSlot()) return;
+        cache.take(ci, false);
       }
       this.readAhead++;
     }
@@ -654,10 +557,9 @@ class PostcopySession {
     if (!dataLeft) return false;
     this.fillReadAhead(limit);
     const ci = this.bgNext;
-    let slot = this.chunkSlot[ci];
-    if (slot < 0) slot = this.takeSlot(ci, false);
-    if (this.slotState[slot] !== SLOT_LOADED) {
-      this.reapSome();
+    if (!this.cache.has(ci)) this.cache.take(ci, false);
+    if (!this.cache.loaded(ci)) {
+      this.cache.reap();
       return true;
     }
     this.emitChunkSection(ci, this.listening ? SECTION_PAGES : PAGES_PER_CHUNK);
@@ -730,7 +632,7 @@ class PostcopySession {
           if (!this.serveRequests()) {
             this.urgent.flush(); // what was served so far
             const t1 = performance.now();
-            this.reapSome();
+            this.cache.reap();
             this.r.requestReadWaitMs += performance.now() - t1;
             continue;
           }
@@ -739,14 +641,13 @@ class PostcopySession {
         }
         if (this.warm.length > 0) {
           const ci = this.warm[0];
-          const slot = this.chunkSlot[ci];
-          if (slot >= 0 && this.slotState[slot] === SLOT_LOADED) {
+          if (this.cache.loaded(ci)) {
             this.emitChunkSection(ci, SECTION_PAGES);
             this.maybeFlush();
             continue;
           }
-          if (slot >= 0) {
-            this.reapSome();
+          if (this.cache.has(ci)) {
+            this.cache.reap();
             continue;
           }
           this.warm.shift();
@@ -879,22 +780,22 @@ class PostcopySession {
       requestedDataPages: r.requestedDataPages,
       requestedZeroPages: r.requestedZeroPages,
       requestedAlreadySent: r.requestedAlreadySent,
-      requestReads: r.requestReads,
-      backgroundReads: r.backgroundReads,
+      requestReads: this.cache.requestReads,
+      backgroundReads: this.cache.backgroundReads,
       evictions: r.evictions,
       faultLatency: this.latency.summary(),
       requestReadWaitMs: r.requestReadWaitMs,
       requestWriteMs: this.urgentSink.writeMs,
-      bytesRead: r.bytesRead,
-      readMs: r.readMs,
-      verifyMs: r.verifyMs,
+      bytesRead: this.source.bytesRead,
+      readMs: this.cache.readMs,
+      verifyMs: this.source.verifyMs,
       writeMs: out.writeMs,
       writeCalls: out.writeCalls,
       ramSections: out.sections,
       direct: this.opts.direct,
       verified: this.opts.verify,
-      queueDepth: this.depth,
-      readBackend: this.reads.name,
+      queueDepth: this.source.depth,
+      readBackend: this.source.reads.name,
     };
   }
 }
