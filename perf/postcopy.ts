@@ -46,7 +46,7 @@ import { mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node
 import { cpus, totalmem } from 'node:os';
 import { join } from 'node:path';
 import type { LatencySummary } from '../src/load/postcopy/latency.js';
-import type { PostcopyReport } from '../src/load/postcopy.js';
+import type { PostcopyReport } from '../src/load/postcopy/session.js';
 import type { LoadReport } from '../src/load/precopy.js';
 import { Guest, delayMs, guestFiles, shellQuote, snapPipeBin } from '../tools/qemu/guest.js';
 import { recordRun } from './results.js';
