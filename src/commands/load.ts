@@ -8,7 +8,7 @@ import { printErr, printOut, tellErr } from '../output.js';
 import { jsonText, printable } from '../format/text.js';
 import { runLoad, type LoadReport } from '../load/precopy.js';
 import { DEFAULT_LOAD_QUEUE_DEPTH, LOAD_QUEUE_DEPTH_MAX } from '../load/source.js';
-import type { PostcopyReport } from '../load/postcopy.js';
+import type { PostcopyReport } from '../load/postcopy/session.js';
 
 const STDIN_FD = 0;
 const STDOUT_FD = 1;
@@ -124,7 +124,7 @@ async function load(argv: string[], progress: LoadProgressSeen): Promise<number>
 
   if (precopyPercent !== undefined) {
     // Imported only here: a plain load (QEMU waits for its first bytes) starts without compiling it.
-    const { runPostcopyLoad } = await import('../load/postcopy.js');
+    const { runPostcopyLoad } = await import('../load/postcopy/session.js');
     const report = await runPostcopyLoad({
       path,
       out: STDOUT_FD,

@@ -18,7 +18,7 @@ import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, test } from 'vitest';
-import type { PostcopyReport } from '../../src/load/postcopy.js';
+import type { PostcopyReport } from '../../src/load/postcopy/session.js';
 import { Guest, delayMs, guestFiles, shellQuote, snapPipeBin } from '../../tools/qemu/guest.js';
 import { qemuAtLeast, testedQemus } from '../../tools/qemu/versions.js';
 import { info } from '../helpers/cli.js';

@@ -11,7 +11,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { ImageReader } from '../../src/image/reader.js';
-import type { PostcopyReport } from '../../src/load/postcopy.js';
+import type { PostcopyReport } from '../../src/load/postcopy/session.js';
 import {
   RAM_CONTINUE,
   RAM_EOS,

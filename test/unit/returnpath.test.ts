@@ -3,7 +3,7 @@
 // refusals QEMU's own source_return_path_thread makes; and the fault-latency histogram.
 import { describe, expect, it } from 'vitest';
 import { SnapPipeError } from '../../src/errors.js';
-import { LatencyHistogram } from '../../src/load/postcopy.js';
+import { LatencyHistogram } from '../../src/load/postcopy/latency.js';
 import { ReturnPathDecoder, encodePong, encodeReqPages, encodeShut, encodeSwitchoverAck, type RpMessage } from '../../src/format/stream/returnpath.js';
 
 function hex(s: string): Uint8Array {
