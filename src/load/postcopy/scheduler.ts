@@ -11,6 +11,7 @@ import type { StreamEncoder } from '../../format/stream/encoder.js';
 import type { Plan } from '../../image/checks.js';
 import type { ClusterCache } from './cache.js';
 import { LatencyHistogram } from './latency.js';
+import { isDataPage } from '../plan.js';
 
 /** Pages per PART section after LISTEN: small, so a request never waits behind much of our own buffer. */
 const SECTION_PAGES = 16;
@@ -54,10 +55,7 @@ class PageBits {
   }
 
   isData(block: number, page: number): boolean {
-    const { sent, data } = this.meta.pages[block];
-    const i = page >>> 3;
-    const bit = 1 << (page & 7);
-    return (sent[i] & data[i] & bit) !== 0;
+    return isDataPage(this.meta, block, page);
   }
 
   isSent(block: number, page: number): boolean {
