@@ -8,11 +8,11 @@
 //   init (64 bytes, once per channel)     packet header (12 bytes, every packet)
 //     0  be32 magic 0x11223344              0  be32 magic 0x11223344
 //     4  be32 version 1                     4  be32 version 1
-//     8  16   uuid (qemu_uuid; 0 unless -uuid)   8  be32 flags
+//     8  16   uuid (0 unless -uuid)          8  be32 flags
 //    24  u8   channel id
 //    25  7+32 reserved (zero)
 //
-//   RAM packet (1344 bytes, then next_packet_size bytes of page data)
+//   RAM packet (1344 bytes, then normal_pages * 4 KiB of page data; next_packet_size can be stale, see below)
 //     0  header (12)                      32  be32 zero_pages (9.0+; reserved and zero before)
 //    12  be32 pages_alloc (<= 128)        36  4+24 reserved
 //    16  be32 normal_pages                64  char[256] ramblock (NUL-terminated idstr)
