@@ -10,7 +10,7 @@
 // Options: --ram SIZE[,SIZE...]  --runs N  --zero SHARE  --order ORDER  --dir DIR (default /tmp)  --no-results
 import { spawnSync } from 'node:child_process';
 import { existsSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
-import { recordRun } from './results.js';
+import { checkout, recordRun } from './results.js';
 import { cpus, totalmem } from 'node:os';
 import { join } from 'node:path';
 import { DEFAULT_QUEUE_DEPTH as QD } from '../src/save/pipeline.js';
@@ -195,7 +195,7 @@ function fmtRow(r: Row, fioRate: number | undefined): string {
   return `| ${r.name.replaceAll('|', '\\|')}${r.note ? ` ${r.note}` : ''} | ${rate.toFixed(0)} | ${spread} | ${ratio} | ${busy} | ${cpu.toFixed(2)} | ${rss.toFixed(0)}${snapRss === undefined ? '*' : ''} |`;
 }
 
-function machine(dir: string): string[] {
+function machine(dir: string, at: { commit: string; dirtyFiles: number }): string[] {
   const mount = sh(`findmnt -no SOURCE,FSTYPE,OPTIONS --target ${dir}`).out.trim();
   const base = blockDevice(dir);
   const q = (f: string) => (existsSync(`/sys/block/${base}/queue/${f}`) ? readFileSync(`/sys/block/${base}/queue/${f}`, 'utf8').trim() : '?');
@@ -204,7 +204,7 @@ function machine(dir: string): string[] {
   return [
     `- CPU: ${cpus().length} × ${cpus()[0]?.model ?? '?'} (nproc ${sh('nproc').out.trim()}); memory ${(totalmem() / GiB).toFixed(1)} GiB; kernel ${sh('uname -r').out.trim()}; Node ${process.version}`,
     `- ${dir}: ${mount}; df: ${df}; device ${lsblk || base} (scheduler ${q('scheduler')}, logical block ${q('logical_block_size')} B, max_sectors_kb ${q('max_sectors_kb')})`,
-    `- snap-pipe at ${sh(`git -C ${ROOT} rev-parse --short HEAD`, { allowFail: true }).out.trim() || '?'} (working tree may differ: ${sh(`git -C ${ROOT} status --porcelain | wc -l`, { allowFail: true }).out.trim()} changed files); fio ${sh('fio --version').out.trim()}`,
+    `- snap-pipe at ${at.commit}${at.dirtyFiles ? ` (working tree: ${at.dirtyFiles} changed files)` : ''}, as the run started; fio ${sh('fio --version').out.trim()}`,
   ];
 }
 
@@ -454,11 +454,12 @@ function main(): void {
     });
   }
   const started = new Date();
+  const at = checkout(ROOT);
   const loadStart = loadAvg();
   const sections: string[] = [];
   const raw: { ramBytes: number; generated: string; rows: Row[] }[] = [];
   try {
-    const mach = machine(args.dir);
+    const mach = machine(args.dir, at);
     const ceiling = join(dir, 'pipe-ceiling');
     sh(`cc -O2 -o ${ceiling} ${CEILING_SOURCE} -luring`);
     log(`work directory ${dir}; load average ${loadStart}`);
@@ -572,8 +573,7 @@ function main(): void {
       const file = recordRun({
         kind: args.long ? 'bench-long' : 'bench',
         started: started.toISOString(),
-        commit: sh(`git -C ${ROOT} rev-parse --short HEAD`, { allowFail: true }).out.trim() || '?',
-        dirtyFiles: Number(sh(`git -C ${ROOT} status --porcelain | wc -l`, { allowFail: true }).out.trim()) || 0,
+        ...at,
         markdown: text,
         raw: { machine: mach, notes, loadStart, loadEnd, sizes: raw, memory: { small, big, ringBytes } },
       });

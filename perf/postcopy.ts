@@ -49,7 +49,7 @@ import type { LatencySummary } from '../src/load/postcopy/latency.js';
 import type { PostcopyReport } from '../src/load/postcopy/session.js';
 import type { LoadReport } from '../src/load/precopy.js';
 import { Guest, delayMs, guestFiles, shellQuote, snapPipeBin } from '../tools/qemu/guest.js';
-import { recordRun } from './results.js';
+import { checkout, recordRun } from './results.js';
 import { chosenQemu, type Qemu } from '../tools/qemu/versions.js';
 
 const ROOT = join(import.meta.dirname, '..');
@@ -467,6 +467,7 @@ async function main(): Promise<void> {
     });
   }
   const started = new Date();
+  const at = checkout(ROOT);
   const loadStart = loadAvg();
   log(`work directory ${dir}; load average ${loadStart}`);
   try {
@@ -503,9 +504,6 @@ async function main(): Promise<void> {
     // 3. Report.
     const loadEnd = loadAvg();
     const minutes = ((Date.now() - started.getTime()) / 60000).toFixed(1);
-    const commit = sh(`git -C ${ROOT} rev-parse --short HEAD`, true).trim() || '?';
-    const dirty = sh(`git -C ${ROOT} status --porcelain | wc -l`, true).trim();
-    const dirtySrc = sh(`git -C ${ROOT} status --porcelain -- src | awk '{print $2}' | sed 's,^src/,,' | paste -sd ' '`, true).trim();
     const qemuVer = sh(`${shellQuote(qemu.system)} --version | head -1`).trim();
     const mount = sh(`findmnt -no SOURCE,FSTYPE --target ${args.dir}`).trim().replace(/\s+/g, ' ');
     const pc = results.find((r) => 'faultLatency' in r.stats)?.stats as PostcopyReport | undefined;
@@ -513,7 +511,7 @@ async function main(): Promise<void> {
       `## ${started.toISOString().slice(0, 16).replace('T', ' ')} UTC — npm run bench:postcopy (${minutes} min)`,
       '',
       `- CPU: ${cpus().length} × ${cpus()[0]?.model ?? '?'}; memory ${(totalmem() / GiB).toFixed(1)} GiB; kernel ${sh('uname -r').trim()}; Node ${process.version}; ${qemuVer}, -accel tcg`,
-      `- ${args.dir}: ${mount}; snap-pipe at ${commit} (working tree may differ: ${dirty} changed files${dirtySrc ? `; under src/: ${dirtySrc}` : ''}; dist/ built from it by npm run bench:postcopy)`,
+      `- ${args.dir}: ${mount}; snap-pipe at ${at.commit}${at.dirtyFiles ? ` (working tree: ${at.dirtyFiles} changed files)` : ''}, as the run started (dist/ built from it by npm run bench:postcopy)`,
       `- load average ${loadStart} at the start, ${loadAvg()} at the end (other work on the machine disturbs the figures)`,
       `- Guest: -machine pc -m ${args.memMiB} (${args.memMiB / 1024} GiB), scripts/guest.sh with fill=${args.fillMiB} (MiB of random data in tmpfs): booted and filled in ${sec(bootMs)} s; stopped after a tick, saved unthrottled in ${sec(saveMs)} s`,
       `- Image ${(imgBytes / 1e9).toFixed(2)} GB; stream ${(results[0].stats.bytesOut / 1e9).toFixed(2)} GB (${results[0].stats.dataPages} data pages, ${results[0].stats.zeroPages} zero)` +
@@ -553,8 +551,7 @@ async function main(): Promise<void> {
       const file = recordRun({
         kind: 'postcopy',
         started: started.toISOString(),
-        commit,
-        dirtyFiles: Number(dirty) || 0,
+        ...at,
         markdown: text,
         raw: { qemu: qemuVer, args, results },
       });

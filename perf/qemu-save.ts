@@ -19,7 +19,7 @@ import { cpus, totalmem } from 'node:os';
 import { join } from 'node:path';
 import { Guest, delayMs, guestFiles, shellQuote, snapPipeBin } from '../tools/qemu/guest.js';
 import { chosenQemu, qemuAtLeast, type Qemu } from '../tools/qemu/versions.js';
-import { recordRun } from './results.js';
+import { checkout, recordRun } from './results.js';
 
 const ROOT = join(import.meta.dirname, '..');
 const GiB = 2 ** 30;
@@ -167,6 +167,7 @@ async function main(): Promise<void> {
   const q = chosenQemu(args.qemu);
   guestFiles();
   const started = new Date();
+  const { commit, dirtyFiles: dirty } = checkout(ROOT);
   const dir = mkdtempSync(join(args.dir, 'snap-pipe-qemu-bench-'));
   let g: Guest | null = null;
   const cleanup = async () => {
@@ -189,8 +190,6 @@ async function main(): Promise<void> {
         log(`round ${round + 1}: ${c.name}: ${s.toFixed(2)} s`);
       }
     }
-    const commit = sh(`git -C ${ROOT} rev-parse --short HEAD`).trim();
-    const dirty = Number(sh(`git -C ${ROOT} status --porcelain | wc -l`).trim());
     const meta = [
       `${started.toISOString().slice(0, 16).replace('T', ' ')} UTC — npm run bench:qemu`,
       `- CPU: ${cpus().length} × ${cpus()[0]?.model ?? '?'}; memory ${(totalmem() / GiB).toFixed(1)} GiB; kernel ${sh('uname -r').trim()}; Node ${process.version}; ${q.label} (${q.system}), -accel tcg`,

@@ -1,5 +1,6 @@
 // Where benchmark runs go: each run's raw figures as one JSON file in perf/history/, and perf/RESULTS.md rewritten as
 // the current state: the newest run of each kind of benchmark, nothing older (older runs stay in history/).
+import { execFileSync } from 'node:child_process';
 import { mkdirSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 
@@ -28,13 +29,35 @@ export interface RunRecord {
   raw: unknown;
 }
 
+/**
+ * The commit being measured and how many files the working tree changes against it, taken when a run starts (the
+ * built dist/ is what runs; a commit made while a run goes on is not what it measured).
+ */
+export function checkout(root: string): { commit: string; dirtyFiles: number } {
+  const git = (...args: string[]) => {
+    try {
+      return execFileSync('git', ['-C', root, ...args], { encoding: 'utf8' });
+    } catch {
+      return '';
+    }
+  };
+  const commit = git('rev-parse', '--short', 'HEAD').trim() || '?';
+  const dirtyFiles = git('status', '--porcelain').split('\n').filter((l) => l.trim() !== '').length;
+  return { commit, dirtyFiles };
+}
+
 /** Saves `run` to perf/history/ and rewrites RESULTS.md from the newest run of each kind. Returns the JSON's path. */
 export function recordRun(run: RunRecord): string {
   mkdirSync(HISTORY, { recursive: true });
   const file = join(HISTORY, `${run.started.slice(0, 16).replace(/:/g, '')}Z-${run.kind}.json`);
   writeFileSync(file, JSON.stringify(run, null, 1) + '\n');
-  writeFileSync(RESULTS, currentResults());
+  rewriteResults();
   return file;
+}
+
+/** RESULTS.md from the newest run of each kind in history/ (also after a record there was mended by hand). */
+export function rewriteResults(): void {
+  writeFileSync(RESULTS, currentResults());
 }
 
 function currentResults(): string {
