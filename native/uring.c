@@ -30,6 +30,7 @@
 #endif
 #include <errno.h>
 #include <fcntl.h>
+#include <sys/socket.h>
 #include <liburing.h>
 #include <node_api.h>
 #include <stdarg.h>
@@ -621,6 +622,34 @@ static napi_value set_pipe_size(napi_env env, napi_callback_info info) {
   return v;
 }
 
+// setBlocking(fd): clears O_NONBLOCK on fd's open file description (an accepted socket libuv made non-blocking, to
+// be read with blocking reads by a stage thread). Throws with errno.
+static napi_value set_blocking(napi_env env, napi_callback_info info) {
+  size_t argc = 1;
+  napi_value argv[1] = {NULL};
+  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok) return NULL;
+  double fd;
+  if (!arg_integer(env, argv[0], "fd", 0, INT32_MAX, &fd)) return NULL;
+  int flags = fcntl((int)fd, F_GETFL);
+  if (flags < 0) return throw_errno(env, "fcntl", "setBlocking", errno);
+  if ((flags & O_NONBLOCK) != 0 && fcntl((int)fd, F_SETFL, flags & ~O_NONBLOCK) < 0) {
+    return throw_errno(env, "fcntl", "setBlocking", errno);
+  }
+  return undefined(env);
+}
+
+// shutdownSocket(fd): shutdown(SHUT_RDWR), which wakes a read blocked on the socket in another thread (closing the
+// fd would not). Throws with errno (ENOTSOCK, ENOTCONN).
+static napi_value shutdown_socket(napi_env env, napi_callback_info info) {
+  size_t argc = 1;
+  napi_value argv[1] = {NULL};
+  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok) return NULL;
+  double fd;
+  if (!arg_integer(env, argv[0], "fd", 0, INT32_MAX, &fd)) return NULL;
+  if (shutdown((int)fd, SHUT_RDWR) < 0) return throw_errno(env, "shutdown", "shutdownSocket", errno);
+  return undefined(env);
+}
+
 NAPI_MODULE_INIT() {
   napi_property_descriptor props[] = {
       {"prepWrite", NULL, ring_prep_write, NULL, NULL, NULL, napi_default_method, NULL},
@@ -644,6 +673,12 @@ NAPI_MODULE_INIT() {
   napi_value fn;
   if (napi_create_function(env, "setPipeSize", NAPI_AUTO_LENGTH, set_pipe_size, NULL, &fn) != napi_ok ||
       napi_set_named_property(env, exports, "setPipeSize", fn) != napi_ok)
+    return NULL;
+  if (napi_create_function(env, "setBlocking", NAPI_AUTO_LENGTH, set_blocking, NULL, &fn) != napi_ok ||
+      napi_set_named_property(env, exports, "setBlocking", fn) != napi_ok)
+    return NULL;
+  if (napi_create_function(env, "shutdownSocket", NAPI_AUTO_LENGTH, shutdown_socket, NULL, &fn) != napi_ok ||
+      napi_set_named_property(env, exports, "shutdownSocket", fn) != napi_ok)
     return NULL;
   return exports;
 }

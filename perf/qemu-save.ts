@@ -13,7 +13,7 @@
 // `migrate` to query-migrate's `completed` (polled every 10 ms), with the page cache dropped before each; cat's time
 // includes the `sync` that makes its file durable. Between saves the guest is continued and paused again: QEMU
 // refuses to migrate a VM paused by an earlier migration.
-import { spawnSync } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { cpus, totalmem } from 'node:os';
 import { join } from 'node:path';
@@ -81,8 +81,10 @@ interface Consumer {
   caps?: Record<string, boolean>;
   params?: Record<string, unknown>;
   uri(out: string): string;
+  /** Before the migration, not counted: e.g. a listener started ahead. */
+  before?: (out: string) => Promise<void>;
   /** After QEMU says completed: e.g. sync, counted in the time. */
-  after?: (out: string) => void;
+  after?: (out: string) => void | Promise<void>;
   /** The one the targets are judged on. */
   snapPipe?: boolean;
 }
@@ -91,8 +93,9 @@ function consumers(q: Qemu, args: Args): Consumer[] {
   const bin = shellQuote(snapPipeBin());
   const list: Consumer[] = [
     { name: 'exec:snap-pipe save', uri: (out) => `exec:${bin} save --force ${shellQuote(out)}`, snapPipe: true },
-    { name: 'exec:cat > FILE, then sync', uri: (out) => `exec:cat > ${shellQuote(out)}`, after: () => sh('sync') },
+    { name: 'exec:cat > FILE, then sync', uri: (out) => `exec:cat > ${shellQuote(out)}`, after: () => void sh('sync') },
     { name: 'exec:dd oflag=direct bs=1M', uri: (out) => `exec:dd of=${shellQuote(out)} bs=1M iflag=fullblock oflag=direct status=none` },
+    listenConsumer(),
   ];
   // QEMU's own multi-channel save to a file: mapped-ram came in 9.0, direct-io in 9.1.
   if (qemuAtLeast(q, 9, 1)) {
@@ -106,6 +109,38 @@ function consumers(q: Qemu, args: Args): Consumer[] {
   return list;
 }
 
+/**
+ * `snap-pipe save --listen`, started before the migration (its stage threads and image ready, not counted), QEMU
+ * migrating to its socket; counted until save has exited (the image complete and synced).
+ */
+function listenConsumer(): Consumer {
+  let exited: Promise<number | null> = Promise.resolve(null);
+  const sockOf = (out: string) => `${out}.sock`;
+  return {
+    name: 'unix: snap-pipe save --listen (started beforehand)',
+    uri: (out) => `unix:${sockOf(out)}`,
+    before: async (out) => {
+      const c = spawn(process.execPath, [snapPipeBin(), 'save', '--force', out, '--listen', `unix:${sockOf(out)}`], { stdio: ['ignore', 'ignore', 'pipe'] });
+      let stderr = '';
+      exited = new Promise((resolve) => c.on('exit', (code) => resolve(code)));
+      await new Promise<void>((resolve, reject) => {
+        const timer = setTimeout(() => reject(new Error(`save --listen never listened: ${stderr}`)), 30_000);
+        c.stderr!.on('data', (d) => {
+          stderr += d;
+          if (stderr.includes('listening on unix:')) {
+            clearTimeout(timer);
+            resolve();
+          }
+        });
+      });
+    },
+    after: async () => {
+      const code = await exited;
+      if (code !== 0) throw new Error(`save --listen exited ${code}`);
+    },
+  };
+}
+
 /** Saves the paused guest once into `c`; the seconds from `migrate` to durable output. */
 async function saveOnce(g: Guest, c: Consumer, out: string): Promise<number> {
   rmSync(out, { force: true });
@@ -113,6 +148,7 @@ async function saveOnce(g: Guest, c: Consumer, out: string): Promise<number> {
   if (c.caps) await g.setCapabilities(c.caps);
   if (c.params) await g.setMigrationParams(c.params);
   try {
+    await c.before?.(out);
     const t0 = performance.now();
     await g.migrate(c.uri(out));
     for (;;) {
@@ -121,7 +157,7 @@ async function saveOnce(g: Guest, c: Consumer, out: string): Promise<number> {
       if (m.status === 'failed' || m.status === 'cancelled') throw g.failure(`${c.name}: ${m.status}: ${m['error-desc'] ?? '?'}`);
       await delayMs(POLL_MS);
     }
-    c.after?.(out);
+    await c.after?.(out);
     return (performance.now() - t0) / 1000;
   } finally {
     if (c.caps) await g.setCapabilities(Object.fromEntries(Object.keys(c.caps).map((k) => [k, false])));

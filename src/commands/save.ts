@@ -4,7 +4,8 @@ import { isatty } from 'node:tty';
 import { jsonText, printable } from '../format/text.js';
 import { formatBytes } from '../format/text.js';
 import { printErr, printOut, tellErr } from '../output.js';
-import { DEFAULT_END_TIMEOUT_S, DEFAULT_QUEUE_DEPTH, DEFAULT_RING_BYTES, SavePipeline, type SaveReport } from '../save/pipeline.js';
+import { DEFAULT_ACCEPT_TIMEOUT_S, DEFAULT_END_TIMEOUT_S, DEFAULT_QUEUE_DEPTH, DEFAULT_RING_BYTES, SavePipeline, type SaveReport } from '../save/pipeline.js';
+import { SnapPipeError } from '../errors.js';
 import { formatHelp, integerFlag, onePath, parseArgs, parseIo, parseSize, usage, type FlagSpec } from './args.js';
 
 const SAVE_FLAGS: Record<string, FlagSpec> = {
@@ -27,6 +28,16 @@ const SAVE_FLAGS: Record<string, FlagSpec> = {
     kind: 'bool',
     help: 'with QEMU\'s return path: send SWITCHOVER_ACK even for a machine type older than 8.1 (a newer QEMU running an old machine type with switchover-ack on waits for it); a QEMU older than 8.1 fails on it',
   },
+  listen: {
+    kind: 'value',
+    valueName: 'unix:PATH',
+    help: 'take the stream from QEMU\'s migrate "unix:PATH" instead of stdin: start first, then listen (socket mode 0600, removed at exit), so QEMU never waits for snap-pipe to start; one connection (no multifd channels yet)',
+  },
+  'accept-timeout': {
+    kind: 'value',
+    valueName: 'SECONDS',
+    help: `with --listen: how long to wait for QEMU to connect (default ${DEFAULT_ACCEPT_TIMEOUT_S})`,
+  },
   help: { kind: 'bool', help: 'show this help' },
 };
 
@@ -35,6 +46,9 @@ each RAM block at a 1 MiB-aligned offset, zero pages unallocated, device state k
 migration (re-sent pages: the last version wins) and with the background-snapshot capability. From QEMU:
   (qemu) migrate_set_parameter max-bandwidth 100G
   (qemu) migrate "exec:snap-pipe save /path/vm.qcow2"
+or, started beforehand so that the guest's pause never waits for snap-pipe to start:
+  $ snap-pipe save --listen unix:/run/vm.sock /path/vm.qcow2 &
+  (qemu) migrate "unix:/run/vm.sock"
 IMG is marked complete only after everything is on disk. A failed save exits non-zero with one line naming IMG
 and the cause, and writes the cause into IMG, which stays incomplete ('snap-pipe info IMG' shows it).
 QEMU never reads an exec: child's exit status: without its return path it reports a failure only while it is
@@ -43,6 +57,21 @@ still writing, so a failure after its last byte leaves it saying "completed". Wi
 QEMU waits for save's answer: "completed" then means IMG is complete on disk, and a failed save fails the
 migration (paused or running guests; QEMU refuses return-path with background-snapshot).`;
 
+
+/** sockaddr_un's sun_path holds 108 bytes, the NUL included. */
+const UNIX_PATH_BYTES_MAX = 107;
+
+/** The path of `unix:PATH`; anything else is a usage error. */
+function listenPath(spec: string): string {
+  if (!spec.startsWith('unix:') || spec.length === 'unix:'.length) {
+    throw new SnapPipeError('USAGE', `--listen takes unix:PATH (got ${printable(spec)})`);
+  }
+  const path = spec.slice('unix:'.length);
+  if (Buffer.byteLength(path) > UNIX_PATH_BYTES_MAX) {
+    throw new SnapPipeError('USAGE', `--listen: ${printable(path)} is longer than a unix socket path may be (${UNIX_PATH_BYTES_MAX} bytes)`);
+  }
+  return path;
+}
 
 function formatReport(r: SaveReport): string {
   const s = r.stages;
@@ -75,8 +104,16 @@ export async function cmdSave(argv: string[]): Promise<number> {
   const endTimeoutS = integerFlag('save', flags, 'end-timeout', 1, 3600, DEFAULT_END_TIMEOUT_S);
   const stats = flags.get('stats');
   const ioFlag = parseIo('save', flags.get('io'));
+  const listenSpec = flags.get('listen');
+  const listen = typeof listenSpec === 'string' ? { path: listenPath(listenSpec), acceptTimeoutMs: integerFlag('save', flags, 'accept-timeout', 1, 86_400, DEFAULT_ACCEPT_TIMEOUT_S) * 1000 } : undefined;
+  if (!listen && flags.has('accept-timeout')) usage('save: --accept-timeout goes with --listen');
+  if (listen) {
+    // Before the image is touched; imported only here, so a save from stdin starts without the socket code.
+    const { freeListenPath } = await import('../save/listener.js');
+    freeListenPath(listen.path);
+  }
   // isatty, not process.stdin: touching process.stdin would put fd 0 in non-blocking mode under the reader.
-  if (isatty(0)) usage('save: stdin is a terminal; pipe a QEMU migration stream into it (see snap-pipe save --help)');
+  if (!listen && isatty(0)) usage('save: stdin is a terminal; pipe a QEMU migration stream into it (see snap-pipe save --help)');
 
   const pipeline = new SavePipeline({
     path,
@@ -87,6 +124,7 @@ export async function cmdSave(argv: string[]): Promise<number> {
     io: ioFlag,
     endTimeoutMs: endTimeoutS * 1000,
     switchoverAck: flags.has('switchover-ack'),
+    listen,
     // The test seam of the save pipeline (SaveOptions.stageFixtureDir), set by the fault tests only.
     stageFixtureDir: process.env.SNAP_PIPE_TEST_STAGE_DIR,
     onNote: (line) => tellErr(`snap-pipe: ${printable(line)}\n`),

@@ -4,6 +4,7 @@
 import { existsSync, readFileSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { fileURLToPath } from 'node:url';
+import { SnapPipeError } from '../errors.js';
 
 /** build/Release/uring.node, from src/native/*.ts and from dist/native/*.js alike (both two levels below the root). */
 export const URING_ADDON_PATH = fileURLToPath(new URL('../../build/Release/uring.node', import.meta.url));
@@ -28,6 +29,8 @@ interface NativeRing {
 interface Addon {
   Ring: new (depth: number, blockBytes?: number) => NativeRing;
   setPipeSize(fd: number, bytes: number): number;
+  setBlocking(fd: number): void;
+  shutdownSocket(fd: number): void;
 }
 
 let loaded: { addon: Addon } | { error: string } | undefined;
@@ -76,6 +79,28 @@ export function enlargePipe(fd: number): number | undefined {
     return a.addon.setPipeSize(fd, max);
   } catch {
     return undefined;
+  }
+}
+
+/**
+ * Makes reads of `fd` block (clears O_NONBLOCK): an accepted socket comes non-blocking from libuv, and a stage
+ * thread reads it with blocking reads. Throws SnapPipeError when the addon is missing (nothing else can do it).
+ */
+export function socketBlocking(fd: number): void {
+  const a = loadAddon();
+  if ('error' in a) throw new SnapPipeError('UNSUPPORTED', `--listen needs the native addon: ${a.error}`);
+  a.addon.setBlocking(fd);
+}
+
+/** shutdown(SHUT_RDWR) of a socket: a read blocked on it in another thread returns. False if it could not be done. */
+export function shutdownSocket(fd: number): boolean {
+  const a = loadAddon();
+  if ('error' in a) return false;
+  try {
+    a.addon.shutdownSocket(fd);
+    return true;
+  } catch {
+    return false;
   }
 }
 

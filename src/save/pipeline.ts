@@ -11,6 +11,7 @@ import type { IoBackendName } from '../native/io.js';
 import { CTRL, FAIL_ABORT, FAIL_ERROR, SLOT_BYTES, type SaveRingSizes, type SaveShared } from './ring/layout.js';
 import { signalFailure } from './ring/wait.js';
 import { VERSION } from '../version.js';
+import { STDOUT_FD } from '../output.js';
 import { countSetBits } from '../format/image/bits.js';
 import { streamParts } from '../format/stream/parts.js';
 import type { CoalescerApi, CoalescerResult } from './stages/coalescer.js';
@@ -18,6 +19,7 @@ import type { ReaderApi, ReaderResult } from './stages/reader.js';
 import { startStage, type Outcome, type StageHandle } from './stages/rpc.js';
 import { allocateSave } from './stages/memory.js';
 import { SaveReturnPath } from './returnpath.js';
+import type { StreamListener } from './listener.js';
 import type { WriterApi, WriterResult } from './stages/writer.js';
 
 export const DEFAULT_RING_BYTES = 64 << 20;
@@ -35,7 +37,13 @@ export const DEFAULT_QUEUE_DEPTH = 64;
  * machine under load and still ends a save whose source sent no VM description.
  */
 export const DEFAULT_END_TIMEOUT_S = 30;
+/**
+ * With --listen, how long save waits for QEMU to connect: long enough for a person to type the migrate command after
+ * starting save, short enough that a forgotten save does not hold its socket and image for good.
+ */
+export const DEFAULT_ACCEPT_TIMEOUT_S = 600;
 const DESC_COUNT = 1 << 16;
+const STDIN_FD = 0;
 /** How often the main thread looks for something to answer on QEMU's return path. */
 const RETURN_PATH_POLL_MS = 10;
 /** How long a failing save waits for the writer to record the cause in the image (it may be stuck in a write). */
@@ -58,6 +66,11 @@ export interface SaveOptions {
   endTimeoutMs: number;
   /** With QEMU's return path open: send SWITCHOVER_ACK even when the machine type does not say QEMU knows it. */
   switchoverAck: boolean;
+  /**
+   * Take the stream from a unix socket instead of stdin (save --listen): listen on `path` once the stage threads run
+   * and the image is open, and wait at most `acceptTimeoutMs` for QEMU to connect.
+   */
+  listen?: { path: string; acceptTimeoutMs: number };
   /**
    * Tests only: a folder of fixture stages (test/fixtures/stages/<failure mode>/); a stage found there replaces the
    * real one, so a test can make one stage fail in a way no input can (an exception, a crash, an exit).
@@ -106,8 +119,9 @@ export interface SaveReport {
    * Milliseconds from the process's start (node's own start-up included) until the last of the three stage threads
    * had loaded, the first bytes of the stream were read, and the first write was submitted (0: nothing written).
    * QEMU's stream waits in the pipe until then. `seconds` counts from the stages' start, later than the process's.
+   * With --listen, `connectedMs` is when QEMU connected (0 without), and the stages were ready before it.
    */
-  startup: { stagesReadyMs: number; firstReadMs: number; firstWriteMs: number };
+  startup: { stagesReadyMs: number; firstReadMs: number; firstWriteMs: number; connectedMs: number };
 }
 
 export function ringSizes(ringBytes: number): SaveRingSizes {
@@ -184,6 +198,9 @@ export class SavePipeline {
   readonly shared: SaveShared;
   private readonly ctrl: Int32Array;
   private stages: StageHandle<unknown>[] = [];
+  private listener: StreamListener | undefined;
+  /** When QEMU connected to --listen's socket (performance.now()), 0 without --listen. */
+  private connectedAtMs = 0;
 
   constructor(private readonly opts: SaveOptions) {
     this.shared = allocateSave(ringSizes(opts.ringBytes));
@@ -197,24 +214,48 @@ export class SavePipeline {
   /** Stops every stage at its next wait (SIGINT/SIGTERM); the image stays marked incomplete. */
   abort(): void {
     signalFailure(this.ctrl, FAIL_ABORT);
-    wakeBlockedReader();
+    this.wakeReader();
+  }
+
+  /** A reader blocked on an empty input must return: the socket is shut down, a pipe gets a byte. */
+  private wakeReader(): void {
+    if (this.listener) this.listener.wake();
+    else wakeBlockedReader();
+  }
+
+  /** Where the stream comes from and answers go: stdin and stdout, or the connection QEMU makes to --listen's socket. */
+  private async connect(): Promise<{ inFd: number; outFd: number }> {
+    const listen = this.opts.listen;
+    if (!listen) return { inFd: STDIN_FD, outFd: STDOUT_FD };
+    // Every stage thread loaded before QEMU may connect: none of the start-up falls into the migration.
+    await Promise.all(this.stages.map((s) => Promise.race([s.api.ready(), s.died])));
+    // Imported only here: a save from stdin starts without loading the socket code.
+    const { StreamListener } = await import('./listener.js');
+    this.listener = await StreamListener.open(listen.path);
+    this.opts.onNote?.(`listening on unix:${listen.path} for QEMU's migrate (at most ${listen.acceptTimeoutMs / 1000} s)`);
+    const fd = await this.listener.accept(listen.acceptTimeoutMs);
+    this.connectedAtMs = this.listener.connectedAt;
+    return { inFd: fd, outFd: fd };
   }
 
   async run(): Promise<SaveReport> {
     const t0 = performance.now();
     const maxOpen = Math.max(1, Math.floor(this.shared.sizes.slotCount / 2));
     const { writer, reader, coalescer } = this.startStages();
-    const rp = new SaveReturnPath(this.ctrl, this.opts.endTimeoutMs, this.opts.switchoverAck);
-    const answering = answerReturnPath(rp);
+    let rp: SaveReturnPath | undefined;
+    let answering: { failed: Promise<never>; stop: () => void } | undefined;
     let imageOpened = false;
     try {
       const { path, direct, force, io, queueDepth } = this.opts;
       const opened = await valueOf(writer, writer.api.open({ path, direct, force, io, queueDepth }));
       imageOpened = true;
       if (opened.note) this.opts.onNote?.(opened.note);
+      const { inFd, outFd } = await this.connect();
+      rp = new SaveReturnPath(this.ctrl, this.opts.endTimeoutMs, this.opts.switchoverAck, outFd);
+      answering = answerReturnPath(rp);
 
-      const [r, c, w] = await Promise.race([answering.failed, this.supervise([
-        settle(reader, reader.api.run(this.shared)),
+      const [r, c, w] = await Promise.race([answering.failed, this.listenerFailed(), this.supervise([
+        settle(reader, reader.api.run(this.shared, inFd)),
         settle(coalescer, coalescer.api.run(this.shared, maxOpen)),
         settle(writer, writer.api.run(this.shared)),
       ])]);
@@ -235,13 +276,20 @@ export class SavePipeline {
       // Do not wait for the reader and coalescer: the reader may be blocked reading stdin, and the caller exits
       // anyway. The writer gets a bounded moment to write the cause into the image.
       signalFailure(this.ctrl, FAIL_ERROR);
-      wakeBlockedReader();
-      answering.stop();
+      this.wakeReader();
+      answering?.stop();
       const failure = imageOpened ? await this.recordFailure(writer, err) : err;
-      rp.failed();
+      rp?.failed();
       void this.stop();
       throw failure;
+    } finally {
+      this.listener?.close();
     }
+  }
+
+  /** Rejects when the listener ends the save (a second connection); never settles without one. */
+  private listenerFailed(): Promise<never> {
+    return this.listener ? this.listener.failed : new Promise<never>(() => undefined);
   }
 
   /**
@@ -369,6 +417,7 @@ export class SavePipeline {
         stagesReadyMs: Math.max(rr.readyAtMs, cr.readyAtMs, wr.readyAtMs) - performance.timeOrigin,
         firstReadMs: rr.firstReadAtMs > 0 ? rr.firstReadAtMs - performance.timeOrigin : 0,
         firstWriteMs: wr.firstWriteAtMs > 0 ? wr.firstWriteAtMs - performance.timeOrigin : 0,
+        connectedMs: this.connectedAtMs,
       },
       stages: {
         reader: { busyMs: rr.busyMs, upstreamWaitMs: rr.sourceWaitMs, downstreamWaitMs: rr.downstreamWaitMs },

@@ -1,4 +1,5 @@
-// The save's side of QEMU's return path, run by the main thread, which alone writes to stdout.
+// The save's side of QEMU's return path, run by the main thread, which alone writes to stdout (or, with save
+// --listen, to the stream's socket: QEMU's return path runs back over the same connection).
 //
 // With the return-path capability, QEMU opens a return path on the exec: child's stdout (OPEN_RETURN_PATH, then
 // PING 1, right after the configuration: migration.c migration_thread) and, at the end of the migration, waits for
@@ -35,6 +36,7 @@ export class SaveReturnPath {
     private readonly ctrl: Int32Array,
     private readonly endTimeoutMs: number,
     private readonly switchoverAck: boolean,
+    private readonly out = STDOUT_FD,
   ) {}
 
   get open(): boolean {
@@ -55,10 +57,10 @@ export class SaveReturnPath {
     if (state === RP_NONE) return false;
     if (!this.opened) {
       this.opened = true;
-      if (state === RP_OPEN_ACK || this.switchoverAck) writeAll(STDOUT_FD, encodeSwitchoverAck());
+      if (state === RP_OPEN_ACK || this.switchoverAck) writeAll(this.out, encodeSwitchoverAck());
     }
     const pings = Atomics.load(this.ctrl, CTRL.PINGS);
-    for (; this.pingsAnswered < pings; this.pingsAnswered++) writeAll(STDOUT_FD, encodePong(Atomics.load(this.ctrl, CTRL.PING_VALUE) >>> 0));
+    for (; this.pingsAnswered < pings; this.pingsAnswered++) writeAll(this.out, encodePong(Atomics.load(this.ctrl, CTRL.PING_VALUE) >>> 0));
     return true;
   }
 
@@ -80,13 +82,13 @@ export class SaveReturnPath {
 
   /** The image is complete and on disk: QEMU may call the migration completed. */
   finished(): void {
-    if (this.answer()) writeAll(STDOUT_FD, encodeShut(0));
+    if (this.answer()) writeAll(this.out, encodeShut(0));
   }
 
   /** The save failed: QEMU fails the migration (best effort: QEMU may be gone, and exiting closes the path too). */
   failed(): void {
     try {
-      if (this.answer()) writeAll(STDOUT_FD, encodeShut(1));
+      if (this.answer()) writeAll(this.out, encodeShut(1));
     } catch {
       // the process exits next, which closes the return path: QEMU fails the migration on that as well
     }

@@ -44,7 +44,8 @@ export interface ReaderResult {
 }
 
 /**
- * Reads fd 0 in large pieces; an EAGAIN (stdin left non-blocking by a parent) waits briefly and retries. Checks the
+ * Reads the stream's fd (0, or the socket save --listen accepted) in large pieces; an EAGAIN (stdin left
+ * non-blocking by a parent) waits briefly and retries. Checks the
  * pipeline's FAILED field before every read: once the save has failed or been aborted (the main thread then wakes a
  * read blocked on an empty pipe, see SavePipeline), the reader must not block in read(0) again, or the thread could
  * not be terminated and the process could not exit.
@@ -54,14 +55,17 @@ export class StdinInput implements ByteInput {
   /** When the first bytes came (epochMs()), 0 before. */
   firstDataAtMs = 0;
   private readonly nap = new Int32Array(new SharedArrayBuffer(4));
-  constructor(private readonly ctrl?: Int32Array) {}
+  constructor(
+    private readonly ctrl?: Int32Array,
+    private readonly fd = 0,
+  ) {}
   read(dst: Uint8Array, off: number, len: number): number {
     const t0 = performance.now();
     try {
       for (;;) {
         if (this.ctrl && failed(this.ctrl)) throw new Aborted();
         try {
-          const n = readSync(0, dst, off, len, null);
+          const n = readSync(this.fd, dst, off, len, null);
           if (n > 0 && this.firstDataAtMs === 0) this.firstDataAtMs = epochMs();
           return n;
         } catch (err) {
@@ -71,7 +75,7 @@ export class StdinInput implements ByteInput {
             continue;
           }
           if (code === 'EOF') return 0;
-          throw ioError('reading the migration stream from stdin', err);
+          throw ioError(`reading the migration stream from ${this.fd === 0 ? 'stdin' : 'its socket'}`, err);
         }
       }
     } finally {
@@ -80,12 +84,12 @@ export class StdinInput implements ByteInput {
   }
 }
 
-function run(shared: SaveShared): ReaderResult {
+function run(shared: SaveShared, inputFd: number): ReaderResult {
   const t0 = performance.now();
   const v = saveViews(shared);
   const producer = new DescriptorProducer(v.ctrl, v.desc);
-  const pipeBytes = enlargePipe(0);
-  const input = new StdinInput(v.ctrl);
+  const pipeBytes = enlargePipe(inputFd);
+  const input = new StdinInput(v.ctrl, inputFd);
   const ring = new InputRing(v.input, v.ctrl, input, producer);
   let virtOffsetsBytes: number[] = [];
   let ramEndBytes = 0;
@@ -139,8 +143,9 @@ function run(shared: SaveShared): ReaderResult {
 }
 
 const api = {
-  run(shared: SaveShared): Outcome<ReaderResult> {
-    return outcome(() => run(shared));
+  /** `inputFd`: where the stream comes from (0, or the accepted socket of save --listen). */
+  run(shared: SaveShared, inputFd: number): Outcome<ReaderResult> {
+    return outcome(() => run(shared, inputFd));
   },
 };
 export type ReaderApi = typeof api;

@@ -25,22 +25,28 @@ export function outcome<T>(body: () => T): Outcome<T> {
   }
 }
 
+/** What every stage answers besides its own API: ready() resolves once its modules have loaded (their time). */
+export interface StageBase {
+  ready(): number;
+}
+
 export function exposeStage(api: object): void {
   if (!parentPort) throw new Error('a stage module must run in a worker thread');
   stageReadyAtMs = epochMs();
-  Comlink.expose(api, nodeEndpoint(parentPort as unknown as Parameters<typeof nodeEndpoint>[0]));
+  const base: StageBase = { ready: () => stageReadyAtMs };
+  Comlink.expose({ ...api, ...base }, nodeEndpoint(parentPort as unknown as Parameters<typeof nodeEndpoint>[0]));
 }
 
 export interface StageHandle<T> {
   worker: Worker;
-  api: Comlink.Remote<T>;
+  api: Comlink.Remote<T & StageBase>;
   /** Rejects if the thread dies without answering (uncaught error, exit). */
   died: Promise<never>;
 }
 
 export function startStage<T>(url: URL, name: string): StageHandle<T> {
   const worker = new Worker(url, { name });
-  const api = Comlink.wrap<T>(nodeEndpoint(worker as unknown as Parameters<typeof nodeEndpoint>[0]));
+  const api = Comlink.wrap<T & StageBase>(nodeEndpoint(worker as unknown as Parameters<typeof nodeEndpoint>[0]));
   const died = new Promise<never>((_, reject) => {
     worker.once('error', (err) => reject(new Error(`${name} worker crashed: ${err.message}`)));
     worker.once('exit', (code) => reject(new Error(`${name} worker exited (code ${code})`)));
