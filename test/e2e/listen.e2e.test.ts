@@ -5,7 +5,7 @@
 //  - the same guest with the multifd capability (2 channels): save refuses QEMU's second connection with one line
 //    naming multifd, QEMU reports the migration failed, the image stays incomplete, the socket is gone.
 // Fails (never skips) when QEMU, the guest files or the build are missing.
-import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { spawnSync } from 'node:child_process';
 import { existsSync, mkdtempSync, readFileSync, rmSync, statSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -15,38 +15,15 @@ import { testedQemus, type Qemu } from '../../tools/qemu/versions.js';
 import type { ImageInfo } from '../../src/image/info.js';
 import type { SaveReport } from '../../src/save/pipeline.js';
 import { firstDifference, LEGACY_WINDOW } from '../helpers/e2e.js';
+import { startListeningSave, type ListeningSave } from '../helpers/listen.js';
 
 const MiB = 1024 * 1024;
 const memMiB = 256;
 const fillMiB = 64;
 const SAVE_MS_MAX = 180_000;
 
-interface Save {
-  child: ChildProcess;
-  listening: Promise<void>;
-  exited: Promise<{ code: number | null; stderr: string }>;
-}
-
-function startSave(img: string, sock: string, args: string[]): Save {
-  const child = spawn(process.execPath, [snapPipeBin(), 'save', img, '--listen', `unix:${sock}`, ...args], { stdio: ['ignore', 'ignore', 'pipe'] });
-  let stderr = '';
-  let said: () => void = () => undefined;
-  const listening = new Promise<void>((resolve) => (said = resolve));
-  child.stderr!.on('data', (d) => {
-    stderr += d;
-    if (stderr.includes('listening on unix:')) said();
-  });
-  const exited = new Promise<{ code: number | null; stderr: string }>((resolve, reject) => {
-    const timer = setTimeout(() => {
-      child.kill('SIGKILL');
-      reject(new Error(`save did not exit within ${SAVE_MS_MAX} ms: ${stderr}`));
-    }, SAVE_MS_MAX);
-    child.on('exit', (code) => {
-      clearTimeout(timer);
-      resolve({ code, stderr });
-    });
-  });
-  return { child, listening, exited };
+function startSave(img: string, sock: string, args: string[]): ListeningSave {
+  return startListeningSave(snapPipeBin(), [img, '--listen', `unix:${sock}`, ...args], SAVE_MS_MAX);
 }
 
 function info(img: string): Required<ImageInfo> {
@@ -92,7 +69,7 @@ describe.each(testedQemus())('snap-pipe save --listen behind a real QEMU migrate
     await save.listening;
     await guest.migrate(`unix:${sock}`);
     const migration = await guest.waitMigration(180_000);
-    const r = await save.exited;
+    const r = await save.done;
     expect(r.code, r.stderr).toBe(0);
     if (migration.status !== 'completed') throw guest.failure(`migrate unix: to save --listen ${migration.status}: ${migration['error-desc'] ?? '?'}`);
     expect(existsSync(sock)).toBe(false);
@@ -127,7 +104,7 @@ describe.each(testedQemus())('snap-pipe save --listen behind a real QEMU migrate
     await save.listening;
     await guest.migrate(`unix:${sock}`);
     const migration = await guest.waitMigration(180_000);
-    const r = await save.exited;
+    const r = await save.done;
     expect(r.code).not.toBe(0);
     expect(r.stderr).toContain(
       `snap-pipe: save ${img} failed (the image stays incomplete): QEMU opened a second connection to ${sock}: its multifd channels, which snap-pipe save does not take yet; turn the multifd capability off`,

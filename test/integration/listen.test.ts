@@ -4,7 +4,7 @@
 // over the same connection (PONG, then SHUT(0) only once the image is complete); a second connection (multifd
 // channels) fails the save with one line and an incomplete image; no connection within --accept-timeout fails it;
 // a path that is a file or a live socket is refused, a stale socket replaced; SIGTERM while waiting removes it.
-import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { spawnSync } from 'node:child_process';
 import { existsSync, lstatSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { connect, createServer, type Socket } from 'node:net';
 import { tmpdir } from 'node:os';
@@ -16,6 +16,7 @@ import { CMD_OPEN_RETURN_PATH, CMD_PING } from '../../src/format/stream/constant
 import { ReturnPathDecoder, type RpMessage } from '../../src/format/stream/returnpath.js';
 import { BIN, ROOT, runCli } from '../helpers/cli.js';
 import { SMALL_PC_BLOCKS, buildStream, sequentialOps } from '../helpers/model.js';
+import { startListeningSave, type ListeningSave } from '../helpers/listen.js';
 
 let dir: string;
 beforeAll(() => {
@@ -28,33 +29,8 @@ const BLOCKS = SMALL_PC_BLOCKS;
 const RUN_MS_MAX = 30_000;
 const SOCKET_WAIT_MS_MAX = 10_000;
 
-interface Run {
-  child: ChildProcess;
-  /** Resolves when save says it listens (its stderr line). */
-  listening: Promise<void>;
-  done: Promise<{ code: number | null; signal: NodeJS.Signals | null; stderr: string }>;
-}
-
-function startSave(img: string, args: string[]): Run {
-  const child = spawn(process.execPath, [BIN, 'save', img, '--no-direct', ...args], { stdio: ['ignore', 'ignore', 'pipe'] });
-  let stderr = '';
-  let said: () => void = () => undefined;
-  const listening = new Promise<void>((resolve) => (said = resolve));
-  child.stderr!.on('data', (d) => {
-    stderr += d;
-    if (stderr.includes('listening on unix:')) said();
-  });
-  const done = new Promise<{ code: number | null; signal: NodeJS.Signals | null; stderr: string }>((resolve, reject) => {
-    const timer = setTimeout(() => {
-      child.kill('SIGKILL');
-      reject(new Error(`save did not exit within ${RUN_MS_MAX} ms: ${stderr}`));
-    }, RUN_MS_MAX);
-    child.on('exit', (code, signal) => {
-      clearTimeout(timer);
-      resolve({ code, signal, stderr });
-    });
-  });
-  return { child, listening, done };
+function startSave(img: string, args: string[]): ListeningSave {
+  return startListeningSave(BIN, [img, '--no-direct', ...args], RUN_MS_MAX);
 }
 
 /** Waits (bounded) until `path` is a socket: save listens only once its stages run and the image is open. */
