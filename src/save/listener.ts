@@ -23,6 +23,7 @@ export class StreamListener {
   private fail: (err: SnapPipeError) => void = () => undefined;
   private conn: net.Socket | undefined;
   private closed = false;
+  private acceptTimer: NodeJS.Timeout | undefined;
   private readonly unlinkAtExit = () => this.unlink();
 
   private constructor(
@@ -61,9 +62,9 @@ export class StreamListener {
    */
   accept(timeoutMs: number): Promise<number> {
     return new Promise<number>((resolve, reject) => {
-      const timer = setTimeout(() => {
+      const timer = (this.acceptTimer = setTimeout(() => {
         reject(new SnapPipeError('IO', `no connection on ${this.path} in ${timeoutMs / 1000} s (QEMU's migrate "unix:${this.path}" never came)`));
-      }, timeoutMs);
+      }, timeoutMs));
       this.server.on('connection', (sock: net.Socket) => {
         if (this.conn) {
           sock.destroy();
@@ -93,6 +94,7 @@ export class StreamListener {
   close(): void {
     if (this.closed) return;
     this.closed = true;
+    clearTimeout(this.acceptTimer);
     this.conn?.destroy();
     this.server.close();
     this.unlink();
