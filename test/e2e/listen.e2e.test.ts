@@ -2,6 +2,8 @@
 //  - a paused guest with the return-path capability: save is ready (its stage threads loaded) before QEMU connects,
 //    QEMU reports completed only after save's SHUT over the same socket, pc.ram equals pmemsave byte for byte, and
 //    the socket is gone afterwards;
+//  - a running guest, plain live migration with the bandwidth capped: pages re-sent, the last versions stored
+//    (pc.ram equals pmemsave at the switch-over), every cluster's checksum sound;
 //  - the same guest with the multifd capability (2 channels): save refuses QEMU's second connection with one line
 //    naming multifd, QEMU reports the migration failed, the image stays incomplete, the socket is gone.
 // Fails (never skips) when QEMU, the guest files or the build are missing.
@@ -87,6 +89,41 @@ describe.each(testedQemus())('snap-pipe save --listen behind a real QEMU migrate
     expect(statSync(raw).size).toBe(bytes);
     const diff = await firstDifference(dump, raw, bytes, [LEGACY_WINDOW]);
     expect(diff, `pc.ram differs from pmemsave at 0x${diff.toString(16)}`).toBe(-1);
+  }, 420_000);
+
+  test('a running guest, plain live migration: pages re-sent over the socket, the last versions stored, verify sound', async () => {
+    guestFiles();
+    const sock = join(dir, 'live.sock');
+    const img = join(dir, 'live.qcow2');
+    const stats = join(dir, 'live.json');
+    const dump = join(dir, 'live.pmem');
+    guest = await Guest.start({ qemu, name: 'listen-live', memMiB, fillMiB });
+    await guest.waitReady(180_000);
+    // Slow enough that the guest's ticks dirty pages already sent: QEMU sends them again in its next pass.
+    await guest.setMigrationParams({ 'max-bandwidth': 64 * MiB });
+    await guest.setCapabilities({ 'return-path': true });
+    await guest.waitTick(30_000);
+
+    const save = startSave(img, sock, [`--stats=${stats}`]);
+    await save.listening;
+    await guest.migrate(`unix:${sock}`);
+    const migration = await guest.waitMigration(240_000);
+    const r = await save.done;
+    expect(r.code, r.stderr).toBe(0);
+    if (migration.status !== 'completed') throw guest.failure(`live migrate unix: to save --listen ${migration.status}: ${migration['error-desc'] ?? '?'}`);
+    // Stopped at the switch-over: its memory now is what the stream's last versions say.
+    await guest.pmemsave(0, memMiB * MiB, dump, 120_000);
+
+    const i = info(img);
+    expect(i.complete).toBe(true);
+    expect(i.resentPages).toBeGreaterThan(0);
+    const v = spawnSync(process.execPath, [snapPipeBin(), 'verify', img], { encoding: 'utf8' });
+    expect(v.status, v.stderr).toBe(0);
+    const raw = join(dir, 'live.raw');
+    const bytes = pcRam(qemu, img, i, raw);
+    const diff = await firstDifference(dump, raw, bytes, [LEGACY_WINDOW]);
+    expect(diff, `pc.ram differs from pmemsave at 0x${diff.toString(16)}`).toBe(-1);
+    console.log(`${qemu.label} save --listen (live): ${i.resentPages} pages re-sent`);
   }, 420_000);
 
   test('multifd channels: save refuses the second connection by name, QEMU fails, the image stays incomplete', async () => {
