@@ -41,9 +41,10 @@ const SAVE_FLAGS: Record<string, FlagSpec> = {
   help: { kind: 'bool', help: 'show this help' },
 };
 
-const SAVE_ABOUT = `Reads a QEMU migration stream (format 3) from stdin and stores it in IMG, a QCOW2 image with 1 MiB clusters:
-each RAM block at a 1 MiB-aligned offset, zero pages unallocated, device state kept verbatim. Works with plain
-migration (re-sent pages: the last version wins) and with the background-snapshot capability. From QEMU:
+const SAVE_ABOUT = `Reads a QEMU migration stream (format 3) from stdin (or a unix socket) and stores it in IMG, a QCOW2
+image with 1 MiB clusters: each RAM block at a 1 MiB-aligned offset, zero pages unallocated, device state kept
+verbatim. Works with plain migration (re-sent pages: the last version wins) and with the background-snapshot
+capability. From QEMU:
   (qemu) migrate_set_parameter max-bandwidth 100G
   (qemu) migrate "exec:snap-pipe save /path/vm.qcow2"
 or, started beforehand so that the guest's pause never waits for snap-pipe to start:
@@ -95,7 +96,7 @@ function formatReport(r: SaveReport): string {
 export async function cmdSave(argv: string[]): Promise<number> {
   const { flags, positionals } = parseArgs('save', argv, SAVE_FLAGS);
   if (flags.has('help')) {
-    printOut(formatHelp('snap-pipe save IMG [options] < STREAM', SAVE_ABOUT, SAVE_FLAGS));
+    printOut(formatHelp('snap-pipe save IMG [options] < STREAM, or snap-pipe save IMG --listen unix:PATH [options]', SAVE_ABOUT, SAVE_FLAGS));
     return 0;
   }
   const path = onePath('save', positionals);
