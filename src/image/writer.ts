@@ -1,6 +1,8 @@
-// Writes a snap-pipe QCOW2 image: header (marked incomplete) at create, data clusters in arrival order (written by the
-// caller through `fd` at allocate()'d offsets), then at finish metadata + L2 + L1 + refcounts, fdatasync, and only then
-// the header marked complete, fdatasync again. Holds only an fd, a scratch cluster and typed arrays: usable in a worker.
+// Writes a snap-pipe QCOW2 image: header (marked incomplete) at create, data clusters in arrival order (allocate()
+// places a virtual cluster in the file; the caller's writes and reads go through queueWrite/queueRead on its I/O
+// backend, naming the cluster, never a file offset), then at finish metadata + L2 + L1 + refcounts, fdatasync, and
+// only then the header marked complete, fdatasync again. Holds only an fd, a scratch cluster and typed arrays:
+// usable in a worker. `fd` is public for the tests, which write clusters without a backend.
 
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
@@ -9,6 +11,7 @@ import { crc32 } from 'node:zlib';
 import { SnapPipeError, ioError } from '../errors.js';
 import { preallocate } from '../native/fastmem.js';
 import { alignedShared } from '../native/memory.js';
+import type { IoBackend } from '../native/io.js';
 import { encodeMeta } from '../format/image/metadata.js';
 import { nonRegularKind, notRegular, openImageFile } from './open.js';
 import {
@@ -296,6 +299,26 @@ export class ImageWriter {
     this.endBytes = Math.max(this.endBytes, endBytes);
     if (endBytes > this.sizedBytes) this.sizeAhead(endBytes + SIZE_AHEAD_BYTES);
     return { hostOffsetBytes: hostCluster * CLUSTER_BYTES, fresh: true };
+  }
+
+  /**
+   * Queues on `io` a write of mem[off, off + len) at byte `at` of allocated virtual cluster `vc` (tagged `tag`):
+   * the caller names clusters; where they lie in the file stays here.
+   */
+  queueWrite(io: IoBackend, mem: Uint8Array, off: number, len: number, vc: number, at: number, tag: number): void {
+    io.write(this.fd, mem, off, len, this.hostBytesOf(vc, at, len), tag);
+  }
+
+  /** Queues on `io` a read of byte `at` of allocated virtual cluster `vc` into mem[off, off + len) (tagged `tag`). */
+  queueRead(io: IoBackend, mem: Uint8Array, off: number, len: number, vc: number, at: number, tag: number): void {
+    io.read(this.fd, mem, off, len, this.hostBytesOf(vc, at, len), tag);
+  }
+
+  private hostBytesOf(vc: number, at: number, len: number): number {
+    const host = vc < this.hostClusterOfVirt.length ? this.hostClusterOfVirt[vc] : 0;
+    assert(host !== 0, `cluster ${vc} was never allocated`);
+    assert(at >= 0 && at + len <= CLUSTER_BYTES, `bytes [${at}, ${at + len}) outside a cluster`);
+    return host * CLUSTER_BYTES + at;
   }
 
   /** Writes metadata and tables, makes them durable, then marks the header complete and makes that durable. */

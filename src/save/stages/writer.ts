@@ -106,7 +106,6 @@ class ChunkWriter {
    */
   private readonly pendingWrites: Int32Array;
   private readonly slotCluster: Int32Array;
-  private readonly slotHost: Float64Array;
   /** Clusters with a publication in flight. */
   private readonly clusterBusy = new Set<number>();
   // Old-content units: completion tags slotCount + unit. A unit holds one reference while its reads are being
@@ -129,7 +128,6 @@ class ChunkWriter {
     this.slotCount = v.sizes.slotCount;
     this.pendingWrites = new Int32Array(this.slotCount);
     this.slotCluster = new Int32Array(this.slotCount);
-    this.slotHost = new Float64Array(this.slotCount);
     const units = v.sizes.oldContentUnits;
     this.unitSlot = new Int32Array(units).fill(-1);
     this.unitPending = new Int32Array(units);
@@ -151,9 +149,8 @@ class ChunkWriter {
     const hdr = slot * SLOT_INTS;
     const vc = h[hdr + SLOT_VIRT_CLUSTER];
     while (this.clusterBusy.has(vc)) this.progress();
-    const { hostOffsetBytes, fresh } = this.img.allocate(vc);
+    const { fresh } = this.img.allocate(vc);
     this.slotCluster[slot] = vc;
-    this.slotHost[slot] = hostOffsetBytes;
     this.clusterBusy.add(vc);
     this.pendingWrites[slot] = 1;
     // The coalescer and this writer agree on which publication of a chunk is its first (the cluster is new).
@@ -164,7 +161,7 @@ class ChunkWriter {
       // A fresh cluster lies past everything written so far, in the part of the file allocated ahead (unwritten
       // extents) or sized ahead (a hole): either way pages not written read as zeros, which is what the coalescer
       // checksummed them as.
-      if (h[hdr + SLOT_WHOLE] === 1) this.submitWrite(slot, slot * SLOT_BYTES, CLUSTER_BYTES, hostOffsetBytes);
+      if (h[hdr + SLOT_WHOLE] === 1) this.submitWrite(slot, slot * SLOT_BYTES, CLUSTER_BYTES, 0);
       else this.writeRuns(slot);
       this.unref(slot);
     } else if (h[hdr + SLOT_CRC_UPDATE] === 1) {
@@ -214,17 +211,19 @@ class ChunkWriter {
     if (--this.unitPending[unit] === 0) this.ready.push(unit);
   }
 
-  private submitWrite(slot: number, off: number, len: number, pos: number): void {
+  /** Writes slot bytes [off, off + len) at byte `at` of the slot's cluster. */
+  private submitWrite(slot: number, off: number, len: number, at: number): void {
     if (this.firstWriteAtMs === 0) this.firstWriteAtMs = epochMs();
     while (this.backend.inFlight >= this.backend.queueDepth) this.complete(1);
-    this.backend.write(this.img.fd, this.v.slots, off, len, pos, slot);
+    this.img.queueWrite(this.backend, this.v.slots, off, len, this.slotCluster[slot], at, slot);
     this.pendingWrites[slot]++;
     this.writeCalls++;
   }
 
-  private submitRead(unit: number, off: number, len: number, pos: number): void {
+  /** Reads byte `at` of `slot`'s cluster, as on disk, into old-content bytes [off, off + len) of `unit`. */
+  private submitRead(unit: number, slot: number, off: number, len: number, at: number): void {
     while (this.backend.inFlight >= this.backend.queueDepth) this.complete(1);
-    this.backend.read(this.img.fd, this.v.oldContent, off, len, pos, this.slotCount + unit);
+    this.img.queueRead(this.backend, this.v.oldContent, off, len, this.slotCluster[slot], at, this.slotCount + unit);
     this.unitPending[unit]++;
     this.oldContentReads++;
   }
@@ -236,7 +235,7 @@ class ChunkWriter {
     let run0 = this.nextSpan(hdr, 0, 0);
     while (run0 >= 0) {
       const end = this.spanEnd;
-      this.submitWrite(slot, base + run0 * PAGE_BYTES, (end - run0) * PAGE_BYTES, this.slotHost[slot] + run0 * PAGE_BYTES);
+      this.submitWrite(slot, base + run0 * PAGE_BYTES, (end - run0) * PAGE_BYTES, run0 * PAGE_BYTES);
       run0 = this.nextSpan(hdr, end, 0);
     }
   }
@@ -252,7 +251,7 @@ class ChunkWriter {
     let run0 = this.nextSpan(hdr, 0, OLD_CONTENT_GAP_PAGES);
     while (run0 >= 0) {
       const end = this.spanEnd;
-      this.submitRead(unit, ub + run0 * PAGE_BYTES, (end - run0) * PAGE_BYTES, this.slotHost[slot] + run0 * PAGE_BYTES);
+      this.submitRead(unit, slot, ub + run0 * PAGE_BYTES, (end - run0) * PAGE_BYTES, run0 * PAGE_BYTES);
       run0 = this.nextSpan(hdr, end, OLD_CONTENT_GAP_PAGES);
     }
     this.unitDone(unit);
@@ -275,7 +274,7 @@ class ChunkWriter {
       for (let p = run0; p < end; p++) {
         if (!isCarried(h, hdr, p)) slots.set(oldContent.subarray(ub + p * PAGE_BYTES, ub + (p + 1) * PAGE_BYTES), sb + p * PAGE_BYTES);
       }
-      this.submitWrite(slot, sb + run0 * PAGE_BYTES, (end - run0) * PAGE_BYTES, this.slotHost[slot] + run0 * PAGE_BYTES);
+      this.submitWrite(slot, sb + run0 * PAGE_BYTES, (end - run0) * PAGE_BYTES, run0 * PAGE_BYTES);
       run0 = this.nextSpan(hdr, end, OLD_CONTENT_GAP_PAGES);
     }
     this.unitSlot[unit] = -1;
