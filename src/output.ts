@@ -6,6 +6,7 @@
 // process.stdout also switches fd 1 to non-blocking mode, under load's own writes to it.
 import fs from 'node:fs';
 import { SnapPipeError, ioError } from './errors.js';
+import { jsonText } from './format/text.js';
 
 export const STDOUT_FD = 1;
 export const STDERR_FD = 2;
@@ -89,6 +90,23 @@ export function printOut(text: string): void {
 /** Reports asked for on stderr (--stats): all of it, or a SnapPipeError. */
 export function printErr(text: string): void {
   writeText(STDERR_FD, text);
+}
+
+/**
+ * --stats: with `true`, `summary()` on stderr; with a FILE, `report` as JSON in FILE (a FILE that cannot be written
+ * is one line naming it, like every other failure).
+ */
+export function writeStats(stats: string | true | undefined, summary: () => string, report: unknown): void {
+  if (stats === true) {
+    printErr(summary() + '\n');
+    return;
+  }
+  if (stats === undefined) return;
+  try {
+    fs.writeFileSync(stats, jsonText(report) + '\n');
+  } catch (err) {
+    throw ioError(`writing the --stats file ${stats}`, err);
+  }
 }
 
 /** One line on stderr that must not fail the command (a note, the last line of a failing one): best effort. */

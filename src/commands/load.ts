@@ -1,11 +1,10 @@
 // `snap-pipe load IMG`: writes the migration stream stored in IMG to stdout, for a QEMU started with -incoming defer.
 // Only --help prints to stdout; everything else for people goes to stderr (stdout is the stream).
-import { fstatSync, writeSync, writeFileSync } from 'node:fs';
+import { fstatSync, writeSync } from 'node:fs';
 import { isatty } from 'node:tty';
 import { formatHelp, integerFlag, onePath, parseArgs, parseInteger, parseIo, usage, type FlagSpec } from './args.js';
-import { formatBytes } from '../format/text.js';
-import { printErr, printOut, tellErr } from '../output.js';
-import { jsonText, printable } from '../format/text.js';
+import { printOut, tellErr, writeStats } from '../output.js';
+import { formatBytes, printable } from '../format/text.js';
 import { runLoad, type LoadReport } from '../load/precopy.js';
 import { DEFAULT_LOAD_QUEUE_DEPTH, LOAD_QUEUE_DEPTH_MAX } from '../load/source.js';
 import type { PostcopyReport } from '../load/postcopy/session.js';
@@ -137,8 +136,7 @@ async function load(argv: string[], progress: LoadProgressSeen): Promise<number>
       onNote: (line) => tellErr(`snap-pipe: ${printable(line)}\n`),
       onProgress: (p) => (progress.bytesOut = p.bytesOut),
     });
-    if (stats === true) printErr(formatPostcopyReport(report) + '\n');
-    else if (typeof stats === 'string') writeFileSync(stats, jsonText(report) + '\n');
+    writeStats(stats, () => formatPostcopyReport(report), report);
     return 0;
   }
 
@@ -152,7 +150,6 @@ async function load(argv: string[], progress: LoadProgressSeen): Promise<number>
     onNote: (line) => tellErr(`snap-pipe: ${printable(line)}\n`),
     onProgress: (p) => (progress.bytesOut = p.bytesOut),
   });
-  if (stats === true) printErr(formatLoadReport(report) + '\n');
-  else if (typeof stats === 'string') writeFileSync(stats, jsonText(report) + '\n');
+  writeStats(stats, () => formatLoadReport(report), report);
   return 0;
 }

@@ -1,9 +1,7 @@
 // `snap-pipe save IMG`: flags -> SaveOptions -> the pipeline (save/pipeline.ts) -> the report.
-import { writeFileSync } from 'node:fs';
 import { isatty } from 'node:tty';
-import { jsonText, printable } from '../format/text.js';
-import { formatBytes } from '../format/text.js';
-import { printErr, printOut, tellErr } from '../output.js';
+import { formatBytes, printable } from '../format/text.js';
+import { printOut, tellErr, writeStats } from '../output.js';
 import { DEFAULT_ACCEPT_TIMEOUT_S, DEFAULT_END_TIMEOUT_S, DEFAULT_QUEUE_DEPTH, DEFAULT_RING_BYTES, SavePipeline, type SaveReport } from '../save/pipeline.js';
 import { SnapPipeError } from '../errors.js';
 import { formatHelp, integerFlag, onePath, parseArgs, parseIo, parseSize, usage, type FlagSpec } from './args.js';
@@ -138,8 +136,7 @@ export async function cmdSave(argv: string[]): Promise<number> {
   process.once('SIGINT', onSignal);
   process.once('SIGTERM', onSignal);
   const report = await pipeline.run();
-  if (stats === true) printErr(formatReport(report) + '\n');
-  else if (typeof stats === 'string') writeFileSync(stats, jsonText(report) + '\n');
+  writeStats(stats, () => formatReport(report), report);
   return 0;
 }
 

@@ -161,3 +161,19 @@ describe('long lists: many RAM blocks, many arguments', () => {
     expect(parsed.sent.map((s) => s[0])).toEqual(written.map((_, i) => i % 3 === 0));
   });
 });
+
+describe('--stats=FILE', () => {
+  it('a FILE that cannot be written is one line naming it, exit 1, never a stack trace; the image itself is saved', async () => {
+    const saved = join(dir, 'stats.qcow2');
+    const file = join(dir, 'no-such-dir', 'stats.json');
+    const r = await runCli(['save', saved, `--stats=${file}`], buildStream(blocks.slice(0, 4), [{ kind: 'page', block: 0, page: 0, seed: 1 }]).bytes);
+    expect(r.code).toBe(1);
+    expect(r.stderr).toBe(`snap-pipe: writing the --stats file ${file}: ENOENT (no such file or directory)\n`);
+    const info = spawnSync(process.execPath, [BIN, 'info', saved, '--json'], { encoding: 'utf8' });
+    expect((JSON.parse(info.stdout) as ImageInfo).complete).toBe(true);
+
+    const loaded = bash(`$SNAP load "$IMG" --stats="$FILE" > "$OUT"`, { IMG: saved, FILE: file });
+    expect(loaded.code).toBe(1);
+    expect(loaded.stderr).toBe(`snap-pipe: writing the --stats file ${file}: ENOENT (no such file or directory)\n`);
+  });
+});
