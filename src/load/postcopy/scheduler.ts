@@ -7,7 +7,7 @@ import assert from 'node:assert/strict';
 import { chunksOf, pagesOf } from '../../format/image/metadata.js';
 import type { SnapshotMeta } from '../../format/image/types.js';
 import { PAGE_BYTES, PAGES_PER_CHUNK } from '../../format/units.js';
-import type { StreamEncoder } from '../../format/stream/encoder.js';
+import { PART_HEAD_BYTES, PART_TAIL_BYTES, RECORD_HEAD_BYTES_MAX, type StreamEncoder } from '../../format/stream/encoder.js';
 import type { Plan } from '../../image/checks.js';
 import type { ClusterCache } from './cache.js';
 import { LatencyHistogram } from './latency.js';
@@ -24,6 +24,16 @@ const FLUSH_BYTES = 128 << 10;
  * they are few (sequential 1 MiB reads at this depth still outrun what QEMU places).
  */
 const BG_READS_IN_FLIGHT = 2;
+
+/** The most bytes a PART section of `pages` PAGE records of one block takes (the first record names the block). */
+function pageSectionBytesMax(pages: number): number {
+  return PART_HEAD_BYTES + RECORD_HEAD_BYTES_MAX - 8 + pages * (8 + PAGE_BYTES) + PART_TAIL_BYTES;
+}
+
+/** The most bytes a PART section of `records` ZERO records takes (each may name its block). */
+function zeroSectionBytesMax(records: number): number {
+  return PART_HEAD_BYTES + records * (RECORD_HEAD_BYTES_MAX + 1) + PART_TAIL_BYTES;
+}
 
 interface PendingRequest {
   block: number;
@@ -277,7 +287,7 @@ export class PageScheduler {
       return 'sent';
     }
     if (!this.pages.isData(block, page)) {
-      this.urgent.room(6 + 255 + 9 + 13);
+      this.urgent.room(zeroSectionBytesMax(1));
       this.urgent.ramPart(id, 'name-first');
       this.emitZeroPage(this.urgent, block, page);
       this.urgent.ramEos(id);
@@ -291,7 +301,7 @@ export class PageScheduler {
       this.addWarm(ci);
     }
     if (!this.cache.loaded(ci)) return 'wait';
-    this.urgent.room(6 + 255 + 8 + PAGE_BYTES + 13);
+    this.urgent.room(pageSectionBytesMax(1));
     this.urgent.ramPart(id, 'name-first');
     this.emitDataPage(this.urgent, ci, block, page);
     this.urgent.ramEos(id);
@@ -446,7 +456,7 @@ export class PageScheduler {
     const first = ch.chunk * PAGES_PER_CHUNK;
     const last = Math.min(first + PAGES_PER_CHUNK, this.pages.pagesIn[ch.block]);
     let n = 0;
-    this.out.room(6 + 255 + max * (8 + PAGE_BYTES) + 13);
+    this.out.room(pageSectionBytesMax(max));
     this.out.ramPart(this.meta.ramSectionId, 'name-first');
     for (let i = first >>> 3; i < Math.ceil(last / 8) && n < max && this.chunkLeft[ci] > 0; i++) {
       let d = this.pages.unsentData(ch.block, i);
@@ -466,7 +476,7 @@ export class PageScheduler {
   /** One PART section with up to `max` ZERO records for non-data pages not yet written, in block order. */
   private emitZeroSection(max: number): number {
     let n = 0;
-    this.out.room(6 + 255 + max * (9 + 256) + 13);
+    this.out.room(zeroSectionBytesMax(max));
     this.out.ramPart(this.meta.ramSectionId, 'name-first');
     for (; n < max; n++) {
       const p = this.zeros.next();
