@@ -20,9 +20,10 @@
 // Device state: FULL sections with the names, instance ids and typical sizes of a pc-i440fx-7.2 guest's devices,
 // then EOF and a VM description. The payloads are opaque filler: snap-pipe keeps device state verbatim, but a real
 // QEMU would reject these payloads when loading (the RAM part and the framing it would accept).
-import { closeSync, openSync, writeFileSync, writeSync } from 'node:fs';
+import { closeSync, openSync, writeFileSync } from 'node:fs';
 import { isatty } from 'node:tty';
 import { StreamBuilder } from '../src/format/stream/encoder.js';
+import { writeAll } from '../src/output.js';
 
 export type Order = 'ascending' | 'background' | 'precopy';
 export const ORDERS: readonly Order[] = ['ascending', 'background', 'precopy'];
@@ -376,20 +377,6 @@ export function parseSizeBytes(s: string): number {
   if (!m) throw new RangeError(`bad size '${s}' (e.g. 4G, 512M)`);
   const mult = { '': 1, K: 1 << 10, M: 1 << 20, G: 1 << 30, T: 2 ** 40 }[m[2].toUpperCase() as '' | 'K' | 'M' | 'G' | 'T'];
   return Math.round(Number(m[1]) * mult);
-}
-
-/** Writes all of `buf` to `fd`, through short writes and EAGAIN (a non-blocking pipe). */
-export function writeAll(fd: number, buf: Uint8Array): void {
-  const nap = new Int32Array(new SharedArrayBuffer(4));
-  let at = 0;
-  while (at < buf.length) {
-    try {
-      at += writeSync(fd, buf, at, buf.length - at);
-    } catch (err) {
-      if ((err as NodeJS.ErrnoException).code !== 'EAGAIN') throw err;
-      Atomics.wait(nap, 0, 0, 1);
-    }
-  }
 }
 
 const USAGE = `usage: generate --ram SIZE [--zero SHARE] [--order ascending|background|precopy] [--seed N]

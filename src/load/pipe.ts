@@ -15,12 +15,12 @@ const WORDS: WriteWords = {
 };
 
 /** Writes all of buf[0, len) to fd (see writeLoop). */
-export function writeAll(fd: number, buf: Uint8Array, len: number): number {
+function writeStream(fd: number, buf: Uint8Array, len: number): number {
   return writeLoop(len, (done) => fs.writeSync(fd, buf, done, len - done), WORDS);
 }
 
 /** Writes the pieces in order with writev (see writeLoop); a partial write resumes inside the piece it stopped in. */
-export function writevAll(fd: number, pieces: Uint8Array[], total: number): number {
+function writevStream(fd: number, pieces: Uint8Array[], total: number): number {
   let first = 0;
   let skipped = 0; // bytes of pieces[0..first) plus what was cut off pieces[first]
   return writeLoop(total, (done) => {
@@ -52,14 +52,14 @@ export class PipeSink implements ByteSink {
   write(buf: Uint8Array, len: number): void {
     const t0 = performance.now();
     this.broken = true; // until the write succeeds
-    this.writeCalls += writeAll(this.fd, buf, len);
+    this.writeCalls += writeStream(this.fd, buf, len);
     this.written(len, t0);
   }
 
   writev(pieces: Uint8Array[], total: number): void {
     const t0 = performance.now();
     this.broken = true;
-    this.writeCalls += writevAll(this.fd, pieces, total);
+    this.writeCalls += writevStream(this.fd, pieces, total);
     this.written(total, t0);
   }
 
