@@ -2,52 +2,25 @@
 // independent tools: qemu-img check / info, qemu-img convert of the pc.ram region compared byte for byte with a
 // pmemsave dump, and snap-pipe info's counters against what QEMU says it sent.
 // Fails (never skips) when QEMU, the guest files (scripts/guest.sh) or the build (dist/main.js) are missing.
-import { spawnSync } from 'node:child_process';
 import { mkdtempSync, readFileSync, rmSync, statSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, test } from 'vitest';
 import { Guest, guestFiles, snapPipeBin, type MigrationStatus } from '../../tools/qemu/guest.js';
 import { hasBackgroundSnapshot, qemuAtLeast, testedQemus, type Qemu } from '../../tools/qemu/versions.js';
-import type { ImageInfo } from '../../src/image/info.js';
-import { firstDifference, LEGACY_WINDOW, saveUri } from '../helpers/e2e.js';
+import { expectPcRamMatches, run, saveUri, snapPipeInfo, type Info } from '../helpers/e2e.js';
 
 const MiB = 1024 * 1024;
 const pageBytes = 4096;
 const memMiB = 512;
 const fillMiB = 200;
 
-/** What `snap-pipe info --json` prints for a complete image: every optional field is there. */
-type Info = Required<ImageInfo>;
-
-function run(cmd: string, args: string[], timeoutMs: number, env: Record<string, string> = {}): { stdout: string; stderr: string } {
-  const r = spawnSync(cmd, args, { encoding: 'utf8', timeout: timeoutMs, maxBuffer: 64 * MiB, env: { ...process.env, ...env } });
-  if (r.error) throw new Error(`${cmd} ${args.join(' ')}: ${r.error.message}`);
-  if (r.status !== 0) {
-    throw new Error(`${cmd} ${args.join(' ')} exited ${r.status ?? r.signal}\n${r.stdout}\n${r.stderr}`.trim());
-  }
-  return { stdout: r.stdout, stderr: r.stderr };
-}
-
-function snapPipeInfo(img: string): Info {
-  const { stdout } = run(process.execPath, [snapPipeBin(), 'info', img, '--json'], 60_000);
-  try {
-    return JSON.parse(stdout) as Info;
-  } catch {
-    throw new Error(`snap-pipe info --json printed no JSON:\n${stdout.slice(0, 2000)}`);
-  }
-}
 
 /** qemu-img check (of the QEMU under test) must exit 0 (no corruptions, no leaks). */
 function qemuImgCheck(qemu: Qemu, img: string): string {
   return run(qemu.img, ['check', img], 120_000, qemu.env).stdout;
 }
 
-/** Copies [offsetBytes, offsetBytes + lengthBytes) of the image's virtual disk to a raw file, with qemu-img. */
-function extractRegion(qemu: Qemu, img: string, offsetBytes: number, lengthBytes: number, rawPath: string): void {
-  const opts = `driver=raw,offset=${offsetBytes},size=${lengthBytes},file.driver=qcow2,file.file.filename=${img.replace(/,/g, ',,')}`;
-  run(qemu.img, ['convert', '--image-opts', opts, '-O', 'raw', rawPath], 300_000, qemu.env);
-}
 
 
 /** Each test fails (never skips) on a machine without QEMU, the guest files or the build. */
@@ -88,18 +61,6 @@ function expectCompleteImage(info: Info, img: string, migration: MigrationStatus
   }
   // The guest's random fill is data, never zero pages.
   expect(ram!.dataPages).toBeGreaterThanOrEqual((fillMiB * MiB) / pageBytes);
-}
-
-/** The image's pc.ram, extracted with qemu-img, equals the pmemsave dump byte for byte (outside the legacy window). */
-async function expectPcRamMatches(qemu: Qemu, img: string, info: Info, dump: string, raw: string): Promise<void> {
-  const ram = info.blocks.find((b) => b.id === 'pc.ram')!;
-  extractRegion(qemu, img, ram.virtOffsetBytes, ram.lengthBytes, raw);
-  expect(statSync(raw).size).toBe(ram.lengthBytes);
-  const diff = await firstDifference(dump, raw, ram.lengthBytes, [LEGACY_WINDOW]);
-  expect(
-    diff,
-    diff < 0 ? '' : `pc.ram differs from pmemsave at 0x${diff.toString(16)} (page 0x${(diff - (diff % pageBytes)).toString(16)})`,
-  ).toBe(-1);
 }
 
 describe.each(testedQemus())('snap-pipe save behind a real QEMU migration: $label', (qemu) => {
