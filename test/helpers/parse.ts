@@ -40,6 +40,8 @@ export interface ParseExtras {
   acceptReturnPath?: boolean;
   /** The sink's optional callbacks (return path, device state). */
   sink?: Pick<StreamSink, 'returnPathOpened' | 'ping' | 'deviceState'>;
+  /** Passed to the parser: the stream is a multifd main channel; its sync points show in kindRuns as 's'. */
+  multifd?: boolean;
 }
 
 export function parseAll(bytes: Uint8Array, seed = 1, ringBytes = 65536, maxPiece?: number, startPosition = 0, extras: ParseExtras = {}): Collected {
@@ -108,7 +110,10 @@ function collect(
       out.records[block][page]++;
       kind('z');
     },
+    sync() {
+      out.kindRuns.push('s');
+    },
     ...extras.sink,
-  }, { acceptReturnPath: extras.acceptReturnPath });
+  }, { acceptReturnPath: extras.acceptReturnPath, multifd: extras.multifd });
   return parser.parse();
 }

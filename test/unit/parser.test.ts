@@ -153,6 +153,33 @@ describe('StreamParser', () => {
       expectError(() => parseAll(multifd), 'UNSUPPORTED', /multifd flag/);
     });
 
+    it('a multifd main channel of QEMU 8.1+: each MULTIFD_FLUSH is a sync point, in stream order, kept out of the stored RAM setup; EOS is not', () => {
+      const b = new StreamBuilder().header().configuration('pc-i440fx-10.0');
+      // ram.c ram_save_setup: the block list, MULTIFD_FLUSH, EOS; then a round's zero page, its FLUSH at the wrap.
+      b.sectionStart(1, 2, 'ram', 0, 4).be64(BLOCKS.reduce((n, x) => n + x.lengthBytes, 0) + 4);
+      for (const x of BLOCKS) b.str8(x.id).be64(x.lengthBytes);
+      b.be64(0x200).ramEos(2);
+      b.ramPart(2).zero('pc.ram', 0).be64(0x200).zero('pc.ram', 4096).ramEos(2);
+      b.ramEnd(2).be64(0x200).ramEos(2).device(3, 'timer', new Uint8Array(10)).eof();
+      const c = parseAll(b.build(), 1, 65536, undefined, 0, { multifd: true });
+      expect(c.kindRuns).toEqual(['s', 'z', 's', 'z', 's']);
+      expect(c.parsed.multifdSyncs).toEqual({ count: 3, by: 'flush' });
+      expect(Buffer.compare(c.parsed.ramSetup, new StreamBuilder().ramSetup(2, BLOCKS).build())).toBe(0);
+      expect(c.parsed.bareFlushes).toBe(0);
+    });
+
+    it('a multifd main channel of QEMU up to 8.0: the EOS of every RAM section is a sync point; a MULTIFD_FLUSH after that choice is refused', () => {
+      const start = () => new StreamBuilder().header().configuration('pc-i440fx-7.2').ramSetup(2, BLOCKS);
+      const bytes = start().ramPart(2).zero('pc.ram', 0).ramEos(2).ramPart(2).ramEos(2).ramEnd(2).ramEos(2).device(3, 'timer', new Uint8Array(10)).eof().build();
+      const c = parseAll(bytes, 1, 65536, undefined, 0, { multifd: true });
+      expect(c.kindRuns).toEqual(['s', 'z', 's', 's', 's']);
+      expect(c.parsed.multifdSyncs).toEqual({ count: 4, by: 'eos' });
+      // Without multifd the same stream has no sync points at all.
+      expect(parseAll(bytes).kindRuns).toEqual(['z']);
+      const mixed = start().ramPart(2).be64(0x200).build();
+      expectError(() => parseAll(mixed, 1, 65536, undefined, 0, { multifd: true }), 'BAD_STREAM', /a MULTIFD_FLUSH record in a stream whose RAM setup marked its sync points by EOS at byte/);
+    });
+
     it('commands right after the configuration are refused there, naming the capability', () => {
       const early = (n: number, payload = new Uint8Array(0)) => new StreamBuilder().header().configuration('pc').command(n, payload).build();
       expectError(() => parseAll(early(1)), 'UNSUPPORTED', /\(1\) from the return-path capability.* at byte 15$/);

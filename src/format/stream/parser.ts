@@ -66,6 +66,11 @@ export interface StreamSink {
   ping?(value: number): void;
   /** The RAM is over; the device state begins. */
   deviceState?(): void;
+  /**
+   * A multifd sync point (only with `multifd`): every multifd channel sent one SYNC packet for it, and every page a
+   * channel sent before that SYNC precedes every page sent after this point, on any channel.
+   */
+  sync?(): void;
 }
 
 export interface ParserOptions {
@@ -74,6 +79,11 @@ export interface ParserOptions {
    * end of input (QEMU keeps the pipe open until the answer). Without it those commands are refused.
    */
   acceptReturnPath?: boolean;
+  /**
+   * This is the main channel of a multifd migration: pages also travel on the multifd channels, and the main channel
+   * marks sync points (see the sink's sync and syncPoints below).
+   */
+  multifd?: boolean;
 }
 
 export interface ParsedStream extends StreamParts {
@@ -87,6 +97,12 @@ export interface ParsedStream extends StreamParts {
   ramSections: number;
   /** The source opened its return path. */
   returnPath: boolean;
+  /**
+   * With `multifd`: the sync points the main channel marked, and by which record: 'flush' (QEMU 8.1+: a
+   * MULTIFD_FLUSH record) or 'eos' (QEMU up to 8.0, and 8.1+ with multifd-flush-after-each-section: the EOS of
+   * every RAM section). See syncPoints.
+   */
+  multifdSyncs?: { count: number; by: 'flush' | 'eos' };
 }
 
 const decoder = new TextDecoder('latin1');
@@ -127,6 +143,9 @@ export class StreamParser {
   private machineType = '';
   private returnPath = false;
   private pings = 0;
+  /** With `multifd`: how the main channel marks sync points, once its ram START told (see syncPoint). */
+  private syncBy: 'flush' | 'eos' | undefined;
+  private syncs = 0;
 
   constructor(
     private readonly ring: StreamSource,
@@ -164,6 +183,7 @@ export class StreamParser {
       sawRamEnd: ram.sawEnd,
       bareFlushes: this.bareFlushes,
       returnPath: this.returnPath,
+      multifdSyncs: this.opts.multifd ? { count: this.syncs, by: this.syncBy ?? 'eos' } : undefined,
       blocks: this.blocks,
       streamBytes: r.consumedBytes,
       ramSections: ram.sections,
@@ -380,7 +400,15 @@ export class StreamParser {
       const at = r.consumedBytes;
       r.be64Parts('RAM record', parts);
       const flags = parts[1] & RAM_FLAGS_MASK;
-      if (flags === RAM_EOS) return;
+      if (flags === RAM_EOS) {
+        if (this.opts.multifd) this.sectionEnd(isSetup);
+        return;
+      }
+      if (parts[0] === 0 && parts[1] === RAM_MULTIFD_FLUSH && this.opts.multifd) {
+        if (isSetup) this.setupFlushAt.push(at - this.setupCaptureAt);
+        this.flush(at);
+        continue;
+      }
       if (parts[0] === 0 && parts[1] === RAM_MULTIFD_FLUSH) {
         // QEMU 8.1.0-8.1.2 write a bare MULTIFD_FLUSH even without multifd (ram.c ram_save_setup, find_dirty_block,
         // ram_save_complete; fixed in 8.1.3 and 8.2 by "Non multifd migration don't care about multifd flushes").
@@ -425,6 +453,28 @@ export class StreamParser {
         this.sink.zero(block, page);
       }
     }
+  }
+
+  /**
+   * Multifd sync points (QEMU source: the destination's ram.c ram_load_precopy calls multifd_recv_sync_main at each).
+   * QEMU 8.1+ writes MULTIFD_FLUSH: once in ram START, then each time its dirty-page scan wraps (ram.c
+   * ram_save_setup, find_dirty_block; multifd-nocomp.c multifd_ram_flush_and_sync, which writes it only after every
+   * channel sent its SYNC). Up to 8.0, and 8.1+ with multifd-flush-after-each-section=on, every RAM section's EOS is
+   * one (7.2 ram.c ram_save_setup, ram_save_iterate, ram_save_complete: multifd_send_sync_main, then EOS). Both
+   * sources sync in ram START, so its end tells which: a FLUSH before it, or none.
+   */
+  private flush(at: number): void {
+    if (this.syncBy === 'eos') throw this.bad('a MULTIFD_FLUSH record in a stream whose RAM setup marked its sync points by EOS', at);
+    this.syncBy = 'flush';
+    this.syncs++;
+    this.sink.sync?.();
+  }
+
+  private sectionEnd(isSetup: boolean): void {
+    if (isSetup && this.syncBy === undefined) this.syncBy = 'eos';
+    if (this.syncBy !== 'eos') return;
+    this.syncs++;
+    this.sink.sync?.();
   }
 
   private parseBlockList(totalBytes: number, totalAt: number): void {
