@@ -10,6 +10,8 @@ import {
   DESC_POS,
   isPowerOfTwo,
   KIND_RELEASE,
+  MAIN_LANE,
+  type Lane,
 } from './layout.js';
 import type { ReleaseChannel } from './input.js';
 import { publish, waitChange, WaitClock } from './wait.js';
@@ -26,20 +28,21 @@ export class DescriptorProducer implements ReleaseChannel {
   constructor(
     private readonly ctrl: Int32Array,
     private readonly recs: Int32Array,
+    private readonly lane: Lane = MAIN_LANE,
   ) {
     const count = recs.length / DESC_INTS;
     if (!isPowerOfTwo(count)) throw new RangeError(`descriptor ring of ${count} records is not a power of two`);
     this.mask = count - 1;
-    this.head = this.published = Atomics.load(ctrl, CTRL.DESC_HEAD) | 0;
+    this.head = this.published = Atomics.load(ctrl, lane.descHead) | 0;
   }
 
   push(kind: number, block: number, page: number, pos: number): void {
     const cap = this.mask + 1;
-    let tail = Atomics.load(this.ctrl, CTRL.DESC_TAIL) | 0;
+    let tail = Atomics.load(this.ctrl, this.lane.descTail) | 0;
     if (((this.head - tail) | 0) >= cap) {
       this.flush();
       while (((this.head - tail) | 0) >= cap) {
-        tail = waitChange(this.ctrl, CTRL.DESC_TAIL, tail | 0, this.waits) | 0;
+        tail = waitChange(this.ctrl, this.lane.descTail, tail | 0, this.waits) | 0;
       }
     }
     const at = (this.head & this.mask) * DESC_INTS;
@@ -53,18 +56,21 @@ export class DescriptorProducer implements ReleaseChannel {
   flush(): void {
     if (this.head !== this.published) {
       this.published = this.head;
-      publish(this.ctrl, CTRL.DESC_HEAD, this.head);
+      publish(this.ctrl, this.lane.descHead, this.head);
+      // For a coalescer reading several lanes (multifd), which waits on this one field for all of them.
+      Atomics.add(this.ctrl, CTRL.DESC_BELL, 1);
+      Atomics.notify(this.ctrl, CTRL.DESC_BELL);
     }
   }
 
   waitForSpace(cursor: number): void {
-    const released = Atomics.load(this.ctrl, CTRL.IN_RELEASED);
+    const released = Atomics.load(this.ctrl, this.lane.inReleased);
     if (cursor !== this.lastReleaseMark) {
       this.lastReleaseMark = cursor;
       this.push(KIND_RELEASE, 0, 0, cursor);
     }
     this.flush();
-    waitChange(this.ctrl, CTRL.IN_RELEASED, released, this.waits);
+    waitChange(this.ctrl, this.lane.inReleased, released, this.waits);
   }
 }
 
@@ -77,18 +83,24 @@ export class DescriptorConsumer {
   constructor(
     private readonly ctrl: Int32Array,
     readonly recs: Int32Array,
+    private readonly lane: Lane = MAIN_LANE,
   ) {
     const count = recs.length / DESC_INTS;
     if (!isPowerOfTwo(count)) throw new RangeError(`descriptor ring of ${count} records is not a power of two`);
     this.mask = count - 1;
-    this.tail = Atomics.load(ctrl, CTRL.DESC_TAIL) | 0;
+    this.tail = Atomics.load(ctrl, lane.descTail) | 0;
   }
 
   /** Waits for at least one record; returns how many are ready (read them with at(i), then call consumed(n)). */
   waitBatch(): number {
-    let head = Atomics.load(this.ctrl, CTRL.DESC_HEAD) | 0;
-    while (head === this.tail) head = waitChange(this.ctrl, CTRL.DESC_HEAD, head | 0, this.waits) | 0;
+    let head = Atomics.load(this.ctrl, this.lane.descHead) | 0;
+    while (head === this.tail) head = waitChange(this.ctrl, this.lane.descHead, head | 0, this.waits) | 0;
     return (head - this.tail) | 0;
+  }
+
+  /** Records published and not yet consumed (0 when none), without waiting. */
+  ready(): number {
+    return ((Atomics.load(this.ctrl, this.lane.descHead) | 0) - this.tail) | 0;
   }
 
   /** Int32 index of the i-th ready record. */
@@ -98,6 +110,6 @@ export class DescriptorConsumer {
 
   consumed(n: number): void {
     this.tail = (this.tail + n) | 0;
-    publish(this.ctrl, CTRL.DESC_TAIL, this.tail);
+    publish(this.ctrl, this.lane.descTail, this.tail);
   }
 }

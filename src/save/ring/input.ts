@@ -10,7 +10,7 @@
 // range makes the optimized code bail out ("overflow") once the positions wrap.
 import { SnapPipeError } from '../../errors.js';
 import type { StreamSource } from '../../format/stream/source.js';
-import { CTRL, isPowerOfTwo } from './layout.js';
+import { isPowerOfTwo, MAIN_LANE, type Lane } from './layout.js';
 
 /** Where the bytes come from: fd 0 in the reader worker, an array of pieces in tests. Returns 0 at end of input. */
 export interface ByteInput {
@@ -49,6 +49,7 @@ export class InputRing implements StreamSource {
     private readonly ctrl: Int32Array,
     private readonly input: ByteInput,
     private readonly channel: ReleaseChannel,
+    private readonly lane: Lane = MAIN_LANE,
   ) {
     if (!isPowerOfTwo(bytes.length) || bytes.length < 65536) {
       throw new RangeError(`input ring of ${bytes.length} bytes: must be a power of two of at least 64 KiB`);
@@ -56,7 +57,7 @@ export class InputRing implements StreamSource {
     this.bytes = bytes;
     this.mask = bytes.length - 1;
     // Positions continue from where the consumer's release mark stands (0 in a save; tests start near the wraps).
-    this.written = this.cursor = Atomics.load(ctrl, CTRL.IN_RELEASED) | 0;
+    this.written = this.cursor = Atomics.load(ctrl, lane.inReleased) | 0;
   }
 
   get available(): number {
@@ -84,10 +85,10 @@ export class InputRing implements StreamSource {
 
   private fill(): void {
     const cap = this.bytes.length;
-    let free = cap - ((this.written - Atomics.load(this.ctrl, CTRL.IN_RELEASED)) | 0);
+    let free = cap - ((this.written - Atomics.load(this.ctrl, this.lane.inReleased)) | 0);
     while (free === 0) {
       this.channel.waitForSpace(this.cursor);
-      free = cap - ((this.written - Atomics.load(this.ctrl, CTRL.IN_RELEASED)) | 0);
+      free = cap - ((this.written - Atomics.load(this.ctrl, this.lane.inReleased)) | 0);
     }
     const at = this.written & this.mask;
     const len = Math.min(free, cap - at, READ_MAX_BYTES);
@@ -100,7 +101,7 @@ export class InputRing implements StreamSource {
     }
     this.written = (this.written + got) | 0;
     // Progress the main thread watches (save/returnpath.ts: is the stream still coming?).
-    Atomics.store(this.ctrl, CTRL.IN_WRITTEN, this.written);
+    Atomics.store(this.ctrl, this.lane.inWritten, this.written);
   }
 
   private advance(n: number): void {

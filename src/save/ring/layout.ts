@@ -37,8 +37,50 @@ export const CTRL = {
   PING_VALUE: 11 * LINE + 1,
   /** 1 once the reader is past the RAM, in the device state (the stream's last part). Writer: reader. */
   IN_DEVICE_STATE: 12 * LINE,
+  /** 1 once the block table and the block names are filled in (multifd channel readers wait for it). Writer: reader. */
+  SETUP_DONE: 13 * LINE,
+  /**
+   * Bumped by every lane's reader each time it publishes descriptors: the coalescer, reading several lanes (multifd),
+   * waits on this one field for any of them. Writers: every reader.
+   */
+  DESC_BELL: 14 * LINE,
 } as const;
-export const CTRL_INTS = 13 * LINE;
+/** Where the multifd channels' lanes begin (see channelLane). */
+const CHANNEL_LANES_AT = 15 * LINE;
+
+/**
+ * One producer-consumer path from a reader to the coalescer: an input ring and a descriptor ring, and the four
+ * counters that guard them. The main stream is lane MAIN_LANE; each multifd channel (save --listen with
+ * --multifd-channels) has its own, fed by its own reader stage. All counters live in CTRL's array, so every wait
+ * on them still sees FAILED.
+ */
+export interface Lane {
+  /** Bytes read into the lane's input ring. Writer: the lane's reader. */
+  readonly inWritten: number;
+  /** Input bytes the reader may overwrite again. Writer: coalescer. */
+  readonly inReleased: number;
+  /** Descriptors published. Writer: the lane's reader. */
+  readonly descHead: number;
+  /** Descriptors consumed. Writer: coalescer. */
+  readonly descTail: number;
+}
+export const MAIN_LANE: Lane = { inWritten: CTRL.IN_WRITTEN, inReleased: CTRL.IN_RELEASED, descHead: CTRL.DESC_HEAD, descTail: CTRL.DESC_TAIL };
+
+/**
+ * Multifd channels a save takes at most. QEMU allows 255 (options.c, multifd-channels), but each channel costs a
+ * thread and an input ring here, and on this project's machines the disk is saturated by 2 to 4 channels.
+ */
+export const MAX_CHANNELS = 16;
+
+/** The lane of multifd channel `c` (0 <= c < MAX_CHANNELS). */
+export function channelLane(c: number): Lane {
+  if (!Number.isInteger(c) || c < 0 || c >= MAX_CHANNELS) throw new RangeError(`multifd channel ${c} is not in [0, ${MAX_CHANNELS})`);
+  const at = CHANNEL_LANES_AT + c * 4 * LINE;
+  return { inWritten: at, inReleased: at + LINE, descHead: at + 2 * LINE, descTail: at + 3 * LINE };
+}
+export const CTRL_INTS = CHANNEL_LANES_AT + MAX_CHANNELS * 4 * LINE;
+/** Every index a thread may wait on: each field starts a cache line (signalFailure wakes them all). */
+export const CTRL_LINE = LINE;
 
 /** RETURN_PATH values. */
 export const RP_NONE = 0;
@@ -62,12 +104,23 @@ export const KIND_ZERO = 2; // zero page
 export const KIND_RELEASE = 3; // the reader no longer needs input bytes before DESC_POS
 export const KIND_SETUP = 4; // the block table is filled in
 export const KIND_END = 5; // the stream ended cleanly; no more descriptors
+/**
+ * A multifd sync point (save --listen with multifd): on the main lane, the main channel's MULTIFD_FLUSH or EOS that
+ * pairs with one SYNC packet on every channel; on a channel's lane, after the pages of its SYNC packet. Every page
+ * before a lane's k-th SYNC was sent before every page after any lane's k-th SYNC (see stages/coalescer.ts).
+ */
+export const KIND_SYNC = 6;
 
 /** Block table (Float64 entries): page count and first virtual cluster of each block. Writer: reader. */
 export const BLOCK_F64S = 2;
 export const BLOCK_PAGES = 0;
 export const BLOCK_VIRT_CLUSTER = 1;
 export const MAX_BLOCKS = 1024;
+/**
+ * Block names (multifd packets name their block), as the parser decoded them: per block, a length and up to 255
+ * UTF-16 code units (the stream gives a name's length in one byte). Writer: reader.
+ */
+export const BLOCK_NAME_UNITS = 256;
 
 /** Per-slot chunk header (Int32 entries): what the coalescer put in the slot. Writer: coalescer, before publishing. */
 export const SLOT_INTS = 24;
@@ -115,6 +168,8 @@ export interface SaveRingSizes {
    * cluster's checksum; see SLOT_CRC_UPDATE).
    */
   oldContentUnits: number;
+  /** Multifd channels (0: one stream), each with an input ring of inputBytes and a descriptor ring of descCount. */
+  channels: number;
 }
 
 /** Everything the save stages share, allocated once by the main thread before any stage starts. */
@@ -126,7 +181,15 @@ export interface SaveShared {
   freeQueue: SharedArrayBuffer; // Int32[queueEntries(slotCount)]
   slotHeaders: SharedArrayBuffer; // Int32[slotCount * SLOT_INTS]
   blocks: SharedArrayBuffer; // Float64[MAX_BLOCKS * BLOCK_F64S]
-  /** Page-aligned: chunk slots (slotCount MiB), the input ring, the park pool, the writer's old-content units. */
+  blockNames: SharedArrayBuffer; // Uint16[MAX_BLOCKS * BLOCK_NAME_UNITS]: length, then the name's code units
+  /** Int32[channels * descCount * DESC_INTS]: each multifd channel's descriptor ring, one after another. */
+  channelDesc: SharedArrayBuffer;
+  /** Float64[channels]: bytes of each multifd channel's packets read so far (whole packets). Writer: that channel. */
+  channelBytes: SharedArrayBuffer;
+  /**
+   * Page-aligned: chunk slots (slotCount MiB), the input ring, the park pool, the writer's old-content units, then
+   * each multifd channel's input ring (inputBytes each).
+   */
   data: SharedArrayBuffer;
 }
 

@@ -1,6 +1,6 @@
 // Bounded waiting on shared counters. Every wait re-checks the FAILED field, so when one stage fails the others
 // stop at their next wait instead of hanging; no thread ever spins.
-import { CTRL, FAIL_NONE } from './layout.js';
+import { CTRL, CTRL_LINE, FAIL_NONE } from './layout.js';
 
 export const WAIT_SLICE_MS = 50;
 
@@ -25,7 +25,7 @@ export function failed(ctrl: Int32Array): boolean {
 /** Marks the pipeline failed (first caller wins) and wakes every waiter. */
 export function signalFailure(ctrl: Int32Array, reason: number): boolean {
   const won = Atomics.compareExchange(ctrl, CTRL.FAILED, FAIL_NONE, reason) === FAIL_NONE;
-  for (const idx of Object.values(CTRL)) Atomics.notify(ctrl, idx);
+  for (let idx = 0; idx < ctrl.length; idx += CTRL_LINE) Atomics.notify(ctrl, idx);
   return won;
 }
 
