@@ -650,6 +650,24 @@ static napi_value shutdown_socket(napi_env env, napi_callback_info info) {
   return undefined(env);
 }
 
+// peekSocket(fd, buffer): recv(MSG_PEEK | MSG_DONTWAIT) into buffer: the bytes waiting on a socket, left there for
+// whoever reads it next. Returns how many (0: the peer closed it), or -1 when none are waiting yet. Throws with errno.
+static napi_value peek_socket(napi_env env, napi_callback_info info) {
+  size_t argc = 2;
+  napi_value argv[2] = {NULL, NULL};
+  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok) return NULL;
+  double fd;
+  uint8_t *data, *base;
+  size_t bytes;
+  if (!arg_integer(env, argv[0], "fd", 0, INT32_MAX, &fd)) return NULL;
+  if (!arg_view(env, argv[1], "buffer", &data, &bytes, &base)) return NULL;
+  ssize_t got = bytes == 0 ? 0 : recv((int)fd, data, bytes, MSG_PEEK | MSG_DONTWAIT);
+  if (got < 0 && errno != EAGAIN && errno != EWOULDBLOCK) return throw_errno(env, "recv", "peekSocket", errno);
+  napi_value v;
+  napi_create_int32(env, got < 0 ? -1 : (int32_t)got, &v);
+  return v;
+}
+
 NAPI_MODULE_INIT() {
   napi_property_descriptor props[] = {
       {"prepWrite", NULL, ring_prep_write, NULL, NULL, NULL, napi_default_method, NULL},
@@ -679,6 +697,9 @@ NAPI_MODULE_INIT() {
     return NULL;
   if (napi_create_function(env, "shutdownSocket", NAPI_AUTO_LENGTH, shutdown_socket, NULL, &fn) != napi_ok ||
       napi_set_named_property(env, exports, "shutdownSocket", fn) != napi_ok)
+    return NULL;
+  if (napi_create_function(env, "peekSocket", NAPI_AUTO_LENGTH, peek_socket, NULL, &fn) != napi_ok ||
+      napi_set_named_property(env, exports, "peekSocket", fn) != napi_ok)
     return NULL;
   return exports;
 }

@@ -31,6 +31,7 @@ interface Addon {
   setPipeSize(fd: number, bytes: number): number;
   setBlocking(fd: number): void;
   shutdownSocket(fd: number): void;
+  peekSocket(fd: number, buffer: Uint8Array): number;
 }
 
 let loaded: { addon: Addon } | { error: string } | undefined;
@@ -102,6 +103,16 @@ export function shutdownSocket(fd: number): boolean {
   } catch {
     return false;
   }
+}
+
+/**
+ * The bytes waiting on socket `fd`, copied into `into` and left in the socket (recv with MSG_PEEK): how many, 0 when
+ * the peer closed it, -1 when none have come yet. Never blocks. Throws SnapPipeError when the addon is missing.
+ */
+export function peekSocket(fd: number, into: Uint8Array): number {
+  const a = loadAddon();
+  if ('error' in a) throw new SnapPipeError('UNSUPPORTED', `--listen needs the native addon: ${a.error}`);
+  return a.addon.peekSocket(fd, into);
 }
 
 let probed: { ok: true } | { ok: false; reason: string } | undefined;
