@@ -2,7 +2,7 @@
 import { isatty } from 'node:tty';
 import { formatBytes, printable } from '../format/text.js';
 import { printOut, tellErr, writeStats } from '../output.js';
-import { DEFAULT_ACCEPT_TIMEOUT_S, DEFAULT_END_TIMEOUT_S, DEFAULT_QUEUE_DEPTH, DEFAULT_RING_BYTES, SavePipeline, type SaveReport } from '../save/pipeline.js';
+import { DEFAULT_ACCEPT_TIMEOUT_S, DEFAULT_END_TIMEOUT_S, DEFAULT_QUEUE_DEPTH, DEFAULT_RING_BYTES, DEFAULT_STALL_TIMEOUT_S, MAX_CHANNELS, SavePipeline, type SaveReport } from '../save/pipeline.js';
 import { SnapPipeError } from '../errors.js';
 import { formatHelp, integerFlag, onePath, parseArgs, parseIo, parseSize, usage, type FlagSpec } from './args.js';
 
@@ -29,7 +29,17 @@ const SAVE_FLAGS: Record<string, FlagSpec> = {
   listen: {
     kind: 'value',
     valueName: 'unix:PATH',
-    help: 'take the stream from QEMU\'s migrate "unix:PATH" instead of stdin: start first, then listen (socket mode 0600, removed at exit), so QEMU never waits for snap-pipe to start; one connection (no multifd channels yet)',
+    help: 'take the stream from QEMU\'s migrate "unix:PATH" instead of stdin: start first, then listen (socket mode 0600, removed at exit), so QEMU never waits for snap-pipe to start',
+  },
+  'stall-timeout': {
+    kind: 'value',
+    valueName: 'SECONDS',
+    help: `with --listen: once QEMU connected, how long nothing may come from it (and nothing be written) before save gives up (default ${DEFAULT_STALL_TIMEOUT_S})`,
+  },
+  'multifd-channels': {
+    kind: 'value',
+    valueName: 'N',
+    help: `with --listen: QEMU migrates with the multifd capability over N channels (its multifd-channels parameter, 2 unless set; 1 to ${MAX_CHANNELS}), read side by side; default 0: one stream, no multifd`,
   },
   'accept-timeout': {
     kind: 'value',
@@ -47,6 +57,11 @@ capability. From QEMU:
   (qemu) migrate "exec:snap-pipe save /path/vm.qcow2"
 or, started beforehand so that the guest's pause never waits for snap-pipe to start:
   $ snap-pipe save --listen unix:/run/vm.sock /path/vm.qcow2 &
+  (qemu) migrate "unix:/run/vm.sock"
+and over QEMU's multifd channels, which carry the pages side by side (uncompressed only):
+  $ snap-pipe save --listen unix:/run/vm.sock --multifd-channels 4 /path/vm.qcow2 &
+  (qemu) migrate_set_capability multifd on
+  (qemu) migrate_set_parameter multifd-channels 4
   (qemu) migrate "unix:/run/vm.sock"
 IMG is marked complete only after everything is on disk. A failed save exits non-zero with one line naming IMG
 and the cause, and writes the cause into IMG, which stays incomplete ('snap-pipe info IMG' shows it).
@@ -86,6 +101,11 @@ function formatReport(r: SaveReport): string {
     `  writer:    busy ${ms(s.writer.busyMs)}, waiting on coalescer ${ms(s.writer.upstreamWaitMs)}, in disk writes ${ms(s.writer.downstreamWaitMs)}`,
     `  finish:    ${ms(r.finishMs)} (metadata, tables, fdatasync)`,
     `  start-up:  stage threads ready ${ms(r.startup.stagesReadyMs)}, first byte read ${ms(r.startup.firstReadMs)}, first write ${ms(r.startup.firstWriteMs)} after the process started`,
+    ...(r.multifd ? [`  multifd:   ${r.multifd.channels.length} channels, ${r.multifd.syncs} sync points`] : []),
+    ...(r.multifd?.channels ?? []).map(
+      (c) =>
+        `  channel ${c.channel}: ${c.packets} packets (${c.dataPages} data pages, ${c.zeroPages} zero), ${formatBytes(c.bytes)}; busy ${ms(c.busyMs)}, waiting on QEMU ${ms(c.upstreamWaitMs)}, on coalescer ${ms(c.downstreamWaitMs)}`,
+    ),
   ]
     .map(printable)
     .join('\n');
@@ -104,8 +124,18 @@ export async function cmdSave(argv: string[]): Promise<number> {
   const stats = flags.get('stats');
   const ioFlag = parseIo('save', flags.get('io'));
   const listenSpec = flags.get('listen');
-  const listen = typeof listenSpec === 'string' ? { path: listenPath(listenSpec), acceptTimeoutMs: integerFlag('save', flags, 'accept-timeout', 1, 86_400, DEFAULT_ACCEPT_TIMEOUT_S) * 1000 } : undefined;
+  const listen =
+    typeof listenSpec === 'string'
+      ? {
+          path: listenPath(listenSpec),
+          acceptTimeoutMs: integerFlag('save', flags, 'accept-timeout', 1, 86_400, DEFAULT_ACCEPT_TIMEOUT_S) * 1000,
+          channels: integerFlag('save', flags, 'multifd-channels', 0, MAX_CHANNELS, 0),
+          stallTimeoutMs: integerFlag('save', flags, 'stall-timeout', 1, 86_400, DEFAULT_STALL_TIMEOUT_S) * 1000,
+        }
+      : undefined;
   if (!listen && flags.has('accept-timeout')) usage('save: --accept-timeout goes with --listen');
+  if (!listen && flags.has('stall-timeout')) usage('save: --stall-timeout goes with --listen');
+  if (!listen && flags.has('multifd-channels')) usage('save: --multifd-channels goes with --listen (QEMU opens multifd channels over a socket only)');
   if (listen) {
     // Before the image is touched; imported only here, so a save from stdin starts without the socket code.
     const { freeListenPath } = await import('../save/listener.js');

@@ -1,29 +1,55 @@
 // `save --listen unix:PATH`: the socket QEMU's `migrate "unix:PATH"` connects to, owned here from listen to unlink.
 // The save starts its stage threads and opens the image first, then listens, so QEMU's migration (and the paused
 // guest's downtime) never waits for snap-pipe to start. The socket file is created with mode 0600 (only the user
-// running snap-pipe, normally QEMU's, may connect). The first connection is the stream: its fd is made blocking and
-// read by the reader stage, and the save's answers on QEMU's return path go back on it. A second connection means
-// QEMU opened multifd channels (migration/socket.c socket_send_channel_create, once per channel), which this save
-// does not take yet: it is refused and the save fails, naming the capability. The path is removed at close and
-// when the process exits.
+// running snap-pipe, normally QEMU's, may connect). QEMU opens one connection for the migration stream (the main
+// channel) and, with the multifd capability, one per multifd channel (migration/socket.c socket_send_channel_create,
+// once per channel). They are told apart by their first bytes, left in the socket for the stage that reads it:
+// `QEVM` starts the main channel, a multifd init message (0x11223344, then the channel id) a multifd channel, as
+// QEMU 10's own destination does (migration.c migration_ioc_process_incoming; QEMU 7.2's took the first connection
+// as the main channel, which the order QEMU connects in allows, but a peek does not depend on it). Once the main
+// channel and the --multifd-channels channels are there, any further connection fails the save. The accepted fds
+// are made blocking for the stage threads; the save's answers on QEMU's return path go back on the main channel.
+// The path is removed at close and when the process exits.
 import fs from 'node:fs';
 import net from 'node:net';
 import { resolve as resolvePath } from 'node:path';
 import { SnapPipeError, ioError } from '../errors.js';
 import { printable } from '../format/text.js';
-import { shutdownSocket, socketBlocking } from '../native/uring.js';
+import { decodeInit, MULTIFD_INIT_BYTES, MULTIFD_MAGIC } from '../format/stream/multifd.js';
+import { QEVM_MAGIC } from '../format/stream/constants.js';
+import { peekSocket, shutdownSocket, socketBlocking } from '../native/uring.js';
+import { MAX_CHANNELS } from './ring/layout.js';
+
+/**
+ * After QEMU's first connection, how long its other channels may take to connect and send their first bytes. QEMU
+ * opens them all at once (multifd.c multifd_send_setup / multifd_save_setup), within milliseconds.
+ */
+export const CHANNELS_TIMEOUT_MS = 30_000;
+/** A channel id is one byte (multifd.c MultiFDInit_t): the listener checks it against --multifd-channels itself. */
+const MULTIFD_CHANNEL_IDS = 256;
+/** How long a connection beyond the expected ones may take to say what it is before it fails the save anyway. */
+const EXTRA_NAMING_MS = 1_000;
+/** A TLS record of type handshake, version 3.x: how a TLS client's first message starts (RFC 8446 5.1). */
+const TLS_HANDSHAKE = 0x16;
+/** How often a connection is looked at until its first bytes have come. */
+const PEEK_INTERVAL_MS = 2;
+
+/** The accepted connections: the main channel's fd, and each multifd channel's fd by its channel id. */
+export interface Connections {
+  main: number;
+  channels: number[];
+}
 
 export class StreamListener {
-  /** The accepted stream's fd, once QEMU connected (-1 before). */
-  fd = -1;
-  /** When QEMU connected (performance.now()). */
+  /** When QEMU's first connection came (performance.now()), 0 before. */
   connectedAt = 0;
-  /** Rejects when something ends the save from the listener's side: a second connection. */
+  /** Rejects when something ends the save from the listener's side: a connection after the expected ones. */
   readonly failed: Promise<never>;
   private fail: (err: SnapPipeError) => void = () => undefined;
-  private conn: net.Socket | undefined;
+  private readonly conns: net.Socket[] = [];
+  private readonly fds: number[] = [];
   private closed = false;
-  private acceptTimer: NodeJS.Timeout | undefined;
+  private timers: NodeJS.Timeout[] = [];
   private readonly unlinkAtExit = () => this.unlink();
 
   private constructor(
@@ -43,7 +69,7 @@ export class StreamListener {
     try {
       await new Promise<void>((resolve, reject) => {
         server.once('error', reject);
-        server.listen({ path, backlog: 4 }, () => {
+        server.listen({ path, backlog: 4 + MAX_CHANNELS }, () => {
           server.off('error', reject);
           resolve();
         });
@@ -57,45 +83,136 @@ export class StreamListener {
   }
 
   /**
-   * Waits for QEMU's connection, at most `timeoutMs`; returns its fd, blocking, for the reader stage. Every later
-   * connection is closed at once and fails the save (multifd channels).
+   * Waits for QEMU's main channel and its `channels` multifd channels: the first connection at most `timeoutMs`,
+   * the rest within CHANNELS_TIMEOUT_MS of it. Returns their fds, blocking. A connection beyond them, or one that
+   * is neither, fails the save.
    */
-  accept(timeoutMs: number): Promise<number> {
-    return new Promise<number>((resolve, reject) => {
-      const timer = (this.acceptTimer = setTimeout(() => {
-        reject(new SnapPipeError('IO', `no connection on ${this.path} in ${timeoutMs / 1000} s (QEMU's migrate "unix:${this.path}" never came)`));
-      }, timeoutMs));
-      this.server.on('connection', (sock: net.Socket) => {
-        if (this.conn) {
-          sock.destroy();
-          this.fail(new SnapPipeError('UNSUPPORTED', `QEMU opened a second connection to ${this.path}: its multifd channels, which snap-pipe save does not take yet; turn the multifd capability off`));
+  accept(timeoutMs: number, channels: number): Promise<Connections> {
+    return new Promise<Connections>((resolve, reject) => {
+      const found: { main: number; channels: number[] } = { main: -1, channels: new Array<number>(channels).fill(-1) };
+      let pending = 1 + channels;
+      let settled = false;
+      // An error after the expected connections are all there (one classified late) ends the save instead.
+      const done = (err?: unknown) => {
+        if (settled) {
+          if (err) this.fail(err instanceof SnapPipeError ? err : new SnapPipeError('IO', String(err)));
           return;
         }
-        clearTimeout(timer);
-        this.conn = sock;
-        this.connectedAt = performance.now();
-        try {
-          this.fd = fdOf(sock);
-          socketBlocking(this.fd);
-          resolve(this.fd);
-        } catch (err) {
-          reject(err);
+        settled = true;
+        this.clearTimers();
+        if (err) reject(err);
+        else resolve(found);
+      };
+      this.timers.push(setTimeout(() => done(new SnapPipeError('IO', `no connection on ${this.path} in ${timeoutMs / 1000} s (QEMU's migrate "unix:${this.path}" never came)`)), timeoutMs));
+      this.server.on('connection', (sock: net.Socket) => {
+        if (pending === 0 || this.closed) {
+          this.refuseExtra(sock, channels);
+          return;
         }
+        if (this.conns.length === 0) this.firstConnection(channels, found, done);
+        this.conns.push(sock);
+        this.classify(sock, channels)
+          .then((kind) => {
+            if (kind.main) {
+              if (found.main >= 0) throw new SnapPipeError('BAD_STREAM', `two migration streams (QEVM) connected to ${this.path}`);
+              found.main = kind.fd;
+            } else {
+              if (found.channels[kind.channel] >= 0) throw new SnapPipeError('BAD_STREAM', `two multifd channels with id ${kind.channel} connected to ${this.path}`);
+              found.channels[kind.channel] = kind.fd;
+            }
+            if (--pending === 0) done();
+          })
+          .catch(done);
       });
     });
   }
 
-  /** Wakes a read blocked on the stream (the save failed or was stopped). */
+  /**
+   * A connection after the expected ones fails the save, saying what it was: a multifd channel without
+   * --multifd-channels or past its count (QEMU 7.2 connects its main channel first, so the stream may already
+   * flow), or a connection too many.
+   */
+  private refuseExtra(sock: net.Socket, channels: number): void {
+    const tooMany = new SnapPipeError('UNSUPPORTED', `QEMU opened one more connection to ${this.path} than the main channel and ${channels} multifd channels (--multifd-channels ${channels}; QEMU's multifd-channels must be the same)`);
+    if (this.closed) {
+      sock.destroy();
+      return;
+    }
+    this.conns.push(sock);
+    // Its first bytes name it better; one that sends none within EXTRA_NAMING_MS is refused as it is.
+    const silent = new Promise<void>((resolve) => this.timers.push(setTimeout(resolve, EXTRA_NAMING_MS)));
+    Promise.race([this.classify(sock, channels), silent]).then(
+      () => this.fail(tooMany),
+      (err: unknown) => this.fail(err instanceof SnapPipeError ? err : tooMany),
+    );
+  }
+
+  /** The first connection came: the others must follow within CHANNELS_TIMEOUT_MS. */
+  private firstConnection(channels: number, found: Connections, done: (err: unknown) => void): void {
+    this.connectedAt = performance.now();
+    this.clearTimers();
+    this.timers.push(setTimeout(() => {
+      const got = found.channels.filter((fd) => fd >= 0).length;
+      const what = found.main < 0 ? 'no migration stream (QEVM)' : `${got} of the ${channels} multifd channels --multifd-channels names`;
+      done(new SnapPipeError('IO', `QEMU connected to ${this.path} but sent ${what} in ${CHANNELS_TIMEOUT_MS / 1000} s (are QEMU's multifd capability and multifd-channels the same as this save's --multifd-channels?)`));
+    }, CHANNELS_TIMEOUT_MS));
+  }
+
+  /** Waits for a connection's first bytes (left in the socket) and says which channel it is. */
+  private async classify(sock: net.Socket, channels: number): Promise<{ main: true; fd: number } | { main: false; fd: number; channel: number }> {
+    const fd = fdOf(sock);
+    this.fds.push(fd);
+    const head = await this.peek(fd, 4);
+    const magic = ((head[0] << 24) | (head[1] << 16) | (head[2] << 8) | head[3]) >>> 0;
+    if (magic === QEVM_MAGIC) {
+      socketBlocking(fd);
+      return { main: true, fd };
+    }
+    if (head[0] === TLS_HANDSHAKE && head[1] === 3) {
+      throw new SnapPipeError('UNSUPPORTED', `a TLS session on ${this.path} (QEMU's tls-creds): snap-pipe save takes the stream in the clear; a unix socket is local`);
+    }
+    if (magic !== MULTIFD_MAGIC) {
+      throw new SnapPipeError('BAD_STREAM', `a connection to ${this.path} that is neither a migration stream nor a multifd channel (it starts 0x${magic.toString(16).padStart(8, '0')})`);
+    }
+    if (channels === 0) {
+      throw new SnapPipeError('UNSUPPORTED', `QEMU opened a multifd channel to ${this.path}: give save --multifd-channels N with QEMU's multifd-channels (2 unless set), or turn QEMU's multifd capability off`);
+    }
+    const { channelId } = decodeInit(await this.peek(fd, MULTIFD_INIT_BYTES), MULTIFD_CHANNEL_IDS);
+    if (channelId >= channels) {
+      throw new SnapPipeError('UNSUPPORTED', `QEMU opened multifd channel ${channelId} to ${this.path}, but --multifd-channels is ${channels}: give QEMU's multifd-channels`);
+    }
+    socketBlocking(fd);
+    return { main: false, fd, channel: channelId };
+  }
+
+  /** The first n bytes of the socket, once they have come; they stay in the socket. */
+  private async peek(fd: number, n: number): Promise<Uint8Array> {
+    const buf = new Uint8Array(n);
+    for (;;) {
+      if (this.closed) throw new SnapPipeError('IO', `${this.path} closed while a connection was being accepted`);
+      const got = peekSocket(fd, buf);
+      if (got === n) return buf;
+      if (got === 0) throw new SnapPipeError('TRUNCATED', `a connection to ${this.path} closed before its first ${n} bytes`);
+      await new Promise((resolve) => setTimeout(resolve, PEEK_INTERVAL_MS));
+    }
+  }
+
+  private clearTimers(): void {
+    for (const t of this.timers) clearTimeout(t);
+    this.timers = [];
+  }
+
+  /** Wakes every read blocked on a connection (the save failed, was stopped, or is done with them). */
   wake(): void {
-    if (this.fd >= 0) shutdownSocket(this.fd);
+    for (const fd of this.fds) shutdownSocket(fd);
   }
 
   /** Closes the stream and the listening socket and removes the path. Idempotent. */
   close(): void {
     if (this.closed) return;
     this.closed = true;
-    clearTimeout(this.acceptTimer);
-    this.conn?.destroy();
+    this.clearTimers();
+    for (const c of this.conns) c.destroy();
     this.server.close();
     this.unlink();
     process.off('exit', this.unlinkAtExit);
@@ -109,6 +226,7 @@ export class StreamListener {
     }
   }
 }
+
 
 /** libuv's fd of an accepted unix socket (a Pipe handle); Node has no public accessor. */
 function fdOf(sock: net.Socket): number {

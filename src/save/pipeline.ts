@@ -8,20 +8,23 @@ import { FORMAT_VERSION, type SnapshotMeta } from '../format/image/types.js';
 import { PAGE_BYTES } from '../format/units.js';
 import { crc32cImplementation } from '../native/fastmem.js';
 import type { IoBackendName } from '../native/io.js';
-import { CTRL, FAIL_ABORT, FAIL_ERROR, SLOT_BYTES, type SaveRingSizes, type SaveShared } from './ring/layout.js';
+import { channelLane, CTRL, FAIL_ABORT, FAIL_ERROR, MAIN_LANE, MAX_CHANNELS, SLOT_BYTES, type SaveRingSizes, type SaveShared } from './ring/layout.js';
 import { signalFailure } from './ring/wait.js';
 import { VERSION } from '../version.js';
 import { STDOUT_FD } from '../output.js';
 import { countSetBits } from '../format/image/bits.js';
 import { streamParts } from '../format/stream/parts.js';
+import type { ChannelApi, ChannelResult } from './stages/channel.js';
 import type { CoalescerApi, CoalescerResult } from './stages/coalescer.js';
 import type { ReaderApi, ReaderResult } from './stages/reader.js';
 import { startStage, type Outcome, type StageHandle } from './stages/rpc.js';
 import { allocateSave } from './stages/memory.js';
 import { SaveReturnPath } from './returnpath.js';
 import type { StreamListener } from './listener.js';
+import { watchStall, type StallWatch } from './stall.js';
 import type { WriterApi, WriterResult } from './stages/writer.js';
 
+export { MAX_CHANNELS } from './ring/layout.js';
 export const DEFAULT_RING_BYTES = 64 << 20;
 export const MIN_RING_BYTES = 4 << 20;
 /**
@@ -42,12 +45,23 @@ export const DEFAULT_END_TIMEOUT_S = 30;
  * starting save, short enough that a forgotten save does not hold its socket and image for good.
  */
 export const DEFAULT_ACCEPT_TIMEOUT_S = 600;
+/**
+ * With --listen, how long nothing may move (no byte from QEMU on any connection, no chunk written) before the save
+ * gives up: QEMU keeps a migration's stream flowing (a running guest's pass after pass, a paused one's pages), and
+ * its slowest pause in a stream here, the return path's wait for the device state, is bounded by --end-timeout.
+ */
+export const DEFAULT_STALL_TIMEOUT_S = 120;
 const DESC_COUNT = 1 << 16;
 const STDIN_FD = 0;
 /** How often the main thread looks for something to answer on QEMU's return path. */
 const RETURN_PATH_POLL_MS = 10;
+/** How long a finished multifd save waits for its channel stages' counts (see channelResults). */
+const CHANNEL_RESULTS_WAIT_MS = 2_000;
 /** How long a failing save waits for the writer to record the cause in the image (it may be stuck in a write). */
 const RECORD_FAILURE_WAIT_MS = 2_000;
+
+/** A promise that never settles: the race's place for a watch that is not running. */
+const NEVER = new Promise<never>(() => undefined);
 
 function delayMs(ms: number): Promise<void> {
   return new Promise((resolve) => setTimeout(resolve, ms).unref());
@@ -68,9 +82,11 @@ export interface SaveOptions {
   switchoverAck: boolean;
   /**
    * Take the stream from a unix socket instead of stdin (save --listen): listen on `path` once the stage threads run
-   * and the image is open, and wait at most `acceptTimeoutMs` for QEMU to connect.
+   * and the image is open, and wait at most `acceptTimeoutMs` for QEMU to connect; `channels` multifd channels
+   * (QEMU's multifd-channels with its multifd capability; 0: one stream) come with the main channel. Once
+   * connected, a stream on which nothing moves for `stallTimeoutMs` fails the save (save/stall.ts).
    */
-  listen?: { path: string; acceptTimeoutMs: number };
+  listen?: { path: string; acceptTimeoutMs: number; channels: number; stallTimeoutMs: number };
   /**
    * Tests only: a folder of fixture stages (test/fixtures/stages/<failure mode>/); a stage found there replaces the
    * real one, so a test can make one stage fail in a way no input can (an exception, a crash, an exit).
@@ -122,11 +138,20 @@ export interface SaveReport {
    * With --listen, `connectedMs` is when QEMU connected (0 without), and the stages were ready before it.
    */
   startup: { stagesReadyMs: number; firstReadMs: number; firstWriteMs: number; connectedMs: number };
+  /** save --listen with multifd channels: sync points passed, and each channel stage's counts and times. */
+  multifd?: { syncs: number; channels: (StageStats & { channel: number; packets: number; syncs: number; dataPages: number; zeroPages: number; bytes: number })[] };
 }
 
-export function ringSizes(ringBytes: number): SaveRingSizes {
+/**
+ * The rings of a save. `channels` multifd channels get an input ring of inputBytes each on top of ringBytes (16 MiB
+ * each at the default size: 32 packets of 512 KiB).
+ */
+export function ringSizes(ringBytes: number, channels = 0): SaveRingSizes {
   if (!Number.isInteger(ringBytes) || ringBytes < MIN_RING_BYTES || ringBytes % SLOT_BYTES !== 0) {
     throw new SnapPipeError('USAGE', `--ring-size must be a whole number of MiB, at least ${MIN_RING_BYTES >> 20} MiB`);
+  }
+  if (!Number.isInteger(channels) || channels < 0 || channels > MAX_CHANNELS) {
+    throw new SnapPipeError('USAGE', `--multifd-channels must be 0 to ${MAX_CHANNELS}`);
   }
   let inputBytes = 1 << 20;
   while (inputBytes * 2 <= Math.min(16 << 20, ringBytes / 4)) inputBytes *= 2;
@@ -136,7 +161,7 @@ export function ringSizes(ringBytes: number): SaveRingSizes {
   const slotCount = ringBytes / SLOT_BYTES;
   const oldContentUnits = Math.max(1, Math.floor(slotCount / 16));
   const parkPages = (ringBytes / 2 - oldContentUnits * SLOT_BYTES) / PAGE_BYTES;
-  return { slotCount, inputBytes, descCount: DESC_COUNT, parkPages, oldContentUnits };
+  return { slotCount, inputBytes, descCount: DESC_COUNT, parkPages, oldContentUnits, channels };
 }
 
 /** A stage's module: the real one, or the one in `fixtureDir` when it has one (SaveOptions.stageFixtureDir). */
@@ -184,6 +209,8 @@ interface StageResults {
   rr: ReaderResult;
   cr: CoalescerResult;
   wr: WriterResult;
+  /** Each multifd channel stage's counts (empty for one stream). */
+  chr: ChannelResult[];
 }
 
 /** What run() measured or chose besides the stages' results. */
@@ -201,9 +228,11 @@ export class SavePipeline {
   private listener: StreamListener | undefined;
   /** When QEMU connected to --listen's socket (performance.now()), 0 without --listen. */
   private connectedAtMs = 0;
+  /** The image is complete: what multifd channel stages do from now on no longer matters to the save. */
+  private streamDone = false;
 
   constructor(private readonly opts: SaveOptions) {
-    this.shared = allocateSave(ringSizes(opts.ringBytes));
+    this.shared = allocateSave(ringSizes(opts.ringBytes, opts.listen?.channels ?? 0));
     this.ctrl = new Int32Array(this.shared.ctrl);
     // Every slot starts free: the free queue holds 0..slotCount-1.
     const free = new Int32Array(this.shared.freeQueue);
@@ -223,43 +252,51 @@ export class SavePipeline {
     else wakeBlockedReader();
   }
 
-  /** Where the stream comes from and answers go: stdin and stdout, or the connection QEMU makes to --listen's socket. */
-  private async connect(): Promise<{ inFd: number; outFd: number }> {
+  /**
+   * Where the stream comes from and answers go: stdin and stdout, or the connections QEMU makes to --listen's socket
+   * (the main channel, and the multifd channels' fds by channel id).
+   */
+  private async connect(): Promise<{ inFd: number; outFd: number; channelFds: number[] }> {
     const listen = this.opts.listen;
-    if (!listen) return { inFd: STDIN_FD, outFd: STDOUT_FD };
+    if (!listen) return { inFd: STDIN_FD, outFd: STDOUT_FD, channelFds: [] };
     // Every stage thread loaded before QEMU may connect: none of the start-up falls into the migration.
     await Promise.all(this.stages.map((s) => Promise.race([s.api.ready(), s.died])));
     // Imported only here: a save from stdin starts without loading the socket code.
     const { StreamListener } = await import('./listener.js');
     this.listener = await StreamListener.open(listen.path);
-    this.opts.onNote?.(`listening on unix:${listen.path} for QEMU's migrate (at most ${listen.acceptTimeoutMs / 1000} s)`);
-    const fd = await this.listener.accept(listen.acceptTimeoutMs);
+    const multifd = listen.channels > 0 ? ` with ${listen.channels} multifd channels` : '';
+    this.opts.onNote?.(`listening on unix:${listen.path} for QEMU's migrate${multifd} (at most ${listen.acceptTimeoutMs / 1000} s)`);
+    const conns = await Promise.race([this.listener.accept(listen.acceptTimeoutMs, listen.channels), this.listener.failed]);
     this.connectedAtMs = this.listener.connectedAt;
-    return { inFd: fd, outFd: fd };
+    return { inFd: conns.main, outFd: conns.main, channelFds: conns.channels };
   }
 
   async run(): Promise<SaveReport> {
     const t0 = performance.now();
     const maxOpen = Math.max(1, Math.floor(this.shared.sizes.slotCount / 2));
-    const { writer, reader, coalescer } = this.startStages();
+    const { writer, reader, coalescer, channels } = this.startStages();
     let rp: SaveReturnPath | undefined;
     let answering: { failed: Promise<never>; stop: () => void } | undefined;
+    let stall: StallWatch | undefined;
     let imageOpened = false;
     try {
       const { path, direct, force, io, queueDepth } = this.opts;
       const opened = await valueOf(writer, writer.api.open({ path, direct, force, io, queueDepth }));
       imageOpened = true;
       if (opened.note) this.opts.onNote?.(opened.note);
-      const { inFd, outFd } = await this.connect();
+      const { inFd, outFd, channelFds } = await this.connect();
       rp = new SaveReturnPath(this.ctrl, this.opts.endTimeoutMs, this.opts.switchoverAck, outFd);
       answering = answerReturnPath(rp);
 
-      const [r, c, w] = await Promise.race([answering.failed, this.listenerFailed(), this.supervise([
-        settle(reader, reader.api.run(this.shared, inFd)),
+      const channelRuns = channels.map((ch, c) => settle(ch, ch.api.run(this.shared, c, channelFds[c], channels.length)));
+      stall = this.opts.listen ? watchStall(this.ctrl, [MAIN_LANE, ...channels.map((_, c) => channelLane(c))], this.opts.listen.stallTimeoutMs) : undefined;
+      const [r, c, w] = await Promise.race([answering.failed, this.listenerFailed(), this.channelsFailed(channelRuns), stall?.failed ?? NEVER, this.supervise([
+        settle(reader, reader.api.run(this.shared, inFd, channels.length > 0)),
         settle(coalescer, coalescer.api.run(this.shared, maxOpen)),
         settle(writer, writer.api.run(this.shared)),
       ])]);
-      const results: StageResults = { rr: r as ReaderResult, cr: c as CoalescerResult, wr: w as WriterResult };
+      stall?.stop();
+      const results: StageResults = { rr: r as ReaderResult, cr: c as CoalescerResult, wr: w as WriterResult, chr: [] };
 
       const meta = this.buildMeta(results);
       const tFinish = performance.now();
@@ -268,6 +305,7 @@ export class SavePipeline {
       // Complete and durable: only now may QEMU call the migration completed.
       rp.finished();
       const finishMs = performance.now() - tFinish;
+      results.chr = await this.channelResults(channelRuns);
 
       const seconds = (performance.now() - t0) / 1000;
       await this.stop();
@@ -278,6 +316,7 @@ export class SavePipeline {
       signalFailure(this.ctrl, FAIL_ERROR);
       this.wakeReader();
       answering?.stop();
+      stall?.stop();
       const failure = imageOpened ? await this.recordFailure(writer, err) : err;
       rp?.failed();
       void this.stop();
@@ -285,6 +324,45 @@ export class SavePipeline {
     } finally {
       this.listener?.close();
     }
+  }
+
+  /**
+   * Rejects with the first multifd channel stage that fails (its error, or its thread's death) while the stream
+   * runs; a channel that ends cleanly (QEMU closed it at a packet boundary) is the coalescer's to judge.
+   */
+  private channelsFailed(runs: Promise<Outcome<ChannelResult>>[]): Promise<never> {
+    const failed = new Promise<never>((_, reject) => {
+      for (const run of runs) {
+        run.then(
+          (o) => {
+            if (o.ok || o.aborted || this.streamDone) return;
+            signalFailure(this.ctrl, FAIL_ERROR);
+            reject(deserializeError(o.error));
+          },
+          (err: Error) => {
+            if (this.streamDone) return;
+            signalFailure(this.ctrl, FAIL_ERROR);
+            reject(new SnapPipeError('WORKER', err.message));
+          },
+        );
+      }
+    });
+    failed.catch(() => undefined); // raced in run() only while the stream runs
+    return failed;
+  }
+
+  /**
+   * The multifd channel stages' counts, once the image is complete: their sockets are shut down (QEMU sends nothing
+   * after its last SYNC, and keeps them open until its cleanup), so each stage's read ends. Bounded: a stage that
+   * does not answer in CHANNEL_RESULTS_WAIT_MS is left out of the report.
+   */
+  private async channelResults(runs: Promise<Outcome<ChannelResult>>[]): Promise<ChannelResult[]> {
+    this.streamDone = true;
+    if (runs.length === 0) return [];
+    this.listener?.wake();
+    const all = Promise.all(runs.map((r) => r.catch(() => undefined)));
+    const outcomes = await Promise.race([all, delayMs(CHANNEL_RESULTS_WAIT_MS).then(() => [])]);
+    return outcomes.flatMap((o) => (o?.ok ? [o.value] : []));
   }
 
   /** Rejects when the listener ends the save (a second connection); never settles without one. */
@@ -296,13 +374,20 @@ export class SavePipeline {
    * All three threads start together: each loads its modules in parallel with the others (started one after
    * another, the stages cost ~0.1 s more before the first byte is read).
    */
-  private startStages(): { writer: StageHandle<WriterApi>; reader: StageHandle<ReaderApi>; coalescer: StageHandle<CoalescerApi> } {
+  private startStages(): {
+    writer: StageHandle<WriterApi>;
+    reader: StageHandle<ReaderApi>;
+    coalescer: StageHandle<CoalescerApi>;
+    channels: StageHandle<ChannelApi>[];
+  } {
     const fixtures = this.opts.stageFixtureDir;
     const writer = startStage<WriterApi>(stageUrl('writer', fixtures), 'snap-pipe writer');
     const reader = startStage<ReaderApi>(stageUrl('reader', fixtures), 'snap-pipe reader');
     const coalescer = startStage<CoalescerApi>(stageUrl('coalescer', fixtures), 'snap-pipe coalescer');
-    this.stages.push(writer, reader, coalescer);
-    return { writer, reader, coalescer };
+    const channels: StageHandle<ChannelApi>[] = [];
+    for (let c = 0; c < this.shared.sizes.channels; c++) channels.push(startStage<ChannelApi>(stageUrl('channel', fixtures), `snap-pipe multifd channel ${c}`));
+    this.stages.push(writer, reader, coalescer, ...channels);
+    return { writer, reader, coalescer, channels };
   }
 
   /**
@@ -376,7 +461,7 @@ export class SavePipeline {
         dataPages,
         zeroPages: sentPages - dataPages,
         resentPages: cr.counters.resentPages,
-        streamBytes: p.streamBytes,
+        streamBytes: p.streamBytes + this.channelBytes(),
         dataClusters: wr.clustersWritten,
         rewrittenClusters: wr.rewrittenClusters,
       },
@@ -385,14 +470,19 @@ export class SavePipeline {
     };
   }
 
-  private report({ rr, cr, wr }: StageResults, meta: Omit<SnapshotMeta, 'chunkCrc32c'>, run: RunFacts): SaveReport {
+  /** Bytes of the multifd channels' packets: all of them once the coalescer passed the last sync point. */
+  private channelBytes(): number {
+    return new Float64Array(this.shared.channelBytes).reduce((n, b) => n + b, 0);
+  }
+
+  private report({ rr, cr, wr, chr }: StageResults, meta: Omit<SnapshotMeta, 'chunkCrc32c'>, run: RunFacts): SaveReport {
     const { sizes } = this.shared;
     const { seconds } = run;
     return {
       path: this.opts.path,
       seconds,
-      streamBytes: rr.parsed.streamBytes,
-      streamMBps: rr.parsed.streamBytes / 1e6 / seconds,
+      streamBytes: meta.counters.streamBytes,
+      streamMBps: meta.counters.streamBytes / 1e6 / seconds,
       dataPages: meta.counters.dataPages,
       zeroPages: meta.counters.zeroPages,
       resentPages: meta.counters.resentPages,
@@ -423,6 +513,13 @@ export class SavePipeline {
         reader: { busyMs: rr.busyMs, upstreamWaitMs: rr.sourceWaitMs, downstreamWaitMs: rr.downstreamWaitMs },
         coalescer: { busyMs: cr.busyMs, upstreamWaitMs: cr.upstreamWaitMs, downstreamWaitMs: cr.downstreamWaitMs },
         writer: { busyMs: wr.busyMs, upstreamWaitMs: wr.upstreamWaitMs, downstreamWaitMs: wr.ioMs },
+      },
+      multifd: this.shared.sizes.channels === 0 ? undefined : {
+        syncs: cr.syncs,
+        channels: chr.map((c) => ({
+          channel: c.channel, packets: c.packets, syncs: c.syncs, dataPages: c.dataPages, zeroPages: c.zeroPages, bytes: c.bytes,
+          busyMs: c.busyMs, upstreamWaitMs: c.sourceWaitMs, downstreamWaitMs: c.downstreamWaitMs,
+        })),
       },
     };
   }

@@ -1,11 +1,13 @@
 // snap-pipe save --listen unix:PATH, against a scripted source on a real unix socket: the socket appears only once
 // save is ready, with mode 0600, and is gone after save exits, whatever the outcome; the image equals the one the
 // same stream gives through stdin (compared by what load sends back, byte for byte); QEMU's return path runs back
-// over the same connection (PONG, then SHUT(0) only once the image is complete); a second connection (multifd
-// channels) fails the save with one line and an incomplete image; no connection within --accept-timeout fails it;
+// over the same connection (PONG, then SHUT(0) only once the image is complete); with --multifd-channels, pages
+// re-sent across channels keep QEMU's sync-point order whatever order their bytes arrive in; a channel closed
+// early, one past the count, a multifd channel without the option, or a silent extra connection fails the save
+// with one line and an incomplete image; no connection within --accept-timeout fails it;
 // a path that is a file or a live socket is refused, a stale socket replaced; SIGTERM while waiting removes it.
 import { spawnSync } from 'node:child_process';
-import { existsSync, lstatSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, lstatSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { connect, createServer, type Socket } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -17,6 +19,16 @@ import { ReturnPathDecoder, type RpMessage } from '../../src/format/stream/retur
 import { BIN, ROOT, runCli } from '../helpers/cli.js';
 import { SMALL_PC_BLOCKS, buildStream, sequentialOps } from '../helpers/model.js';
 import { startListeningSave, type ListeningSave } from '../helpers/listen.js';
+import { encodeInit, encodeRamPacket, type RamPacketSpec } from '../helpers/multifd.js';
+import { parseAll } from '../helpers/parse.js';
+import { concat as concatBytes } from '../../src/save/ring/input.js';
+import type { SaveReport } from '../../src/save/pipeline.js';
+
+/** A multifd RAM packet, its fixed part and page data together. */
+function packet(spec: RamPacketSpec): Uint8Array {
+  const { fixed, data } = encodeRamPacket(spec);
+  return concatBytes([fixed, data]);
+}
 
 let dir: string;
 beforeAll(() => {
@@ -117,7 +129,77 @@ describe('save --listen unix:PATH', () => {
     expect(existsSync(sock)).toBe(false);
   });
 
-  it('a second connection (multifd channels) fails the save with one line; the image stays incomplete', async () => {
+  it('multifd: a page re-sent on another channel lands after its earlier copy, even when its bytes come first', async () => {
+    // Main channel (QEMU 8.1+ layout): three sync points by MULTIFD_FLUSH: in ram START, at a round's end, in ram END.
+    const FLUSH = 0x200;
+    const main = new StreamBuilder().header().configuration('pc-i440fx-10.0');
+    main.sectionStart(1, 2, 'ram', 0, 4).be64(BLOCKS.reduce((n, b) => n + b.lengthBytes, 0) + 4);
+    for (const b of BLOCKS) main.str8(b.id).be64(b.lengthBytes);
+    main.be64(FLUSH).ramEos(2).ramPart(2).be64(FLUSH).ramEos(2).ramEnd(2).be64(FLUSH).ramEos(2);
+    main.device(3, 'timer', new Uint8Array(10)).eof();
+    const P = 0;
+    const Q = 4096;
+    const Z = 8192;
+    const sync = () => packet({ flags: 1 });
+    // Round 1 (interval 2) on channel 0: P (each packet's page i is filled with byte i + 1: P = 1s) and zero page Z.
+    // Round 2 (interval 3) on channel 1: Q = 1s, P = 2s. The last version of P is channel 1's.
+    const ch0 = concatBytes([sync(), packet({ block: 'pc.ram', normal: [P], zero: [Z] }), sync(), sync()]);
+    const ch1 = concatBytes([encodeInit({ id: 1 }), sync(), sync(), packet({ block: 'pc.ram', normal: [Q, P] }), sync()]);
+
+    const sock = join(dir, 'mfd.sock');
+    const img = join(dir, 'mfd.qcow2');
+    const run = startSave(img, ['--listen', `unix:${sock}`, '--multifd-channels', '2', '--stats=' + join(dir, 'mfd.json')]);
+    await socketAppears(sock);
+    const [m, c0, c1] = [await open(sock), await open(sock), await open(sock)];
+    // Channel 1's re-send arrives first; channel 0's first copy comes 300 ms later (its init at once: save starts
+    // reading once every channel has said which it is).
+    c0.write(encodeInit({ id: 0 }));
+    c1.end(ch1);
+    m.end(main.build());
+    await new Promise((r) => setTimeout(r, 300));
+    c0.end(ch0);
+    const r = await run.done;
+    expect(r.code, r.stderr).toBe(0);
+    const info = readInfo(img);
+    expect(info.complete).toBe(true);
+    expect(info).toMatchObject({ dataPages: 2, zeroPages: 1, resentPages: 1 });
+    const ram = parseAll(loadBytes(img)).ram[0];
+    expect(ram.subarray(P, P + 4096).every((x) => x === 2), 'P holds its second version').toBe(true);
+    expect(ram.subarray(Q, Q + 4096).every((x) => x === 1)).toBe(true);
+    expect(ram.subarray(Z, Z + 4096).every((x) => x === 0)).toBe(true);
+    const report = JSON.parse(readFileSync(join(dir, 'mfd.json'), 'utf8')) as SaveReport;
+    expect(report.multifd?.syncs).toBe(3);
+    expect(existsSync(sock)).toBe(false);
+  });
+
+  it('multifd: a channel that closes before a sync point, a channel past --multifd-channels, and a multifd channel without it: one line each', async () => {
+    const stream = buildStream(BLOCKS, sequentialOps(BLOCKS, 3), { ramEnd: true }).bytes;
+    const cases: [string, string[], Uint8Array[], string][] = [
+      ['early', ['--multifd-channels', '1'], [encodeInit({ id: 0 })], 'multifd channel 0 closed before sync point 1 of the main channel'],
+      ['past', ['--multifd-channels', '1'], [encodeInit({ id: 1 })], 'QEMU opened multifd channel 1 to SOCK, but --multifd-channels is 1'],
+      ['none', [], [encodeInit({ id: 0 })], 'QEMU opened a multifd channel to SOCK: give save --multifd-channels N'],
+    ];
+    for (const [name, args, channels, line] of cases) {
+      const sock = join(dir, `${name}.sock`);
+      const img = join(dir, `${name}.qcow2`);
+      const run = startSave(img, ['--listen', `unix:${sock}`, ...args]);
+      await socketAppears(sock);
+      const conns = [await open(sock), ...(await Promise.all(channels.map(() => open(sock))))];
+      for (const c of conns) c.on('error', () => undefined);
+      channels.forEach((bytes, i) => conns[i + 1].end(bytes));
+      conns[0].end(stream);
+      const r = await run.done;
+      for (const c of conns) c.destroy();
+      expect(r.code, name).toBe(1);
+      const lines = r.stderr.trim().split('\n').filter((l) => !l.includes('listening on'));
+      expect(lines, name).toHaveLength(1);
+      expect(lines[0], name).toContain(`snap-pipe: save ${img} failed (the image stays incomplete): ${line.replace('SOCK', sock)}`);
+      expect(readInfo(img).complete, name).toBe(false);
+      expect(existsSync(sock), name).toBe(false);
+    }
+  });
+
+  it('a second connection that says nothing fails the save with one line; the image stays incomplete', async () => {
     const stream = buildStream(BLOCKS, sequentialOps(BLOCKS, 3), { ramEnd: true }).bytes;
     const sock = join(dir, 'two.sock');
     const img = join(dir, 'two.qcow2');
@@ -134,7 +216,7 @@ describe('save --listen unix:PATH', () => {
     expect(r.code).not.toBe(0);
     const lines = r.stderr.trim().split('\n').filter((l) => !l.includes('listening on'));
     expect(lines).toEqual([
-      `snap-pipe: save ${img} failed (the image stays incomplete): QEMU opened a second connection to ${sock}: its multifd channels, which snap-pipe save does not take yet; turn the multifd capability off`,
+      `snap-pipe: save ${img} failed (the image stays incomplete): QEMU opened one more connection to ${sock} than the main channel and 0 multifd channels (--multifd-channels 0; QEMU's multifd-channels must be the same)`,
     ]);
     const info = readInfo(img);
     expect(info.complete).toBe(false);

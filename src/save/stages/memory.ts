@@ -1,6 +1,7 @@
 // Typed views of the save pipeline's shared memory, built the same way in every thread.
 import {
   BLOCK_F64S,
+  BLOCK_NAME_UNITS,
   MAX_BLOCKS,
   CTRL_INTS,
   DESC_INTS,
@@ -27,6 +28,13 @@ export interface SaveViews {
   park: Uint8Array;
   /** The writer's old-content units (oldContentUnits x 1 MiB, page aligned). */
   oldContent: Uint8Array;
+  blockNames: Uint16Array;
+}
+
+/** A multifd channel's rings (see Lane): its input ring and its descriptor ring. */
+export interface ChannelViews {
+  input: Uint8Array;
+  desc: Int32Array;
 }
 
 /** Slot queues hold slot numbers: a power of two at least the slot count, so any whole number of MiB works. */
@@ -45,7 +53,25 @@ export function allocateSave(sizes: SaveRingSizes): SaveShared {
     freeQueue: new SharedArrayBuffer(queueEntries(sizes.slotCount) * 4),
     slotHeaders: new SharedArrayBuffer(sizes.slotCount * SLOT_INTS * 4),
     blocks: new SharedArrayBuffer(MAX_BLOCKS * BLOCK_F64S * 8),
-    data: alignedShared((sizes.slotCount + sizes.oldContentUnits) * SLOT_BYTES + sizes.inputBytes + sizes.parkPages * PAGE_BYTES),
+    blockNames: new SharedArrayBuffer(MAX_BLOCKS * BLOCK_NAME_UNITS * 2),
+    channelDesc: new SharedArrayBuffer(sizes.channels * sizes.descCount * DESC_INTS * 4),
+    channelBytes: new SharedArrayBuffer(sizes.channels * 8),
+    data: alignedShared((sizes.slotCount + sizes.oldContentUnits) * SLOT_BYTES + (1 + sizes.channels) * sizes.inputBytes + sizes.parkPages * PAGE_BYTES),
+  };
+}
+
+/** Where multifd channels' input rings begin in the data buffer: after everything saveViews lays out. */
+function channelInputsAt(s: SaveShared): number {
+  return (s.sizes.slotCount + s.sizes.oldContentUnits) * SLOT_BYTES + s.sizes.inputBytes + s.sizes.parkPages * PAGE_BYTES;
+}
+
+/** Views of multifd channel c's rings (0 <= c < sizes.channels). */
+export function channelViews(s: SaveShared, c: number): ChannelViews {
+  if (!Number.isInteger(c) || c < 0 || c >= s.sizes.channels) throw new RangeError(`channel ${c} of ${s.sizes.channels}`);
+  const descInts = s.sizes.descCount * DESC_INTS;
+  return {
+    input: new Uint8Array(s.data, channelInputsAt(s) + c * s.sizes.inputBytes, s.sizes.inputBytes),
+    desc: new Int32Array(s.channelDesc, c * descInts * 4, descInts),
   };
 }
 
@@ -63,5 +89,6 @@ export function saveViews(s: SaveShared): SaveViews {
     input: new Uint8Array(s.data, slotBytes, s.sizes.inputBytes),
     park: new Uint8Array(s.data, slotBytes + s.sizes.inputBytes, s.sizes.parkPages * PAGE_BYTES),
     oldContent: new Uint8Array(s.data, slotBytes + s.sizes.inputBytes + s.sizes.parkPages * PAGE_BYTES, s.sizes.oldContentUnits * SLOT_BYTES),
+    blockNames: new Uint16Array(s.blockNames),
   };
 }

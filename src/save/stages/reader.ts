@@ -1,29 +1,30 @@
 // Reader stage: reads the migration stream from fd 0 straight into the input ring, parses it, and publishes one
 // descriptor per RAM page record to the coalescer. Keeps the non-RAM parts and returns them at the end.
-import { readSync } from 'node:fs';
-import { SnapPipeError, ioError } from '../../errors.js';
+import { SnapPipeError } from '../../errors.js';
 import { layoutBlocks } from '../../format/image/qcow2.js';
 import { CLUSTER_BYTES } from '../../format/units.js';
 import { enlargePipe } from '../../native/uring.js';
 import { DescriptorProducer } from '../ring/descriptors.js';
-import { InputRing, type ByteInput } from '../ring/input.js';
+import { InputRing } from '../ring/input.js';
 import {
   BLOCK_F64S,
+  BLOCK_NAME_UNITS,
   BLOCK_PAGES,
   BLOCK_VIRT_CLUSTER,
   CTRL,
   KIND_END,
   KIND_PAGE,
   KIND_SETUP,
+  KIND_SYNC,
   KIND_ZERO,
   MAX_BLOCKS,
   RP_OPEN,
   RP_OPEN_ACK,
   type SaveShared,
 } from '../ring/layout.js';
-import { Aborted, failed } from '../ring/wait.js';
 import { StreamParser, type ParsedBlock, type ParsedStream } from '../../format/stream/parser.js';
-import { epochMs, exposeStage, outcome, stageReadyAtMs, type Outcome } from './rpc.js';
+import { FdInput } from './fd-input.js';
+import { exposeStage, outcome, stageReadyAtMs, type Outcome } from './rpc.js';
 import { saveViews } from './memory.js';
 
 export interface ReaderResult {
@@ -43,53 +44,31 @@ export interface ReaderResult {
   firstReadAtMs: number;
 }
 
-/**
- * Reads the stream's fd (0, or the socket save --listen accepted) in large pieces; an EAGAIN (stdin left
- * non-blocking by a parent) waits briefly and retries. Checks the
- * pipeline's FAILED field before every read: once the save has failed or been aborted (the main thread then wakes a
- * read blocked on an empty pipe, see SavePipeline), the reader must not block in read(0) again, or the thread could
- * not be terminated and the process could not exit.
- */
-export class StdinInput implements ByteInput {
-  waitMs = 0;
-  /** When the first bytes came (epochMs()), 0 before. */
-  firstDataAtMs = 0;
-  private readonly nap = new Int32Array(new SharedArrayBuffer(4));
-  constructor(
-    private readonly ctrl?: Int32Array,
-    private readonly fd = 0,
-  ) {}
-  read(dst: Uint8Array, off: number, len: number): number {
-    const t0 = performance.now();
-    try {
-      for (;;) {
-        if (this.ctrl && failed(this.ctrl)) throw new Aborted();
-        try {
-          const n = readSync(this.fd, dst, off, len, null);
-          if (n > 0 && this.firstDataAtMs === 0) this.firstDataAtMs = epochMs();
-          return n;
-        } catch (err) {
-          const code = (err as NodeJS.ErrnoException).code;
-          if (code === 'EAGAIN') {
-            Atomics.wait(this.nap, 0, 0, 2);
-            continue;
-          }
-          if (code === 'EOF') return 0;
-          throw ioError(`reading the migration stream from ${this.fd === 0 ? 'stdin' : 'its socket'}`, err);
-        }
-      }
-    } finally {
-      this.waitMs += performance.now() - t0;
-    }
-  }
+/** Publishes the block table (page counts, first clusters, names) for the coalescer and the multifd channel stages. */
+function publishBlocks(v: ReturnType<typeof saveViews>, blocks: ParsedBlock[], virtOffsetsBytes: number[]): void {
+  blocks.forEach((b, i) => {
+    v.blocks[i * BLOCK_F64S + BLOCK_PAGES] = b.lengthBytes / 4096;
+    v.blocks[i * BLOCK_F64S + BLOCK_VIRT_CLUSTER] = virtOffsetsBytes[i] / CLUSTER_BYTES;
+    // At most 255 code units: the stream gives a name's length in one byte (parser.ts parseBlockList).
+    const at = i * BLOCK_NAME_UNITS;
+    v.blockNames[at] = b.id.length;
+    for (let c = 0; c < b.id.length; c++) v.blockNames[at + 1 + c] = b.id.charCodeAt(c);
+  });
+  Atomics.store(v.ctrl, CTRL.BLOCK_COUNT, blocks.length);
+  Atomics.store(v.ctrl, CTRL.SETUP_DONE, 1);
+  Atomics.notify(v.ctrl, CTRL.SETUP_DONE);
 }
 
-function run(shared: SaveShared, inputFd: number): ReaderResult {
+/**
+ * `multifd`: the stream is the main channel of a multifd migration; its sync points go to the coalescer, which pairs
+ * them with the channels' SYNC packets.
+ */
+function run(shared: SaveShared, inputFd: number, multifd: boolean): ReaderResult {
   const t0 = performance.now();
   const v = saveViews(shared);
   const producer = new DescriptorProducer(v.ctrl, v.desc);
   const pipeBytes = enlargePipe(inputFd);
-  const input = new StdinInput(v.ctrl, inputFd);
+  const input = new FdInput(v.ctrl, inputFd);
   const ring = new InputRing(v.input, v.ctrl, input, producer);
   let virtOffsetsBytes: number[] = [];
   let ramEndBytes = 0;
@@ -99,11 +78,7 @@ function run(shared: SaveShared, inputFd: number): ReaderResult {
         throw new SnapPipeError('UNSUPPORTED', `${blocks.length} RAM blocks (snap-pipe handles up to ${MAX_BLOCKS})`);
       }
       ({ virtOffsetsBytes, ramEndBytes } = layoutBlocks(blocks.map((b) => b.lengthBytes)));
-      blocks.forEach((b, i) => {
-        v.blocks[i * BLOCK_F64S + BLOCK_PAGES] = b.lengthBytes / 4096;
-        v.blocks[i * BLOCK_F64S + BLOCK_VIRT_CLUSTER] = virtOffsetsBytes[i] / CLUSTER_BYTES;
-      });
-      Atomics.store(v.ctrl, CTRL.BLOCK_COUNT, blocks.length);
+      publishBlocks(v, blocks, virtOffsetsBytes);
       producer.push(KIND_SETUP, 0, 0, 0);
     },
     page(block, page, pos) {
@@ -123,7 +98,10 @@ function run(shared: SaveShared, inputFd: number): ReaderResult {
     deviceState() {
       Atomics.store(v.ctrl, CTRL.IN_DEVICE_STATE, 1);
     },
-  }, { acceptReturnPath: true });
+    sync() {
+      producer.push(KIND_SYNC, 0, 0, 0);
+    },
+  }, { acceptReturnPath: true, multifd });
   const parsed = parser.parse();
   producer.push(KIND_END, 0, 0, 0);
   producer.flush();
@@ -143,9 +121,12 @@ function run(shared: SaveShared, inputFd: number): ReaderResult {
 }
 
 const api = {
-  /** `inputFd`: where the stream comes from (0, or the accepted socket of save --listen). */
-  run(shared: SaveShared, inputFd: number): Outcome<ReaderResult> {
-    return outcome(() => run(shared, inputFd));
+  /**
+   * `inputFd`: where the stream comes from (0, or the accepted socket of save --listen); `multifd`: it is the main
+   * channel of a multifd migration.
+   */
+  run(shared: SaveShared, inputFd: number, multifd = false): Outcome<ReaderResult> {
+    return outcome(() => run(shared, inputFd, multifd));
   },
 };
 export type ReaderApi = typeof api;
