@@ -4,14 +4,19 @@
 //    the socket is gone afterwards;
 //  - a running guest, plain live migration with the bandwidth capped: pages re-sent, the last versions stored
 //    (pc.ram equals pmemsave at the switch-over), every cluster's checksum sound;
-//  - the same guest with the multifd capability (2 channels): save refuses QEMU's second connection with one line
-//    naming multifd, QEMU reports the migration failed, the image stays incomplete, the socket is gone.
+//  - multifd (save --multifd-channels 2, QEMU's multifd-channels 2): a paused guest, byte for byte, with every
+//    channel carrying pages and syncing at every sync point of the main channel; a running guest whose re-sent pages
+//    cross channels, the last versions stored;
+//  - multifd refused: without --multifd-channels (one line naming it), and with fewer than QEMU opens (QEMU fails,
+//    the image stays incomplete, the socket is gone);
+//  - multifd cut short: QEMU stopped (SIGSTOP) mid-migration ends the save after --stall-timeout, QEMU's
+//    migrate_cancel ends it at once; one line each, the image incomplete.
 // Fails (never skips) when QEMU, the guest files or the build are missing.
 import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, test } from 'vitest';
-import { Guest, guestFiles, snapPipeBin } from '../../tools/qemu/guest.js';
+import { delayMs, Guest, guestFiles, snapPipeBin } from '../../tools/qemu/guest.js';
 import { testedQemus } from '../../tools/qemu/versions.js';
 import type { SaveReport } from '../../src/save/pipeline.js';
 import { expectPcRamMatches, run, snapPipeInfo } from '../helpers/e2e.js';
@@ -103,28 +108,137 @@ describe.each(testedQemus())('snap-pipe save --listen behind a real QEMU migrate
     console.log(`${qemu.label} save --listen (live): ${i.resentPages} pages re-sent`);
   }, 420_000);
 
-  test('multifd channels: save refuses the second connection by name, QEMU fails, the image stays incomplete', async () => {
+  /** A paused guest (or a running one, with the bandwidth capped) migrated with multifd over `channels` channels. */
+  async function multifdGuest(name: string, channels: number, running: boolean): Promise<{ g: Guest; dump: string }> {
+    const g = (guest = await Guest.start({ qemu, name, memMiB, fillMiB }));
+    await g.waitReady(180_000);
+    if (running) {
+      await g.setMigrationParams({ 'max-bandwidth': 64 * MiB });
+      await g.waitTick(30_000);
+    } else {
+      await g.stop();
+      await g.unthrottle();
+    }
+    await g.setCapabilities({ multifd: true, 'return-path': true });
+    await g.setMigrationParams({ 'multifd-channels': channels });
+    return { g, dump: join(dir, `${name}.pmem`) };
+  }
+
+  test('multifd, a paused guest over 2 channels: pages from every channel, sync points paired, pc.ram byte for byte', async () => {
     guestFiles();
     const sock = join(dir, 'mfd.sock');
     const img = join(dir, 'mfd.qcow2');
-    guest = await Guest.start({ qemu, name: 'listen-multifd', memMiB, fillMiB });
-    await guest.waitReady(180_000);
-    await guest.stop();
-    await guest.unthrottle();
-    await guest.setCapabilities({ multifd: true });
-    await guest.setMigrationParams({ 'multifd-channels': 2 });
+    const stats = join(dir, 'mfd.json');
+    const { g, dump } = await multifdGuest('listen-mfd', 2, false);
+    await g.pmemsave(0, memMiB * MiB, dump, 120_000);
 
-    const save = startSave(img, sock, []);
+    const save = startSave(img, sock, ['--multifd-channels', '2', `--stats=${stats}`]);
     await save.listening;
-    await guest.migrate(`unix:${sock}`);
-    const migration = await guest.waitMigration(180_000);
+    await g.migrate(`unix:${sock}`);
+    const migration = await g.waitMigration(180_000);
     const r = await save.done;
-    expect(r.code).not.toBe(0);
-    expect(r.stderr).toContain(
-      `snap-pipe: save ${img} failed (the image stays incomplete): QEMU opened a second connection to ${sock}: its multifd channels, which snap-pipe save does not take yet; turn the multifd capability off`,
-    );
-    expect(migration.status).toBe('failed');
-    expect(snapPipeInfo(img).complete).toBe(false);
+    expect(r.code, r.stderr).toBe(0);
+    if (migration.status !== 'completed') throw g.failure(`multifd migrate to save --listen ${migration.status}: ${migration['error-desc'] ?? '?'}`);
     expect(existsSync(sock)).toBe(false);
+
+    const report = JSON.parse(readFileSync(stats, 'utf8')) as SaveReport;
+    const mfd = report.multifd!;
+    expect(mfd.channels.map((c) => c.channel)).toEqual([0, 1]);
+    expect(mfd.syncs).toBeGreaterThan(0);
+    for (const c of mfd.channels) {
+      expect(c.syncs, `channel ${c.channel}`).toBe(mfd.syncs);
+      expect(c.dataPages, `channel ${c.channel}`).toBeGreaterThan(0);
+    }
+    // The 64 MiB fill is random: its pages are data, and over multifd they travel on the channels only (a page
+    // may be sent twice: QEMU's last dirty-bitmap sync at completion finds some again).
+    const channelPages = mfd.channels.reduce((n, c) => n + c.dataPages, 0);
+    expect(channelPages).toBeGreaterThanOrEqual((fillMiB * MiB) / 4096);
+    expect(channelPages).toBeGreaterThanOrEqual(report.dataPages);
+    console.log(
+      `${qemu.label} save --listen --multifd-channels 2: ${mfd.syncs} sync points; ` +
+        mfd.channels.map((c) => `channel ${c.channel} ${c.packets} packets, ${c.dataPages} data + ${c.zeroPages} zero pages`).join('; ') +
+        `; ${report.dataPages} data pages stored, ${report.resentPages} re-sent`,
+    );
+    const i = snapPipeInfo(img);
+    expect(i.complete).toBe(true);
+    run(process.execPath, [snapPipeBin(), 'verify', img], 120_000);
+    await expectPcRamMatches(qemu, img, i, dump, join(dir, 'mfd.raw'));
+  }, 420_000);
+
+  test('multifd, a running guest: pages re-sent across channels, the last versions stored, verify sound', async () => {
+    guestFiles();
+    const sock = join(dir, 'mfd-live.sock');
+    const img = join(dir, 'mfd-live.qcow2');
+    const { g, dump } = await multifdGuest('listen-mfd-live', 2, true);
+
+    const save = startSave(img, sock, ['--multifd-channels', '2']);
+    await save.listening;
+    await g.migrate(`unix:${sock}`);
+    const migration = await g.waitMigration(240_000);
+    const r = await save.done;
+    expect(r.code, r.stderr).toBe(0);
+    if (migration.status !== 'completed') throw g.failure(`live multifd migrate to save --listen ${migration.status}: ${migration['error-desc'] ?? '?'}`);
+    // Stopped at the switch-over: its memory now is what the last versions of the pages say.
+    await g.pmemsave(0, memMiB * MiB, dump, 120_000);
+
+    const i = snapPipeInfo(img);
+    expect(i.complete).toBe(true);
+    expect(i.resentPages).toBeGreaterThan(0);
+    run(process.execPath, [snapPipeBin(), 'verify', img], 120_000);
+    await expectPcRamMatches(qemu, img, i, dump, join(dir, 'mfd-live.raw'));
+    console.log(`${qemu.label} save --listen --multifd-channels 2 (live): ${i.resentPages} pages re-sent`);
+  }, 420_000);
+
+  test('multifd without --multifd-channels, and more channels than it names: one line each, QEMU fails, images incomplete', async () => {
+    guestFiles();
+    for (const [name, args, line] of [
+      ['none', [], `QEMU opened a multifd channel to ${join(dir, 'none.sock')}: give save --multifd-channels N with QEMU's multifd-channels (2 unless set), or turn QEMU's multifd capability off`],
+      ['fewer', ['--multifd-channels', '2'], `QEMU opened multifd channel 2 to ${join(dir, 'fewer.sock')}, but --multifd-channels is 2: give QEMU's multifd-channels`],
+    ] as const) {
+      const sock = join(dir, `${name}.sock`);
+      const img = join(dir, `${name}.qcow2`);
+      // A guest each: QEMU 7.2 may refuse a second migrate right after a failed multifd one ("duplicate yank instance").
+      await guest?.quit();
+      const { g } = await multifdGuest(`listen-mfd-${name}`, 3, false);
+      const save = startSave(img, sock, [...args]);
+      await save.listening;
+      await g.migrate(`unix:${sock}`);
+      const migration = await g.waitMigration(180_000);
+      const r = await save.done;
+      expect(r.code, name).not.toBe(0);
+      expect(r.stderr).toContain(`snap-pipe: save ${img} failed (the image stays incomplete): ${line}`);
+      expect(migration.status, name).toBe('failed');
+      expect(snapPipeInfo(img).complete).toBe(false);
+      expect(existsSync(sock)).toBe(false);
+    }
+  }, 420_000);
+
+  test('multifd, QEMU stopped mid-migration: --stall-timeout ends the save with one line; cancelled: one line; images incomplete', async () => {
+    guestFiles();
+    for (const how of ['stopped', 'cancelled'] as const) {
+      await guest?.quit();
+      const { g } = await multifdGuest(`listen-mfd-${how}`, 2, true);
+      await g.setMigrationParams({ 'max-bandwidth': 16 * MiB });
+      const sock = join(dir, `${how}.sock`);
+      const img = join(dir, `${how}.qcow2`);
+      const save = startSave(img, sock, ['--multifd-channels', '2', '--stall-timeout', '2']);
+      await save.listening;
+      await g.migrate(`unix:${sock}`);
+      await delayMs(1_500);
+      if (how === 'stopped') process.kill(g.pid!, 'SIGSTOP');
+      else await g.execute('migrate_cancel');
+      const r = await save.done;
+      if (how === 'stopped') process.kill(g.pid!, 'SIGCONT');
+      expect(r.code, how).toBe(1);
+      const lines = r.stderr.trim().split('\n').filter((l) => !l.includes('listening on unix:'));
+      expect(lines, how).toHaveLength(1);
+      expect(lines[0]).toMatch(new RegExp(`^snap-pipe: save ${img} failed \\(the image stays incomplete\\): `));
+      if (how === 'stopped') expect(lines[0]).toContain('nothing came from QEMU and nothing was written for 2 s (--stall-timeout): the migration stalled');
+      console.log(`${qemu.label} multifd save, QEMU ${how}: ${lines[0]}`);
+      const migration = await g.waitMigration(60_000);
+      expect(migration.status, how).toBe(how === 'stopped' ? 'failed' : 'cancelled');
+      expect(snapPipeInfo(img).complete).toBe(false);
+      expect(existsSync(sock)).toBe(false);
+    }
   }, 420_000);
 });
