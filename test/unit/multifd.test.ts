@@ -7,6 +7,8 @@ import {
   decodeInit,
   decodePacketHeader,
   decodeRamPacket,
+  encodeMultifdInit,
+  encodeRamPacketFixed,
   MULTIFD_DEVICE_STATE_PACKET_BYTES,
   MULTIFD_FLAG_DEVICE_STATE,
   MULTIFD_FLAG_SYNC,
@@ -124,6 +126,24 @@ describe('multifd RAM packets', () => {
     expectError(() => ram({ block: 'pc.ram', normal: [2 ** 44] }), 'BAD_STREAM', `multifd packet: page 0's offset ${2 ** 44} is not a 4 KiB page below 16 TiB`);
     expectError(() => ram({ block: 'pc.ram', zero: [2n ** 64n - 4096n] }), 'BAD_STREAM', "multifd packet: page 0's offset of 2^53 or more is not a 4 KiB page below 16 TiB");
     expectError(() => ram({ packetNum: 2n ** 63n }), 'BAD_STREAM', 'multifd packet: packet_num of 2^53 or more');
+  });
+});
+
+describe('multifd encoding (load --connect)', () => {
+  it('an init and RAM packets that every wire decodes back to what was encoded, byte for byte as the test builder lays them out', () => {
+    expect(decodeInit(encodeMultifdInit(3), 4)).toEqual({ uuid: new Uint8Array(16), channelId: 3 });
+    expect(Buffer.compare(encodeMultifdInit(3), encodeInit({ id: 3 }))).toBe(0);
+    const offsets = [0, 4096, 1 << 30, 2 ** 40];
+    const block = Uint8Array.from('pc.ram', (c) => c.charCodeAt(0));
+    const fixed = encodeRamPacketFixed({ sync: false, packetNum: 2 ** 33 + 5, block, offsets, count: 4 });
+    expect(Buffer.compare(fixed, encodeRamPacket({ block: 'pc.ram', normal: offsets, packetNum: 2 ** 33 + 5 }).fixed)).toBe(0);
+    for (const wire of [MULTIFD_WIRE_7_2, MULTIFD_WIRE_9_0, MULTIFD_WIRE_10_0]) {
+      expect(decodeRamPacket(fixed, wire)).toMatchObject({ sync: false, packetNum: 2 ** 33 + 5, normalPages: 4, zeroPages: 0, block: 'pc.ram', offsets, dataBytes: 4 * 4096 });
+      // A SYNC packet alone: no pages, no name, next_packet_size 0; pages_alloc 128 as 7.2 sends it, which 10.x accepts.
+      const sync = encodeRamPacketFixed({ sync: true, packetNum: 9, block, offsets, count: 0 });
+      expect(decodeRamPacket(sync, wire)).toMatchObject({ sync: true, normalPages: 0, zeroPages: 0, block: '', offsets: [], dataBytes: 0 });
+    }
+    expect(() => encodeRamPacketFixed({ sync: false, packetNum: 0, block, offsets: new Array(129).fill(0), count: 129 })).toThrow(RangeError);
   });
 });
 

@@ -296,3 +296,62 @@ export function decodeDeviceStatePacket(bytes: Uint8Array, wire: MultifdWire): M
   }
   return { idstr, instanceId: be32(bytes, 268), dataBytes };
 }
+
+// Encoding, for `load --connect` (snap-pipe as a multifd source). The same layouts as above; the fields a destination
+// checks are filled as QEMU's sender fills them (multifd.c multifd_send_initial_packet, multifd_send_fill_packet;
+// multifd-nocomp.c multifd_ram_fill_packet).
+
+function put32(b: Uint8Array, at: number, v: number): void {
+  b[at] = v >>> 24;
+  b[at + 1] = (v >>> 16) & 0xff;
+  b[at + 2] = (v >>> 8) & 0xff;
+  b[at + 3] = v & 0xff;
+}
+
+function put64(b: Uint8Array, at: number, v: number): void {
+  put32(b, at, Math.floor(v / 0x1_0000_0000));
+  put32(b, at + 4, v >>> 0);
+}
+
+/**
+ * A channel's init message. The uuid is all zeros: a destination compares it with its own qemu_uuid, zero unless it
+ * was started with -uuid (multifd.c multifd_recv_initial_packet, "received uuid ... and expected uuid").
+ */
+export function encodeMultifdInit(channelId: number): Uint8Array {
+  if (!Number.isInteger(channelId) || channelId < 0 || channelId > 255) throw new RangeError(`channel id ${channelId}`);
+  const b = new Uint8Array(MULTIFD_INIT_BYTES);
+  put32(b, 0, MULTIFD_MAGIC);
+  put32(b, 4, MULTIFD_VERSION);
+  b[24] = channelId;
+  return b;
+}
+
+export interface RamPacketFields {
+  sync: boolean;
+  packetNum: number;
+  /** The block's idstr as its stream bytes (latin1), at most 255 bytes. */
+  block: Uint8Array;
+  /** Byte offsets of the data pages in the block, at most MULTIFD_PAGES_MAX; their 4 KiB follow the fixed part. */
+  offsets: ArrayLike<number>;
+  count: number;
+}
+
+/**
+ * A RAM packet's fixed part (MULTIFD_RAM_PACKET_BYTES) for `count` data pages and no zero pages, pages_alloc 128
+ * as every QEMU sends it (a SYNC packet alone: no pages, no block name, next_packet_size 0).
+ */
+export function encodeRamPacketFixed(f: RamPacketFields, into = new Uint8Array(MULTIFD_RAM_PACKET_BYTES)): Uint8Array {
+  if (f.count < 0 || f.count > MULTIFD_PAGES_MAX) throw new RangeError(`${f.count} pages in one multifd packet`);
+  if (f.block.length > NAME_BYTES - 1) throw new RangeError('a block name of more than 255 bytes');
+  into.fill(0);
+  put32(into, 0, MULTIFD_MAGIC);
+  put32(into, 4, MULTIFD_VERSION);
+  put32(into, 8, f.sync ? MULTIFD_FLAG_SYNC : 0);
+  put32(into, RAM_PAGES_ALLOC_AT, MULTIFD_PAGES_MAX);
+  put32(into, RAM_NORMAL_AT, f.count);
+  put32(into, RAM_NEXT_SIZE_AT, f.count * PAGE_BYTES);
+  put64(into, RAM_PACKET_NUM_AT, f.packetNum);
+  if (f.count > 0) into.set(f.block, RAM_BLOCK_AT);
+  for (let i = 0; i < f.count; i++) put64(into, RAM_OFFSETS_AT + 8 * i, f.offsets[i]);
+  return into;
+}
