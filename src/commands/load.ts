@@ -8,9 +8,15 @@ import { formatBytes, printable } from '../format/text.js';
 import { runLoad, type LoadReport } from '../load/precopy.js';
 import { DEFAULT_LOAD_QUEUE_DEPTH, LOAD_QUEUE_DEPTH_MAX } from '../load/source.js';
 import type { PostcopyReport } from '../load/postcopy/session.js';
+import { SnapPipeError } from '../errors.js';
 
 const STDIN_FD = 0;
 const STDOUT_FD = 1;
+
+/** QEMU allows 255 channels; as save --listen, load takes up to 16. */
+const MULTIFD_CHANNELS_MAX = 16;
+/** sockaddr_un's sun_path holds 108 bytes, the NUL included. */
+const UNIX_PATH_BYTES_MAX = 107;
 
 export const LOAD_FLAGS: Record<string, FlagSpec> = {
   io: { kind: 'value', valueName: 'uring|sync', help: 'I/O backend (default: uring where io_uring works, else sync)' },
@@ -22,6 +28,16 @@ export const LOAD_FLAGS: Record<string, FlagSpec> = {
     valueName: 'PERCENT',
     help: 'postcopy: the guest runs once the device state is in, pages it touches are served first (stdin is QEMU\'s return path); with =PERCENT, that share of the data pages goes first (default 0)',
   },
+  connect: {
+    kind: 'value',
+    valueName: 'unix:PATH',
+    help: 'send the stream to a QEMU waiting in migrate_incoming "unix:PATH" instead of stdout (precopy only)',
+  },
+  'multifd-channels': {
+    kind: 'value',
+    valueName: 'N',
+    help: `with --connect: the destination has the multifd capability and multifd-channels N (2 unless set; 1 to ${MULTIFD_CHANNELS_MAX}): the data pages go over N channels side by side; default 0, one stream`,
+  },
   stats: { kind: 'optional-value', valueName: 'FILE', help: 'at the end, a summary on stderr; with =FILE, JSON to FILE' },
   help: { kind: 'bool', help: 'show this help' },
 };
@@ -32,6 +48,11 @@ machine, memory size and devices plus -incoming defer:
 The image is checked before anything is written; zero pages go first, then the data clusters in file order, each
 checked against the CRC-32C recorded at save (a mismatch stops the stream before the device state, so QEMU fails
 the migration instead of running on damaged memory), then the device state. Then 'cont' resumes the guest.
+Or over a socket, with QEMU's multifd channels carrying the data pages side by side:
+  (qemu) migrate_set_capability multifd on
+  (qemu) migrate_set_parameter multifd-channels 2
+  (qemu) migrate_incoming "unix:/run/vm-in.sock"
+  $ snap-pipe load /path/vm.qcow2 --connect unix:/run/vm-in.sock --multifd-channels 2
 With --postcopy the destination needs the postcopy-ram capability (migrate_set_capability postcopy-ram on, before
 migrate_incoming): the device state goes first and the guest runs (at once unless QEMU was started with -S) while
 the pages follow, the ones it touches ahead of the rest.`;
@@ -44,6 +65,9 @@ function formatLoadReport(r: LoadReport): string {
     `  pages: ${r.dataPages} data, ${r.zeroPages} zero, ${r.unsentPages} never sent; ${r.blocks} RAM blocks; device state ${formatBytes(r.deviceStateBytes)}`,
     `  read: ${formatBytes(r.bytesRead)} in ${r.dataClusters} clusters${r.direct ? '' : ' (buffered)'}, ${r.readBackend} reads, queue depth ${r.queueDepth}; CRC-32C by ${r.checksum}`,
     `  time: reading ${ms(r.readMs)}, ${r.verified ? `verifying ${ms(r.verifyMs)}` : 'not verified'}, writing to the pipe ${ms(r.writeMs)} (${r.writeCalls} writes, ${r.ramSections} ram sections)`,
+    ...(r.multifd
+      ? [`  multifd: ${r.multifd.channels} channels, ${r.multifd.syncs} sync points by ${r.multifd.syncBy === 'flush' ? 'MULTIFD_FLUSH' : 'EOS'}, ${r.multifd.packets} packets, ${formatBytes(r.multifd.bytesOut)} in ${ms(r.multifd.writeMs)}`]
+      : []),
   ]
     .map(printable)
     .join('\n');
@@ -93,7 +117,7 @@ export async function cmdLoad(argv: string[]): Promise<number> {
   } catch (err) {
     // Any refusal, a bad command line included: under QEMU it must not leave the pipe empty. Never after stream
     // bytes went out (both runners report every write), where the marker would join the stream.
-    if (progress.bytesOut === 0) writeRefusalMarker();
+    if (progress.bytesOut === 0) writeRefusalMarker(); // -1 with --connect: stdout is not the stream
     throw err;
   }
 }
@@ -106,7 +130,7 @@ interface LoadProgressSeen {
 async function load(argv: string[], progress: LoadProgressSeen): Promise<number> {
   const { flags, positionals } = parseArgs('load', argv, LOAD_FLAGS);
   if (flags.has('help')) {
-    printOut(formatHelp('snap-pipe load IMG [options] > STREAM', LOAD_ABOUT, LOAD_FLAGS));
+    printOut(formatHelp('snap-pipe load IMG [options] > STREAM, or snap-pipe load IMG --connect unix:PATH [options]', LOAD_ABOUT, LOAD_FLAGS));
     return 0;
   }
   const path = onePath('load', positionals);
@@ -115,8 +139,12 @@ async function load(argv: string[], progress: LoadProgressSeen): Promise<number>
   const io = parseIo('load', flags.get('io'));
   const postcopy = flags.get('postcopy');
   const precopyPercent = postcopy === undefined ? undefined : postcopy === true ? 0 : parseInteger('load', 'postcopy', postcopy, 0, 100);
+  const connect = connectPath(flags.get('connect'));
+  const channels = integerFlag('load', flags, 'multifd-channels', 0, MULTIFD_CHANNELS_MAX, 0);
+  if (!connect && flags.has('multifd-channels')) usage('load: --multifd-channels goes with --connect (QEMU takes multifd channels over a socket only)');
+  if (connect && precopyPercent !== undefined) usage('load: --postcopy goes with exec: (stdin is the return path), not with --connect');
   // isatty, not process.stdout: touching process.stdout could switch fd 1 to non-blocking mode.
-  if (isatty(STDOUT_FD)) usage('load: stdout is a terminal; redirect it or run under QEMU (see snap-pipe load --help)');
+  if (!connect && isatty(STDOUT_FD)) usage('load: stdout is a terminal; redirect it or run under QEMU (see snap-pipe load --help)');
   if (precopyPercent !== undefined && isatty(STDIN_FD)) {
     usage('load: --postcopy: stdin is a terminal; it must be QEMU\'s return path (run under migrate_incoming exec:)');
   }
@@ -140,16 +168,37 @@ async function load(argv: string[], progress: LoadProgressSeen): Promise<number>
     return 0;
   }
 
-  const report = await runLoad({
-    path,
-    out: STDOUT_FD,
-    direct: !flags.has('no-direct'),
-    verify: !flags.has('no-verify'),
-    queueDepth,
-    io,
-    onNote: (line) => tellErr(`snap-pipe: ${printable(line)}\n`),
-    onProgress: (p) => (progress.bytesOut = p.bytesOut),
-  });
-  writeStats(stats, () => formatLoadReport(report), report);
-  return 0;
+  // With --connect the stream never goes to stdout: no refusal marker there.
+  if (connect) progress.bytesOut = -1;
+  const conns = connect ? await (await import('../load/connect.js')).StreamConnections.open(connect, channels) : undefined;
+  try {
+    const report = await runLoad({
+      path,
+      out: conns ? conns.main : STDOUT_FD,
+      multifdFds: conns && channels > 0 ? conns.channels : undefined,
+      direct: !flags.has('no-direct'),
+      verify: !flags.has('no-verify'),
+      queueDepth,
+      io,
+      onNote: (line) => tellErr(`snap-pipe: ${printable(line)}\n`),
+      onProgress: (p) => (progress.bytesOut = connect ? -1 : p.bytesOut),
+    });
+    writeStats(stats, () => formatLoadReport(report), report);
+    return 0;
+  } finally {
+    conns?.close();
+  }
+}
+
+/** --connect unix:PATH: the path; undefined without the flag. */
+function connectPath(spec: string | boolean | undefined): string | undefined {
+  if (spec === undefined) return undefined;
+  if (typeof spec !== 'string' || !spec.startsWith('unix:') || spec.length === 5) {
+    throw new SnapPipeError('USAGE', `load: --connect takes unix:PATH (got ${printable(String(spec))})`);
+  }
+  const path = spec.slice(5);
+  if (Buffer.byteLength(path) > UNIX_PATH_BYTES_MAX) {
+    throw new SnapPipeError('USAGE', `load: --connect: ${printable(path)} is longer than a unix socket path may be (${UNIX_PATH_BYTES_MAX} bytes)`);
+  }
+  return path;
 }

@@ -19,8 +19,11 @@ function writeStream(fd: number, buf: Uint8Array, len: number): number {
   return writeLoop(len, (done) => fs.writeSync(fd, buf, done, len - done), WORDS);
 }
 
-/** Writes the pieces in order with writev (see writeLoop); a partial write resumes inside the piece it stopped in. */
-function writevStream(fd: number, pieces: Uint8Array[], total: number): number {
+/**
+ * Writes the pieces in order with writev (see writeLoop); a partial write resumes inside the piece it stopped in.
+ * Returns the write calls made.
+ */
+export function writevAll(fd: number, pieces: Uint8Array[], total: number, words: WriteWords): number {
   let first = 0;
   let skipped = 0; // bytes of pieces[0..first) plus what was cut off pieces[first]
   return writeLoop(total, (done) => {
@@ -33,7 +36,7 @@ function writevStream(fd: number, pieces: Uint8Array[], total: number): number {
       skipped = done;
     }
     return fs.writevSync(fd, first === 0 ? pieces : pieces.slice(first));
-  }, WORDS);
+  }, words);
 }
 
 /** The encoder's sink for a file descriptor: counts what it wrote and how long that took; `onWritten` after each. */
@@ -59,7 +62,7 @@ export class PipeSink implements ByteSink {
   writev(pieces: Uint8Array[], total: number): void {
     const t0 = performance.now();
     this.broken = true;
-    this.writeCalls += writevStream(this.fd, pieces, total);
+    this.writeCalls += writevAll(this.fd, pieces, total, WORDS);
     this.written(total, t0);
   }
 

@@ -21,6 +21,8 @@ import { enlargePipe } from '../native/uring.js';
 import { PART_HEAD_BYTES, PART_TAIL_BYTES, RECORD_HEAD_BYTES_MAX, type StreamEncoder } from '../format/stream/encoder.js';
 import { pipeEncoder, type PipeSink } from './pipe.js';
 import { dataPagesOf, forEachZeroPage } from './plan.js';
+import { MultifdSender, ramSetupWithFlush, syncByMachineType, type SyncBy } from './multifd.js';
+import { RAM_MULTIFD_FLUSH } from '../format/stream/constants.js';
 import { LOAD_QUEUE_DEPTH_MAX, LoadSource } from './source.js';
 
 /** Bound on ZERO records per PART section (9 bytes each with CONTINUE: ~300 KiB). */
@@ -47,6 +49,11 @@ export interface LoadOptions {
   onNote?: (line: string) => void;
   /** Called after each flush of the output buffer. */
   onProgress?: (p: LoadProgress) => void;
+  /**
+   * load --connect with --multifd-channels: `out` is the main channel, these the multifd channels' sockets (by
+   * channel id); the data pages go on them (load/multifd.ts).
+   */
+  multifdFds?: number[];
 }
 
 export interface LoadReport {
@@ -75,12 +82,21 @@ export interface LoadReport {
   readBackend: string;
   /** How cluster checksums were computed (see SaveReport.checksum). */
   checksum: typeof crc32cImplementation;
+  /** With multifd channels: how many, the sync records used, and what went on the channels. */
+  multifd?: { channels: number; syncBy: SyncBy; syncs: number; packets: number; bytesOut: number; writeMs: number };
 }
 
 /** What the data phase counts. */
 interface Sent {
   dataPagesOut: number;
   readMs: number;
+}
+
+/** A load over multifd channels: the channels' sender and the destination's sync records. */
+interface Multifd {
+  sender: MultifdSender;
+  syncBy: SyncBy;
+  syncs: number;
 }
 
 export async function runLoad(opts: LoadOptions): Promise<LoadReport> {
@@ -97,9 +113,11 @@ export async function runLoad(opts: LoadOptions): Promise<LoadReport> {
     const { out, sink } = pipeEncoder(opts.out, () =>
       opts.onProgress?.({ bytesOut: sink.bytesOut, dataPagesOut: sent.dataPagesOut, dataPagesTotal: source.plan.dataPages }),
     );
+    const mfd = opts.multifdFds ? { sender: new MultifdSender(opts.multifdFds, source.meta), syncBy: syncByMachineType(source.meta.machineType), syncs: 0 } : undefined;
     // Nothing has been written so far: every refusal above left `out` untouched.
     try {
-      sendStream(source, out, opts.verify, sent);
+      if (mfd) sendMultifdStream(source, out, opts.verify, sent, mfd);
+      else sendStream(source, out, opts.verify, sent);
     } catch (err) {
       // Send the sections already complete (all verified) before failing: QEMU 7.2 only starts an exec: incoming
       // migration when the pipe becomes readable, and a pipe closed with nothing in it is never readable (HUP
@@ -107,7 +125,12 @@ export async function runLoad(opts: LoadOptions): Promise<LoadReport> {
       out.flushAfterFailure();
       throw err;
     }
-    return report(opts, (performance.now() - t0) / 1000, source, out, sink, sent);
+    const r = report(opts, (performance.now() - t0) / 1000, source, out, sink, sent);
+    if (mfd) {
+      const { sender } = mfd;
+      r.multifd = { channels: opts.multifdFds!.length, syncBy: mfd.syncBy, syncs: mfd.syncs, packets: sender.packets, bytesOut: sender.bytesOut, writeMs: sender.writeMs };
+    }
+    return r;
   } finally {
     source.close();
   }
@@ -127,23 +150,70 @@ function sendStream(source: LoadSource, out: StreamEncoder, verify: boolean, sen
   out.flush();
 }
 
-/** ZERO records for every page whose last version was zero, in block order, in PART sections of bounded size. */
-function sendZeroPages(out: StreamEncoder, meta: SnapshotMeta): void {
+/**
+ * The stream over multifd channels (load/multifd.ts): the main channel as sendStream writes it, less the data pages,
+ * which go to the channels; a last sync point follows them. Each main-channel sync record goes out right after
+ * the channels' SYNC packets, and the main channel is flushed there: a destination's channel thread reads nothing
+ * after a SYNC until its main thread has reached the matching record (multifd.c multifd_recv_thread), so a record
+ * left in our buffer while we write to a channel would stall both sides.
+ */
+function sendMultifdStream(source: LoadSource, out: StreamEncoder, verify: boolean, sent: Sent, mfd: Multifd): void {
+  const { meta } = source;
+  const syncPoint = () => {
+    mfd.sender.sync();
+    mfd.syncs++;
+  };
+  mfd.sender.open();
+  out.verbatim(meta.head);
+  syncPoint(); // ram START's: its MULTIFD_FLUSH, or its EOS
+  if (mfd.syncBy === 'flush') ramSetupWithFlush(out, meta.ramSetup);
+  else out.verbatim(meta.ramSetup);
+  out.flush();
+  sendZeroPages(out, meta, mfd.syncBy === 'eos' ? syncPoint : undefined);
+  out.flush();
+  sendDataClusters(source, out, verify, sent, mfd.sender);
+  assert.equal(sent.dataPagesOut, source.plan.dataPages, 'every data page sent once');
+  // One more PART, empty but for the sync point that closes the data pages (as sendStream, no ram END: the device
+  // state follows the RAM sections).
+  syncPoint();
+  out.ramPart(meta.ramSectionId, 'name-first');
+  if (mfd.syncBy === 'flush') out.be64(RAM_MULTIFD_FLUSH);
+  out.ramEos(meta.ramSectionId);
+  out.verbatim(meta.switchoverCommands);
+  out.verbatim(meta.deviceState);
+  out.flush();
+}
+
+/**
+ * ZERO records for every page whose last version was zero, in block order, in PART sections of bounded size.
+ * `syncPoint`: each section's EOS is a multifd sync point (called before the section; the section is flushed).
+ */
+function sendZeroPages(out: StreamEncoder, meta: SnapshotMeta, syncPoint?: () => void): void {
   const id = meta.ramSectionId;
   let inSection = 0;
+  const end = () => {
+    out.ramEos(id);
+    if (syncPoint) out.flush();
+  };
   forEachZeroPage(meta, (block, page) => {
-    if (inSection === 0) out.room(ZERO_SECTION_BYTES_MAX).ramPart(id, 'name-first');
+    if (inSection === 0) {
+      syncPoint?.();
+      out.room(ZERO_SECTION_BYTES_MAX).ramPart(id, 'name-first');
+    }
     out.zero(meta.blocks[block].id, page * PAGE_BYTES);
     if (++inSection === ZERO_RECORDS_PER_SECTION) {
-      out.ramEos(id);
+      end();
       inSection = 0;
     }
   });
-  if (inSection > 0) out.ramEos(id);
+  if (inSection > 0) end();
 }
 
-/** Every data cluster in plan order, checked, its data pages as one PART section written from the cluster's memory. */
-function sendDataClusters(source: LoadSource, out: StreamEncoder, verify: boolean, sent: Sent): void {
+/**
+ * Every data cluster in plan order, checked, its data pages as one PART section written from the cluster's memory,
+ * or with `channels` as multifd packets on them.
+ */
+function sendDataClusters(source: LoadSource, out: StreamEncoder, verify: boolean, sent: Sent, channels?: MultifdSender): void {
   const { meta, plan } = source;
   const reads = new InOrderReads(source);
   const pageList = new Int32Array(PAGES_PER_CHUNK);
@@ -154,7 +224,8 @@ function sendDataClusters(source: LoadSource, out: StreamEncoder, verify: boolea
     const cluster = source.arrived(next, slot, verify, CRC_STOPS_BEFORE);
     const ch = plan.chunks[next];
     const n = dataPagesOf(meta, ch, pageList);
-    out.pagesSection(meta.ramSectionId, meta.blocks[ch.block].id, cluster, ch.chunk * PAGES_PER_CHUNK, pageList, n);
+    if (channels) channels.pages(ch.block, cluster, ch.chunk * PAGES_PER_CHUNK, pageList, n);
+    else out.pagesSection(meta.ramSectionId, meta.blocks[ch.block].id, cluster, ch.chunk * PAGES_PER_CHUNK, pageList, n);
     sent.dataPagesOut += n;
   }
 }

@@ -93,6 +93,13 @@ export function socketBlocking(fd: number): void {
   a.addon.setBlocking(fd);
 }
 
+/** libuv's fd of a connected or accepted unix socket (a Pipe handle); Node has no public accessor. */
+export function socketFd(sock: object): number {
+  const fd = (sock as { _handle?: { fd?: number } })._handle?.fd;
+  if (typeof fd !== 'number' || fd < 0) throw new SnapPipeError('IO', 'the connection has no file descriptor');
+  return fd;
+}
+
 /** shutdown(SHUT_RDWR) of a socket: a read blocked on it in another thread returns. False if it could not be done. */
 export function shutdownSocket(fd: number): boolean {
   const a = loadAddon();

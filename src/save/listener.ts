@@ -17,7 +17,7 @@ import { SnapPipeError, ioError } from '../errors.js';
 import { printable } from '../format/text.js';
 import { decodeInit, MULTIFD_INIT_BYTES, MULTIFD_MAGIC } from '../format/stream/multifd.js';
 import { QEVM_MAGIC } from '../format/stream/constants.js';
-import { peekSocket, shutdownSocket, socketBlocking } from '../native/uring.js';
+import { peekSocket, shutdownSocket, socketBlocking, socketFd } from '../native/uring.js';
 import { MAX_CHANNELS } from './ring/layout.js';
 
 /**
@@ -160,7 +160,7 @@ export class StreamListener {
 
   /** Waits for a connection's first bytes (left in the socket) and says which channel it is. */
   private async classify(sock: net.Socket, channels: number): Promise<{ main: true; fd: number } | { main: false; fd: number; channel: number }> {
-    const fd = fdOf(sock);
+    const fd = socketFd(sock);
     this.fds.push(fd);
     const head = await this.peek(fd, 4);
     const magic = ((head[0] << 24) | (head[1] << 16) | (head[2] << 8) | head[3]) >>> 0;
@@ -228,12 +228,6 @@ export class StreamListener {
 }
 
 
-/** libuv's fd of an accepted unix socket (a Pipe handle); Node has no public accessor. */
-function fdOf(sock: net.Socket): number {
-  const fd = (sock as unknown as { _handle?: { fd?: number } })._handle?.fd;
-  if (typeof fd !== 'number' || fd < 0) throw new SnapPipeError('IO', 'the accepted connection has no file descriptor');
-  return fd;
-}
 
 /**
  * Makes `path` free to listen on: a socket there that nobody listens on (left by a save that was killed) is removed;

@@ -1,0 +1,150 @@
+// snap-pipe load --connect unix:PATH, against a scripted destination on a real unix socket that accepts every
+// connection and decodes what arrives (the multifd decoder for the channels, the stream parser for the main
+// channel): the main channel connects first, each channel's init names it in order, every data page of the image
+// arrives exactly once across the channels with its content, the zero pages come on the main channel, and every
+// channel sends one SYNC packet per sync point of the main channel (MULTIFD_FLUSH for an 8.1+ machine type, EOS
+// before). Without multifd, one connection carries what `load > stdout` writes, byte for byte. Refusals: nothing
+// listening, and the flags that do not go with --connect.
+import { spawn, spawnSync } from 'node:child_process';
+import { existsSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { createServer, type Server, type Socket } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { decodeInit, decodeRamPacket, MULTIFD_INIT_BYTES, MULTIFD_RAM_PACKET_BYTES, MULTIFD_WIRE_ANY } from '../../src/format/stream/multifd.js';
+import { BIN, ROOT } from '../helpers/cli.js';
+import { SMALL_PC_BLOCKS, buildStream, sequentialOps } from '../helpers/model.js';
+import { parseAll } from '../helpers/parse.js';
+
+let dir: string;
+beforeAll(() => {
+  if (!existsSync(join(ROOT, 'dist', 'main.js'))) throw new Error('dist/ is missing: run npm run build');
+  dir = mkdtempSync(join(tmpdir(), 'snap-pipe-connect-'));
+});
+afterAll(() => rmSync(dir, { recursive: true, force: true }));
+
+const BLOCKS = SMALL_PC_BLOCKS;
+const RUN_MS_MAX = 30_000;
+
+function saveImage(name: string, machineType: string): { img: string; stream: Uint8Array } {
+  const m = buildStream(BLOCKS, sequentialOps(BLOCKS, 11), { ramEnd: true, machineType });
+  const file = join(dir, `${name}.stream`);
+  const img = join(dir, `${name}.qcow2`);
+  writeFileSync(file, m.bytes);
+  const r = spawnSync('bash', ['-c', `"${process.execPath}" "${BIN}" save --no-direct "$0" < "$1"`, img, file]);
+  if (r.status !== 0) throw new Error(`save: ${r.stderr}`);
+  return { img, stream: m.bytes };
+}
+
+/** Accepts connections on `path` and keeps each one's bytes, in accept order, until all have closed. */
+function destination(path: string): { server: Server; conns: () => Promise<Uint8Array[]> } {
+  const chunks: Buffer[][] = [];
+  const closed: Promise<void>[] = [];
+  const server = createServer((s: Socket) => {
+    const mine: Buffer[] = [];
+    chunks.push(mine);
+    s.on('data', (b: Buffer) => mine.push(b));
+    closed.push(new Promise((resolve) => s.on('close', () => resolve())));
+  });
+  server.listen(path);
+  return {
+    server,
+    conns: async () => {
+      await Promise.all(closed);
+      server.close();
+      return chunks.map((c) => new Uint8Array(Buffer.concat(c)));
+    },
+  };
+}
+
+function runLoad(args: string[]): Promise<{ code: number | null; stderr: string }> {
+  return new Promise((resolve, reject) => {
+    const child = spawn(process.execPath, [BIN, 'load', '--no-direct', ...args], { stdio: ['ignore', 'ignore', 'pipe'] });
+    let stderr = '';
+    child.stderr.on('data', (d: Buffer) => (stderr += d));
+    const timer = setTimeout(() => reject(new Error(`load did not exit in ${RUN_MS_MAX} ms: ${stderr}`)), RUN_MS_MAX);
+    child.on('exit', (code: number | null) => {
+      clearTimeout(timer);
+      resolve({ code, stderr });
+    });
+  });
+}
+
+/** Every page a channel carries, by block name and offset, and its SYNC packets. */
+function decodeChannel(bytes: Uint8Array, id: number): { pages: Map<string, Uint8Array>; syncs: number } {
+  expect(decodeInit(bytes.subarray(0, MULTIFD_INIT_BYTES), 16).channelId).toBe(id);
+  const pages = new Map<string, Uint8Array>();
+  let syncs = 0;
+  for (let at = MULTIFD_INIT_BYTES; at < bytes.length; ) {
+    const p = decodeRamPacket(bytes.subarray(at, at + MULTIFD_RAM_PACKET_BYTES), MULTIFD_WIRE_ANY);
+    at += MULTIFD_RAM_PACKET_BYTES;
+    p.offsets.forEach((o, i) => pages.set(`${p.block}@${o}`, bytes.subarray(at + i * 4096, at + (i + 1) * 4096)));
+    at += p.dataBytes;
+    if (p.sync) syncs++;
+  }
+  return { pages, syncs };
+}
+
+describe('load --connect unix:PATH', () => {
+  for (const [machineType, syncBy] of [['pc-i440fx-7.2', 'eos'], ['pc-q35-10.0', 'flush']] as const) {
+    it(`multifd (${machineType}): main channel first, every data page once across 3 channels, a SYNC per sync point (${syncBy})`, async () => {
+      const { img, stream } = saveImage(`mfd-${syncBy}`, machineType);
+      const want = parseAll(stream);
+      const sock = join(dir, `${syncBy}.sock`);
+      const dst = destination(sock);
+      const r = await runLoad([img, '--connect', `unix:${sock}`, '--multifd-channels', '3']);
+      expect(r.code, r.stderr).toBe(0);
+      const [main, ...channels] = await dst.conns();
+      expect(channels).toHaveLength(3);
+      const got = parseAll(main, 1, 65536, undefined, 0, { multifd: true });
+      expect(got.parsed.multifdSyncs?.by).toBe(syncBy);
+      const decoded = channels.map((c, i) => decodeChannel(c, i));
+      for (const d of decoded) expect(d.syncs).toBe(got.parsed.multifdSyncs!.count);
+      // The main channel carries the zero pages only; the channels every data page, once, with its content.
+      expect(got.kindRuns.filter((k) => k === 'd')).toEqual([]);
+      const all = new Map<string, Uint8Array>();
+      for (const d of decoded) for (const [k, v] of d.pages) {
+        expect(all.has(k), `${k} sent twice`).toBe(false);
+        all.set(k, v);
+      }
+      let dataPages = 0;
+      want.data.forEach((pages, b) =>
+        pages.forEach((isData, page) => {
+          if (!isData) return;
+          dataPages++;
+          const bytes = all.get(`${BLOCKS[b].id}@${page * 4096}`);
+          expect(bytes && Buffer.compare(bytes, want.ram[b].subarray(page * 4096, (page + 1) * 4096)), `${BLOCKS[b].id} page ${page}`).toBe(0);
+        }),
+      );
+      expect(all.size).toBe(dataPages);
+      // Zero pages: the main channel's ZERO records name each page whose last version was zero.
+      want.sent.forEach((pages, b) => pages.forEach((sent, page) => sent && !want.data[b][page] && expect(got.sent[b][page]).toBe(true)));
+    });
+  }
+
+  it('without multifd: one connection carries what load writes to stdout, byte for byte', async () => {
+    const { img } = saveImage('plain', 'pc-i440fx-7.2');
+    const sock = join(dir, 'plain.sock');
+    const dst = destination(sock);
+    const r = await runLoad([img, '--connect', `unix:${sock}`]);
+    expect(r.code, r.stderr).toBe(0);
+    const conns = await dst.conns();
+    expect(conns).toHaveLength(1);
+    const out = spawnSync('bash', ['-c', `"${process.execPath}" "${BIN}" load --no-direct "$0"`, img], { maxBuffer: 1 << 30 }).stdout as Buffer;
+    expect(Buffer.compare(conns[0], out)).toBe(0);
+  });
+
+  it('refuses with one line: nothing listening, --multifd-channels without --connect, --postcopy with it', async () => {
+    const { img } = saveImage('refused', 'pc-i440fx-7.2');
+    const sock = join(dir, 'nobody.sock');
+    for (const [args, line] of [
+      [[img, '--connect', `unix:${sock}`], `snap-pipe: --connect: cannot connect to ${sock}: nothing listens there (is QEMU's migrate_incoming "unix:PATH" running?)`],
+      [[img, '--multifd-channels', '2'], 'snap-pipe: load: --multifd-channels goes with --connect (QEMU takes multifd channels over a socket only)'],
+      [[img, '--connect', `unix:${sock}`, '--postcopy'], 'snap-pipe: load: --postcopy goes with exec: (stdin is the return path), not with --connect'],
+    ] as const) {
+      const r = await runLoad([...args]);
+      expect(r.code, line).not.toBe(0);
+      expect(r.stderr.trim().split('\n'), line).toEqual([line]);
+    }
+  });
+});
