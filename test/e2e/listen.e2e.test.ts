@@ -9,6 +9,8 @@
 //    cross channels, the last versions stored;
 //  - multifd refused: without --multifd-channels (one line naming it), and with fewer than QEMU opens (QEMU fails,
 //    the image stays incomplete, the socket is gone);
+//  - multifd both ways: a multifd save restored by load --connect over multifd channels and over one socket, RAM
+//    byte for byte against pmemsave, the guest ticking after cont;
 //  - multifd cut short: QEMU stopped (SIGSTOP) mid-migration ends the save after --stall-timeout, QEMU's
 //    migrate_cancel ends it at once; one line each, the image incomplete.
 // Fails (never skips) when QEMU, the guest files or the build are missing.
@@ -19,7 +21,8 @@ import { afterAll, afterEach, beforeAll, describe, expect, test } from 'vitest';
 import { delayMs, Guest, guestFiles, snapPipeBin } from '../../tools/qemu/guest.js';
 import { testedQemus } from '../../tools/qemu/versions.js';
 import type { SaveReport } from '../../src/save/pipeline.js';
-import { expectPcRamMatches, run, snapPipeInfo } from '../helpers/e2e.js';
+import { expectPcRamMatches, firstDifference, LEGACY_WINDOW, run, snapPipeInfo } from '../helpers/e2e.js';
+import type { LoadReport } from '../../src/load/precopy.js';
 import { startListeningSave, type ListeningSave } from '../helpers/listen.js';
 
 const MiB = 1024 * 1024;
@@ -241,4 +244,51 @@ describe.each(testedQemus())('snap-pipe save --listen behind a real QEMU migrate
       expect(existsSync(sock)).toBe(false);
     }
   }, 420_000);
+
+  test('multifd both ways: saved over 2 channels, restored by load --connect over 2 channels and over one socket, byte for byte, ticking', async () => {
+    guestFiles();
+    const sock = join(dir, 'both.sock');
+    const img = join(dir, 'both.qcow2');
+    const { g, dump } = await multifdGuest('listen-both-src', 2, false);
+    await g.pmemsave(0, memMiB * MiB, dump, 120_000);
+    const save = startSave(img, sock, ['--multifd-channels', '2']);
+    await save.listening;
+    await g.migrate(`unix:${sock}`);
+    const saved = await g.waitMigration(180_000);
+    expect((await save.done).code).toBe(0);
+    if (saved.status !== 'completed') throw g.failure(`multifd save ${saved.status}`);
+    await g.quit();
+
+    for (const channels of [2, 0]) {
+      const dst = (guest = await Guest.start({ qemu, name: `listen-both-dst${channels}`, memMiB, fillMiB, incoming: true }));
+      if (channels > 0) {
+        await dst.setCapabilities({ multifd: true });
+        await dst.setMigrationParams({ 'multifd-channels': channels });
+      }
+      const inSock = join(dir, `in${channels}.sock`);
+      const stats = join(dir, `in${channels}.json`);
+      await dst.migrateIncoming(`unix:${inSock}`);
+      const multifd = channels > 0 ? ['--multifd-channels', String(channels)] : [];
+      run(process.execPath, [snapPipeBin(), 'load', img, '--connect', `unix:${inSock}`, ...multifd, `--stats=${stats}`], 180_000);
+      const m = await dst.waitMigration(180_000);
+      if (m.status !== 'completed') throw dst.failure(`incoming from load --connect (${channels} channels) ${m.status}: ${m['error-desc'] ?? '?'}`);
+      const report = JSON.parse(readFileSync(stats, 'utf8')) as LoadReport;
+      if (channels > 0) {
+        expect(report.multifd).toMatchObject({ channels, syncBy: qemu.major >= 10 ? 'flush' : 'eos' });
+        expect(report.multifd!.packets).toBeGreaterThan((fillMiB * MiB) / 4096 / 128);
+      } else {
+        expect(report.multifd).toBeUndefined();
+      }
+      const after = join(dir, `in${channels}.pmem`);
+      await dst.pmemsave(0, memMiB * MiB, after, 120_000);
+      const diff = await firstDifference(dump, after, memMiB * MiB, [LEGACY_WINDOW]);
+      expect(diff, diff < 0 ? '' : `restored RAM (${channels} channels) differs at 0x${diff.toString(16)}`).toBe(-1);
+      const from = dst.consoleBytes();
+      await dst.cont();
+      expect(await dst.waitTick(30_000, from)).toMatch(/SNAPPIPE-TICK \d+/);
+      console.log(`${qemu.label} load --connect${channels > 0 ? ` --multifd-channels ${channels}` : ''}: ${report.seconds.toFixed(2)} s` + (report.multifd ? `, ${report.multifd.packets} packets, ${report.multifd.syncs} sync points by ${report.multifd.syncBy}` : ''));
+      await dst.quit();
+      guest = null;
+    }
+  }, 600_000);
 });
