@@ -7,7 +7,8 @@
 //
 // Options: --mem MiB (default 2048)  --fill MiB (default 1200)  --runs N (warm runs per mode, default 3)
 //          --cold-runs N (default 1; 0 for none)  --settle SECONDS (idle before each cold run, default 30)
-//          --modes precopy,postcopy,postcopy25 (default all three)  --dir DIR (default /tmp)  --no-results
+//          --modes precopy,postcopy,postcopy25,multifd,mapped-ram (default all; mapped-ram needs QEMU 9.1+)
+//          --dir DIR (default /tmp)  --no-results
 //          --qemu PATH|10.0 (the qemu-system-x86_64 to run; default $SNAP_PIPE_QEMU, else the machine's own)
 // Needs python3 (the warm-up below; Node cannot madvise).
 //
@@ -41,8 +42,8 @@
 // same image is restored in every run, so that part is the same for every mode. Times are from just before the
 // migrate-incoming QMP command is sent. Temporary files live in a directory under --dir, removed at the end (also
 // on Ctrl-C), and every QEMU started here is quit.
-import { spawnSync } from 'node:child_process';
-import { mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { spawn, spawnSync } from 'node:child_process';
+import { existsSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { cpus, totalmem } from 'node:os';
 import { join } from 'node:path';
 import type { LatencySummary } from '../src/load/postcopy/latency.js';
@@ -50,7 +51,7 @@ import type { PostcopyReport } from '../src/load/postcopy/session.js';
 import type { LoadReport } from '../src/load/precopy.js';
 import { Guest, delayMs, guestFiles, shellQuote, snapPipeBin } from '../tools/qemu/guest.js';
 import { checkout, recordRun } from './results.js';
-import { chosenQemu, type Qemu } from '../tools/qemu/versions.js';
+import { chosenQemu, qemuAtLeast, type Qemu } from '../tools/qemu/versions.js';
 
 const ROOT = join(import.meta.dirname, '..');
 const MiB = 2 ** 20;
@@ -64,6 +65,8 @@ interface Args {
   dir: string;
   results: boolean;
   modes: string[];
+  /** --modes was given (else every mode this QEMU can run). */
+  modesGiven: boolean;
   /** Cold pass: runs per mode (0: none) and the idle pause before each. */
   coldRuns: number;
   settleS: number;
@@ -71,7 +74,7 @@ interface Args {
 }
 
 function parseArgs(argv: string[]): Args {
-  const a: Args = { memMiB: 2048, fillMiB: 1200, runs: 3, dir: '/tmp', results: true, modes: MODES.map((m) => m.key), coldRuns: 1, settleS: 30, qemu: undefined };
+  const a: Args = { memMiB: 2048, fillMiB: 1200, runs: 3, dir: '/tmp', results: true, modes: MODES.map((m) => m.key), modesGiven: false, coldRuns: 1, settleS: 30, qemu: undefined };
   for (let i = 0; i < argv.length; i++) {
     const k = argv[i];
     const v = () => {
@@ -84,7 +87,10 @@ function parseArgs(argv: string[]): Args {
     else if (k === '--runs') a.runs = Number(v());
     else if (k === '--dir') a.dir = v();
     else if (k === '--no-results') a.results = false;
-    else if (k === '--modes') a.modes = v().split(',');
+    else if (k === '--modes') {
+      a.modes = v().split(',');
+      a.modesGiven = true;
+    }
     else if (k === '--cold-runs') a.coldRuns = Number(v());
     else if (k === '--settle') a.settleS = Number(v());
     else if (k === '--qemu') a.qemu = v();
@@ -155,12 +161,21 @@ interface Mode {
   label: string;
   loadArgs: string[];
   postcopy: boolean;
+  /** load --connect over this many multifd channels (migrate_incoming unix:), instead of exec:. */
+  multifd?: number;
+  /** QEMU's own restore of its own mapped-ram file (no snap-pipe): migrate_incoming file: (QEMU 9.1+). */
+  mappedRam?: boolean;
 }
+
+/** Channels of the multifd restores, snap-pipe's and QEMU's mapped-ram alike. */
+const MULTIFD_CHANNELS = 2;
 
 const MODES: Mode[] = [
   { key: 'precopy', label: 'precopy (`load IMG`)', loadArgs: [], postcopy: false },
   { key: 'postcopy', label: 'postcopy (`load --postcopy IMG`)', loadArgs: ['--postcopy'], postcopy: true },
   { key: 'postcopy25', label: 'postcopy=25 (`load --postcopy=25 IMG`)', loadArgs: ['--postcopy=25'], postcopy: true },
+  { key: 'multifd', label: `multifd (\`load --connect unix:S --multifd-channels ${MULTIFD_CHANNELS} IMG\`)`, loadArgs: [], postcopy: false, multifd: MULTIFD_CHANNELS },
+  { key: 'mapped-ram', label: `QEMU's own mapped-ram restore (\`migrate_incoming file:\`, multifd ${MULTIFD_CHANNELS} channels + direct-io)`, loadArgs: [], postcopy: false, mappedRam: true },
 ];
 
 interface RunResult {
@@ -178,7 +193,8 @@ interface RunResult {
   statuses: string[];
   /** Ticks seen after completion (the guest goes on). */
   ticksAfter: number;
-  stats: PostcopyReport | LoadReport;
+  /** snap-pipe's --stats (none for QEMU's own mapped-ram restore). */
+  stats?: PostcopyReport | LoadReport;
   blocktimeMs?: number;
   /** 1-minute load average before the run. */
   load: string;
@@ -211,6 +227,23 @@ function loadUri(bin: string, img: string, args: string[]): string {
   return `exec:${[bin, 'load', img, ...args].map(shellQuote).join(' ')}`;
 }
 
+/** QEMU's own mapped-ram save of the source guest (step 1), for the mapped-ram mode. */
+function mappedRamFile(dir: string): string {
+  return join(dir, 'guest.mapped-ram');
+}
+
+/** `load --connect` to the destination's socket, once it listens; resolves to load's exit code. */
+function connectLoad(bin: string, img: string, sock: string, channels: number, statsPath: string): Promise<number | null> {
+  return (async () => {
+    for (const deadline = Date.now() + 10_000; !existsSync(sock); ) {
+      if (Date.now() > deadline) throw new Error(`${sock} never appeared`);
+      await delayMs(5);
+    }
+    const c = spawn(process.execPath, [bin, 'load', img, '--connect', `unix:${sock}`, '--multifd-channels', String(channels), `--stats=${statsPath}`], { stdio: ['ignore', 'ignore', 'inherit'] });
+    return new Promise<number | null>((resolve) => c.on('exit', (code) => resolve(code)));
+  })();
+}
+
 async function readJson<T>(g: Guest, path: string): Promise<T> {
   for (const deadline = Date.now() + 15_000; Date.now() < deadline; ) {
     try {
@@ -232,14 +265,20 @@ async function restore(args: Args, dir: string, bin: string, img: string, mode: 
   try {
     // QEMU 7.2 checks postcopy-ram on the destination at POSTCOPY_ADVISE: set before migrate_incoming.
     if (mode.postcopy) await g.setCapabilities({ 'postcopy-ram': true, 'postcopy-blocktime': true });
+    if (mode.multifd || mode.mappedRam) {
+      await g.setCapabilities({ multifd: true, ...(mode.mappedRam ? { 'mapped-ram': true } : {}) });
+      await g.setMigrationParams({ 'multifd-channels': MULTIFD_CHANNELS, ...(mode.mappedRam ? { 'direct-io': true } : {}) });
+    }
     await g.unthrottle();
     const from = g.consoleBytes();
     const thp0 = thpFaultAlloc();
-    const uri = loadUri(bin, img, [...mode.loadArgs, `--stats=${statsPath}`]);
+    const sock = join(dir, `in-${mode.key}.sock`);
+    const uri = mode.mappedRam ? `file:${mappedRamFile(dir)}` : mode.multifd ? `unix:${sock}` : loadUri(bin, img, [...mode.loadArgs, `--stats=${statsPath}`]);
     const load = loadAvg().split(' ')[0];
     const t0 = performance.now();
     const now = () => performance.now() - t0;
     await g.migrateIncoming(uri);
+    const connected = mode.multifd ? connectLoad(bin, img, sock, mode.multifd, statsPath) : undefined;
 
     const seen: string[] = [];
     let activeMs: number | undefined;
@@ -283,7 +322,8 @@ async function restore(args: Args, dir: string, bin: string, img: string, mode: 
     const thpFaults = thpFaultAlloc() - thp0;
     const done = await g.queryMigrate();
     const blocktime = (done as Record<string, unknown>)['postcopy-blocktime'];
-    const stats = await readJson<PostcopyReport | LoadReport>(g, statsPath);
+    if (connected && (await connected) !== 0) throw g.failure(`${mode.key}: load --connect exited ${await connected}`);
+    const stats = mode.mappedRam ? undefined : await readJson<PostcopyReport | LoadReport>(g, statsPath);
     const text = g.consoleText().slice(from);
     const firstTickNo = firstTick(text);
     // The guest goes on: two more ticks after completion, and QEMU says it runs.
@@ -296,7 +336,7 @@ async function restore(args: Args, dir: string, bin: string, img: string, mode: 
     if (!st.running) throw g.failure(`${mode.key}: query-status ${st.status} after completion`);
     const errs = g.stderrText().split('\n').filter((l) => /snap-pipe:|error/i.test(l));
     if (errs.length) throw g.failure(`${mode.key}: errors in QEMU's log: ${errs.join(' | ')}`);
-    if ('shutStatus' in stats && stats.shutStatus !== 0) throw g.failure(`${mode.key}: snap-pipe got SHUT status ${stats.shutStatus}`);
+    if (stats && 'shutStatus' in stats && stats.shutStatus !== 0) throw g.failure(`${mode.key}: snap-pipe got SHUT status ${stats.shutStatus}`);
     if (firstTickNo !== savedTick + 1) log(`${mode.key} ${pass} run ${run}: first tick after restore is ${firstTickNo}, the saved guest's last was ${savedTick}`);
     const r: RunResult = {
       mode: mode.key,
@@ -315,12 +355,12 @@ async function restore(args: Args, dir: string, bin: string, img: string, mode: 
       load,
       thpFaults,
     };
-    const pc = 'faultLatency' in stats ? stats : null;
+    const pc = stats && 'faultLatency' in stats ? (stats as PostcopyReport) : null;
     log(
       `${mode.key} ${pass} run ${run} (load ${load}): running ${sec(r.runningMs)} s, completed ${sec(r.completedMs)} s` +
         (r.activeMs !== undefined ? `, postcopy-active ${sec(r.activeMs)} s` : '') +
         `, cont ${sec(r.contMs)} s; statuses ${seen.join(' > ')}; ${thpFaults} THP faults` +
-        `; snap-pipe out in ${sec(stats.seconds * 1000)} s (reading ${sec(stats.readMs)}, verifying ${sec(stats.verifyMs)}, writing ${sec(stats.writeMs)})` +
+        (stats ? `; snap-pipe out in ${sec(stats.seconds * 1000)} s (reading ${sec(stats.readMs)}, verifying ${sec(stats.verifyMs)}, writing ${sec(stats.writeMs)})` : '') +
         (pc ? `; ${pc.requests} requests, fault p50 ${msf(pc.faultLatency.p50Ms)} ms p99 ${msf(pc.faultLatency.p99Ms)} ms max ${msf(pc.faultLatency.maxMs)} ms; blocktime ${r.blocktimeMs ?? '?'} ms` : ''),
     );
     return r;
@@ -370,12 +410,12 @@ function summaryTable(results: RunResult[]): string[] {
     if (rs.length === 0) continue;
     const running = rs.map((r) => r.runningMs);
     const completed = rs.map((r) => r.completedMs);
-    const pcs = rs.map((r) => r.stats).filter((s): s is PostcopyReport => 'faultLatency' in s);
+    const pcs = rs.map((r) => r.stats).filter((s): s is PostcopyReport => s !== undefined && 'faultLatency' in s);
     const p = pcs.length ? pooled(pcs.map((s) => s.faultLatency)) : null;
     lines.push(
       `| ${mode.label} | ${sec(median(running))} | ${range(running)} | ${sec(median(completed))} | ${range(completed)} | ${sec(median(rs.map((r) => r.contMs)))} | ` +
         `${sec(median(rs.map((r) => r.runningMs - r.contMs)))} | ` +
-        `${(median(rs.map((r) => r.stats.bytesOut)) / 1e9).toFixed(2)} GB | ` +
+        `${rs[0].stats ? `${(median(rs.map((r) => r.stats!.bytesOut)) / 1e9).toFixed(2)} GB` : '—'} | ` +
         (p
           ? `${median(pcs.map((s) => s.requests))} | ${msf(p.p50)} / ${msf(p.p99)} / ${msf(p.max)} (${p.count} faults) | ${pcs.map((s) => `${msf(s.faultLatency.p50Ms)} / ${msf(s.faultLatency.p99Ms)}`).join('; ')} | ` +
             `${rs.map((r) => { const l = (r.stats as PostcopyReport).faultLatency; return `${(l.meanMs * l.count).toFixed(0)} / ${r.blocktimeMs ?? '?'}`; }).join('; ')} |`
@@ -405,6 +445,14 @@ function findings(results: RunResult[]): string[] {
         `(${comp >= preComp ? `${sec(comp - preComp)} s later` : `${sec(preComp - comp)} s sooner`}); the first tick came while still postcopy-active in ${rs.filter((r) => r.tickWhileActive).length} of ${rs.length} runs.`,
     );
   }
+  const mapped = results.filter((r) => r.mode === 'mapped-ram');
+  const mappedRun = mapped.length ? median(mapped.map((r) => r.runningMs)) : undefined;
+  for (const mode of MODES.filter((m) => !m.mappedRam)) {
+    const rs = results.filter((r) => r.mode === mode.key);
+    if (!rs.length || mappedRun === undefined) continue;
+    const run = median(rs.map((r) => r.runningMs));
+    said.push(`- ${mode.key} vs QEMU's own mapped-ram restore: running after ${sec(run)} s vs ${sec(mappedRun)} s, ${((100 * run) / mappedRun).toFixed(0)}% of it (target: at most a third): ${run * 3 <= mappedRun ? 'met' : '**MISSED**'}.`);
+  }
   return said;
 }
 
@@ -426,11 +474,11 @@ function report(args: Args, results: RunResult[], meta: { savedTick: number }): 
     '|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|---|---|---|---|',
   );
   for (const r of results) {
-    const s = 'faultLatency' in r.stats ? r.stats : null;
+    const s = r.stats && 'faultLatency' in r.stats ? r.stats : null;
     const f = (x: number | null | undefined) => (x === null || x === undefined ? '—' : x.toFixed(0));
     lines.push(
-      `| ${r.mode} | ${r.pass} | ${r.run} | ${r.load} | ${r.thpFaults} | ${f(r.activeMs)} | ${f(r.contMs)} | ${f(r.runningMs)} | ${f(r.completedMs)} | ${r.mode === 'precopy' ? '—' : r.tickWhileActive ? 'yes' : 'no'} | ` +
-        `${f(r.stats.seconds * 1000)}; ${f(r.stats.readMs)} / ${f(r.stats.verifyMs)} / ${f(r.stats.writeMs)} | ` +
+      `| ${r.mode} | ${r.pass} | ${r.run} | ${r.load} | ${r.thpFaults} | ${f(r.activeMs)} | ${f(r.contMs)} | ${f(r.runningMs)} | ${f(r.completedMs)} | ${MODES.find((m) => m.key === r.mode)?.postcopy ? (r.tickWhileActive ? 'yes' : 'no') : '—'} | ` +
+        (r.stats ? `${f(r.stats.seconds * 1000)}; ${f(r.stats.readMs)} / ${f(r.stats.verifyMs)} / ${f(r.stats.writeMs)} | ` : '— | ') +
         (s
           ? `${f(s.devicesLoadedMs)} / ${f(s.eofSentMs)} / ${f(s.shutMs)} | ${s.requests} (${s.requestedDataPages}, ${s.requestedZeroPages}, ${s.requestedAlreadySent}) | ` +
             `${msf(s.faultLatency.p50Ms)} / ${msf(s.faultLatency.p90Ms)} / ${msf(s.faultLatency.p99Ms)} / ${msf(s.faultLatency.maxMs)} | ${msf(s.requestReadWaitMs)} / ${msf(s.requestWriteMs)} |`
@@ -450,6 +498,11 @@ function report(args: Args, results: RunResult[], meta: { savedTick: number }): 
 async function main(): Promise<void> {
   const args = parseArgs(process.argv.slice(2));
   qemu = chosenQemu(args.qemu);
+  // mapped-ram came in QEMU 9.0, direct-io in 9.1: by default the mode runs where the QEMU has them.
+  if (!qemuAtLeast(qemu, 9, 1)) {
+    if (args.modesGiven && args.modes.includes('mapped-ram')) throw new Error(`--modes mapped-ram: ${qemu.label} has no mapped-ram with direct-io (9.1+)`);
+    args.modes = args.modes.filter((m) => m !== 'mapped-ram');
+  }
   log(`${qemu.label}: ${qemu.system}`);
   guestFiles();
   const bin = snapPipeBin();
@@ -487,6 +540,17 @@ async function main(): Promise<void> {
     const m = await src.waitMigration(600_000);
     if (m.status !== 'completed') throw src.failure(`save ${m.status}: ${m['error-desc'] ?? '?'}`);
     const saveMs = performance.now() - ts;
+    if (args.modes.includes('mapped-ram')) {
+      // QEMU refuses to migrate a guest an earlier migration paused: continue it and pause it again.
+      await src.cont();
+      await src.stop();
+      await src.setCapabilities({ multifd: true, 'mapped-ram': true });
+      await src.setMigrationParams({ 'multifd-channels': MULTIFD_CHANNELS, 'direct-io': true });
+      await src.migrate(`file:${mappedRamFile(dir)}`);
+      const mr = await src.waitMigration(600_000);
+      if (mr.status !== 'completed') throw src.failure(`mapped-ram save ${mr.status}: ${mr['error-desc'] ?? '?'}`);
+      log(`QEMU's own mapped-ram file for the mapped-ram mode: ${(statSync(mappedRamFile(dir)).size / 1e9).toFixed(2)} GB`);
+    }
     await quitGuest(src);
     const imgBytes = statSync(img).size;
     log(`saved in ${sec(saveMs)} s: image ${(imgBytes / 1e9).toFixed(2)} GB; last tick before the save ${savedTick}`);
@@ -506,7 +570,7 @@ async function main(): Promise<void> {
     const minutes = ((Date.now() - started.getTime()) / 60000).toFixed(1);
     const qemuVer = sh(`${shellQuote(qemu.system)} --version | head -1`).trim();
     const mount = sh(`findmnt -no SOURCE,FSTYPE --target ${args.dir}`).trim().replace(/\s+/g, ' ');
-    const pc = results.find((r) => 'faultLatency' in r.stats)?.stats as PostcopyReport | undefined;
+    const pc = results.find((r) => r.stats && 'faultLatency' in r.stats)?.stats as PostcopyReport | undefined;
     const text = [
       `## ${started.toISOString().slice(0, 16).replace('T', ' ')} UTC — npm run bench:postcopy (${minutes} min)`,
       '',
@@ -514,7 +578,7 @@ async function main(): Promise<void> {
       `- ${args.dir}: ${mount}; snap-pipe at ${at.commit}${at.dirtyFiles ? ` (working tree: ${at.dirtyFiles} changed files)` : ''}, as the run started (dist/ built from it by npm run bench:postcopy)`,
       `- load average ${loadStart} at the start, ${loadAvg()} at the end (other work on the machine disturbs the figures)`,
       `- Guest: -machine pc -m ${args.memMiB} (${args.memMiB / 1024} GiB), scripts/guest.sh with fill=${args.fillMiB} (MiB of random data in tmpfs): booted and filled in ${sec(bootMs)} s; stopped after a tick, saved unthrottled in ${sec(saveMs)} s`,
-      `- Image ${(imgBytes / 1e9).toFixed(2)} GB; stream ${(results[0].stats.bytesOut / 1e9).toFixed(2)} GB (${results[0].stats.dataPages} data pages, ${results[0].stats.zeroPages} zero)` +
+      `- Image ${(imgBytes / 1e9).toFixed(2)} GB; stream ${((results.find((r) => r.stats)?.stats?.bytesOut ?? 0) / 1e9).toFixed(2)} GB (${results.find((r) => r.stats)?.stats?.dataPages} data pages, ${results.find((r) => r.stats)?.stats?.zeroPages} zero)` +
         (pc ? `; postcopy=25 sends ${(results.find((r) => r.mode === 'postcopy25')?.stats as PostcopyReport | undefined)?.precopyDataPages ?? '?'} data pages before the device state` : ''),
       `- Modes interleaved (${args.modes.join(', ')}); a fresh destination each run; the page cache dropped before each restore`,
       '',
@@ -541,7 +605,9 @@ async function main(): Promise<void> {
       `qemu-system-x86_64 … (same) … -S -incoming defer`,
       `  [postcopy modes] migrate-set-capabilities postcopy-ram=on postcopy-blocktime=on`,
       `  migrate-set-parameters max-bandwidth=107374182400`,
-      ...MODES.map((m) => `  migrate-incoming uri="${loadUri(bin, 'IMG', [...m.loadArgs, '--stats=FILE'])}"   # ${m.key}`),
+      ...MODES.filter((m) => !m.multifd && !m.mappedRam).map((m) => `  migrate-incoming uri="${loadUri(bin, 'IMG', [...m.loadArgs, '--stats=FILE'])}"   # ${m.key}`),
+      `  [multifd] migrate-set-capabilities multifd=on; migrate-set-parameters multifd-channels=${MULTIFD_CHANNELS}; migrate-incoming uri="unix:S"; ${bin} load IMG --connect unix:S --multifd-channels ${MULTIFD_CHANNELS} --stats=FILE`,
+      `  [mapped-ram] saved by the source after snap-pipe's save (cont; stop; multifd=on mapped-ram=on multifd-channels=${MULTIFD_CHANNELS} direct-io=on; migrate uri="file:F"); migrate-incoming uri="file:F" with the same settings`,
       `  poll query-migrate + console every ${POLL_MS} ms; cont at completed (precopy) / postcopy-active (postcopy)`,
       '```',
       '',
