@@ -4,7 +4,6 @@
 // packets plus the main channel's cover the guest's RAM, the sync points pair up, and 1000 random data pages and
 // 200 zero pages equal a pmemsave dump taken before the migration. Fails (never skips) when QEMU or the guest is missing.
 import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
-import { createServer, type Server, type Socket } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, test } from 'vitest';
@@ -25,45 +24,12 @@ import { LEGACY_WINDOW } from '../../tools/qemu/compare.js';
 import { testedQemus } from '../../tools/qemu/versions.js';
 import { rng } from '../helpers/model.js';
 import { readMainChannel, type MainChannelRam } from '../helpers/mainchannel.js';
+import { recordConnections } from '../helpers/listen.js';
 
 const MiB = 1024 * 1024;
 const memMiB = 256;
 const fillMiB = 64;
 const channels = 2;
-
-interface Capture {
-  /** Each accepted connection's bytes, in accept order. */
-  conns: Uint8Array[];
-}
-
-/** Accepts every connection on `path` and keeps its bytes until it ends; sends nothing. */
-function listen(path: string): Promise<{ server: Server; done: (timeoutMs: number) => Promise<Capture> }> {
-  const chunks: Buffer[][] = [];
-  const ended: Promise<void>[] = [];
-  const server = createServer((sock: Socket) => {
-    const mine: Buffer[] = [];
-    chunks.push(mine);
-    sock.on('data', (b: Buffer) => mine.push(b));
-    ended.push(new Promise((resolve) => sock.on('close', () => resolve())));
-  });
-  const done = async (timeoutMs: number): Promise<Capture> => {
-    let timer: NodeJS.Timeout | undefined;
-    const timeout = new Promise<never>((_, reject) => {
-      timer = setTimeout(() => reject(new Error(`connections still open ${timeoutMs} ms after the migration`)), timeoutMs);
-    });
-    try {
-      await Promise.race([Promise.all(ended), timeout]);
-    } finally {
-      clearTimeout(timer);
-      server.close();
-    }
-    return { conns: chunks.map((c) => new Uint8Array(Buffer.concat(c))) };
-  };
-  return new Promise((resolve, reject) => {
-    server.once('error', reject);
-    server.listen(path, () => resolve({ server, done }));
-  });
-}
 
 interface ChannelSummary {
   id: number;
@@ -155,7 +121,7 @@ describe.each(testedQemus())('multifd capture from a real migration: $label', (q
     await guest.unthrottle();
 
     const sock = join(dir, 'migrate.sock');
-    const { done } = await listen(sock);
+    const { done } = await recordConnections(sock);
     const t0 = Date.now();
     await guest.migrate(`unix:${sock}`);
     const status = await guest.waitMigration(120_000);

@@ -7,7 +7,6 @@
 // listening, and the flags that do not go with --connect.
 import { spawn, spawnSync } from 'node:child_process';
 import { existsSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
-import { createServer, type Server, type Socket } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -15,6 +14,7 @@ import { decodeInit, decodeRamPacket, MULTIFD_INIT_BYTES, MULTIFD_RAM_PACKET_BYT
 import { BIN, ROOT } from '../helpers/cli.js';
 import { SMALL_PC_BLOCKS, buildStream, sequentialOps } from '../helpers/model.js';
 import { parseAll } from '../helpers/parse.js';
+import { recordConnections } from '../helpers/listen.js';
 
 let dir: string;
 beforeAll(() => {
@@ -34,27 +34,6 @@ function saveImage(name: string, machineType: string): { img: string; stream: Ui
   const r = spawnSync('bash', ['-c', `"${process.execPath}" "${BIN}" save --no-direct "$0" < "$1"`, img, file]);
   if (r.status !== 0) throw new Error(`save: ${r.stderr}`);
   return { img, stream: m.bytes };
-}
-
-/** Accepts connections on `path` and keeps each one's bytes, in accept order, until all have closed. */
-function destination(path: string): { server: Server; conns: () => Promise<Uint8Array[]> } {
-  const chunks: Buffer[][] = [];
-  const closed: Promise<void>[] = [];
-  const server = createServer((s: Socket) => {
-    const mine: Buffer[] = [];
-    chunks.push(mine);
-    s.on('data', (b: Buffer) => mine.push(b));
-    closed.push(new Promise((resolve) => s.on('close', () => resolve())));
-  });
-  server.listen(path);
-  return {
-    server,
-    conns: async () => {
-      await Promise.all(closed);
-      server.close();
-      return chunks.map((c) => new Uint8Array(Buffer.concat(c)));
-    },
-  };
 }
 
 function runLoad(args: string[]): Promise<{ code: number | null; stderr: string }> {
@@ -91,10 +70,10 @@ describe('load --connect unix:PATH', () => {
       const { img, stream } = saveImage(`mfd-${syncBy}`, machineType);
       const want = parseAll(stream);
       const sock = join(dir, `${syncBy}.sock`);
-      const dst = destination(sock);
+      const dst = await recordConnections(sock);
       const r = await runLoad([img, '--connect', `unix:${sock}`, '--multifd-channels', '3']);
       expect(r.code, r.stderr).toBe(0);
-      const [main, ...channels] = await dst.conns();
+      const [main, ...channels] = (await dst.done(RUN_MS_MAX)).conns;
       expect(channels).toHaveLength(3);
       const got = parseAll(main, 1, 65536, undefined, 0, { multifd: true });
       expect(got.parsed.multifdSyncs?.by).toBe(syncBy);
@@ -125,10 +104,10 @@ describe('load --connect unix:PATH', () => {
   it('without multifd: one connection carries what load writes to stdout, byte for byte', async () => {
     const { img } = saveImage('plain', 'pc-i440fx-7.2');
     const sock = join(dir, 'plain.sock');
-    const dst = destination(sock);
+    const dst = await recordConnections(sock);
     const r = await runLoad([img, '--connect', `unix:${sock}`]);
     expect(r.code, r.stderr).toBe(0);
-    const conns = await dst.conns();
+    const { conns } = await dst.done(RUN_MS_MAX);
     expect(conns).toHaveLength(1);
     const out = spawnSync('bash', ['-c', `"${process.execPath}" "${BIN}" load --no-direct "$0"`, img], { maxBuffer: 1 << 30 }).stdout as Buffer;
     expect(Buffer.compare(conns[0], out)).toBe(0);
