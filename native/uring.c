@@ -668,6 +668,27 @@ static napi_value peek_socket(napi_env env, napi_callback_info info) {
   return v;
 }
 
+// setSendBuffer(fd, bytes): the socket's send buffer (SO_SNDBUFFORCE as root, past net.core.wmem_max; else
+// SO_SNDBUF, capped by it). Returns the size the kernel then reports (it doubles what it was given). Throws with errno.
+static napi_value set_send_buffer(napi_env env, napi_callback_info info) {
+  size_t argc = 2;
+  napi_value argv[2] = {NULL, NULL};
+  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok) return NULL;
+  double fd, bytes;
+  if (!arg_integer(env, argv[0], "fd", 0, INT32_MAX, &fd)) return NULL;
+  if (!arg_integer(env, argv[1], "bytes", 4096, 1 << 30, &bytes)) return NULL;
+  int v = (int)bytes;
+  if (setsockopt((int)fd, SOL_SOCKET, SO_SNDBUFFORCE, &v, sizeof v) < 0 &&
+      setsockopt((int)fd, SOL_SOCKET, SO_SNDBUF, &v, sizeof v) < 0)
+    return throw_errno(env, "setsockopt", "setSendBuffer", errno);
+  int got = 0;
+  socklen_t len = sizeof got;
+  if (getsockopt((int)fd, SOL_SOCKET, SO_SNDBUF, &got, &len) < 0) return throw_errno(env, "getsockopt", "setSendBuffer", errno);
+  napi_value out;
+  napi_create_int32(env, got, &out);
+  return out;
+}
+
 NAPI_MODULE_INIT() {
   napi_property_descriptor props[] = {
       {"prepWrite", NULL, ring_prep_write, NULL, NULL, NULL, napi_default_method, NULL},
@@ -700,6 +721,9 @@ NAPI_MODULE_INIT() {
     return NULL;
   if (napi_create_function(env, "peekSocket", NAPI_AUTO_LENGTH, peek_socket, NULL, &fn) != napi_ok ||
       napi_set_named_property(env, exports, "peekSocket", fn) != napi_ok)
+    return NULL;
+  if (napi_create_function(env, "setSendBuffer", NAPI_AUTO_LENGTH, set_send_buffer, NULL, &fn) != napi_ok ||
+      napi_set_named_property(env, exports, "setSendBuffer", fn) != napi_ok)
     return NULL;
   return exports;
 }

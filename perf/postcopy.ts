@@ -395,6 +395,11 @@ function pooled(lat: LatencySummary[]): { count: number; p50: number; p99: numbe
   return { count: n, p50: n ? q(0.5) : 0, p99: n ? q(0.99) : 0, max };
 }
 
+/** Bytes snap-pipe sent: the main channel's, and the multifd channels' with load --connect. */
+function streamBytes(st: PostcopyReport | LoadReport): number {
+  return st.bytesOut + ('multifd' in st ? (st.multifd?.bytesOut ?? 0) : 0);
+}
+
 function range(xs: number[]): string {
   return xs.length > 1 ? `${sec(Math.min(...xs))}–${sec(Math.max(...xs))}` : '';
 }
@@ -415,7 +420,7 @@ function summaryTable(results: RunResult[]): string[] {
     lines.push(
       `| ${mode.label} | ${sec(median(running))} | ${range(running)} | ${sec(median(completed))} | ${range(completed)} | ${sec(median(rs.map((r) => r.contMs)))} | ` +
         `${sec(median(rs.map((r) => r.runningMs - r.contMs)))} | ` +
-        `${rs[0].stats ? `${(median(rs.map((r) => r.stats!.bytesOut)) / 1e9).toFixed(2)} GB` : '—'} | ` +
+        `${rs[0].stats ? `${(median(rs.map((r) => streamBytes(r.stats!))) / 1e9).toFixed(2)} GB` : '—'} | ` +
         (p
           ? `${median(pcs.map((s) => s.requests))} | ${msf(p.p50)} / ${msf(p.p99)} / ${msf(p.max)} (${p.count} faults) | ${pcs.map((s) => `${msf(s.faultLatency.p50Ms)} / ${msf(s.faultLatency.p99Ms)}`).join('; ')} | ` +
             `${rs.map((r) => { const l = (r.stats as PostcopyReport).faultLatency; return `${(l.meanMs * l.count).toFixed(0)} / ${r.blocktimeMs ?? '?'}`; }).join('; ')} |`

@@ -5,8 +5,10 @@
 import net from 'node:net';
 import { SnapPipeError } from '../errors.js';
 import { printable } from '../format/text.js';
-import { socketBlocking, socketFd } from '../native/uring.js';
+import { enlargeSendBuffer, socketBlocking, socketFd } from '../native/uring.js';
 
+/** A multifd channel's send buffer: 8 packets of 512 KiB. */
+const CHANNEL_SEND_BUFFER_BYTES = 4 << 20;
 /** How long each connection may take: QEMU listens already, or this is the wrong path. */
 const CONNECT_TIMEOUT_MS = 10_000;
 
@@ -25,6 +27,9 @@ export class StreamConnections {
       for (let c = 0; c <= channels; c++) socks.push(await connectOnce(path));
       const fds = socks.map(socketFd);
       for (const fd of fds) socketBlocking(fd);
+      // Load writes each channel in turn from one thread: room for a few whole packets in each socket lets it move
+      // to the next channel while QEMU's receive threads drain them side by side.
+      if (channels > 0) for (const fd of fds.slice(1)) enlargeSendBuffer(fd, CHANNEL_SEND_BUFFER_BYTES);
       return new StreamConnections(socks, fds[0], fds.slice(1));
     } catch (err) {
       for (const s of socks) s.destroy();

@@ -32,6 +32,7 @@ interface Addon {
   setBlocking(fd: number): void;
   shutdownSocket(fd: number): void;
   peekSocket(fd: number, buffer: Uint8Array): number;
+  setSendBuffer(fd: number, bytes: number): number;
 }
 
 let loaded: { addon: Addon } | { error: string } | undefined;
@@ -120,6 +121,21 @@ export function peekSocket(fd: number, into: Uint8Array): number {
   const a = loadAddon();
   if ('error' in a) throw new SnapPipeError('UNSUPPORTED', `--listen needs the native addon: ${a.error}`);
   return a.addon.peekSocket(fd, into);
+}
+
+/**
+ * Grows socket `fd`'s send buffer to `bytes` (as root past net.core.wmem_max), so that a writer feeding several
+ * sockets in turn rarely waits for one reader while the others starve. Returns the size the kernel reports, or
+ * undefined when it could not be done (harmless: writes then block sooner).
+ */
+export function enlargeSendBuffer(fd: number, bytes: number): number | undefined {
+  const a = loadAddon();
+  if ('error' in a) return undefined;
+  try {
+    return a.addon.setSendBuffer(fd, bytes);
+  } catch {
+    return undefined;
+  }
 }
 
 let probed: { ok: true } | { ok: false; reason: string } | undefined;
