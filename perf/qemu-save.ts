@@ -174,6 +174,8 @@ async function saveOnce(g: Guest, c: Consumer, out: string): Promise<number> {
     await c.after?.(out);
     return (performance.now() - t0) / 1000;
   } finally {
+    // One output on disk at a time: an 8 GiB guest's eight outputs would not all fit.
+    rmSync(out, { force: true });
     if (c.caps) await g.setCapabilities(Object.fromEntries(Object.keys(c.caps).map((k) => [k, false])));
     // Paused by the migration: continue and pause again, or QEMU refuses the next one.
     await g.cont();

@@ -7,9 +7,10 @@
 //  - multifd (save --multifd-channels 2, QEMU's multifd-channels 2): a paused guest, byte for byte, with every
 //    channel carrying pages and syncing at every sync point of the main channel; a running guest whose re-sent pages
 //    cross channels, the last versions stored;
-//  - multifd refused: without --multifd-channels (one line naming it), and with fewer than QEMU opens (QEMU fails,
-//    the image stays incomplete, the socket is gone);
-//  - multifd both ways: a multifd save restored by load --connect over multifd channels and over one socket, RAM
+//  - multifd refused: without --multifd-channels (one line naming it), with fewer than QEMU opens, and with
+//    multifd-compression zlib (QEMU fails, the image stays incomplete, the socket is gone);
+//  - multifd both ways: a multifd save restored by load --connect over multifd channels and over one socket, and by
+//    exec: load, RAM
 //    byte for byte against pmemsave, the guest ticking after cont;
 //  - multifd cut short: QEMU stopped (SIGSTOP) mid-migration ends the save after --stall-timeout, QEMU's
 //    migrate_cancel ends it at once; one line each, the image incomplete.
@@ -21,7 +22,7 @@ import { afterAll, afterEach, beforeAll, describe, expect, test } from 'vitest';
 import { delayMs, Guest, guestFiles, snapPipeBin } from '../../tools/qemu/guest.js';
 import { testedQemus } from '../../tools/qemu/versions.js';
 import type { SaveReport } from '../../src/save/pipeline.js';
-import { expectPcRamMatches, firstDifference, LEGACY_WINDOW, run, snapPipeInfo } from '../helpers/e2e.js';
+import { expectPcRamMatches, firstDifference, LEGACY_WINDOW, loadUri, run, snapPipeInfo } from '../helpers/e2e.js';
 import type { LoadReport } from '../../src/load/precopy.js';
 import { startListeningSave, type ListeningSave } from '../helpers/listen.js';
 
@@ -192,24 +193,28 @@ describe.each(testedQemus())('snap-pipe save --listen behind a real QEMU migrate
     console.log(`${qemu.label} save --listen --multifd-channels 2 (live): ${i.resentPages} pages re-sent`);
   }, 420_000);
 
-  test('multifd without --multifd-channels, and more channels than it names: one line each, QEMU fails, images incomplete', async () => {
+  test('multifd without --multifd-channels, more channels than it names, and zlib compression: one line each, QEMU fails, images incomplete', async () => {
     guestFiles();
     for (const [name, args, line] of [
       ['none', [], `QEMU opened a multifd channel to ${join(dir, 'none.sock')}: give save --multifd-channels N with QEMU's multifd-channels (2 unless set), or turn QEMU's multifd capability off`],
       ['fewer', ['--multifd-channels', '2'], `QEMU opened multifd channel 2 to ${join(dir, 'fewer.sock')}, but --multifd-channels is 2: give QEMU's multifd-channels`],
+      ['zlib', ['--multifd-channels', '3'], 'multifd packet with zlib compression (multifd-compression=zlib): snap-pipe takes uncompressed multifd only'],
     ] as const) {
       const sock = join(dir, `${name}.sock`);
       const img = join(dir, `${name}.qcow2`);
       // A guest each: QEMU 7.2 may refuse a second migrate right after a failed multifd one ("duplicate yank instance").
       await guest?.quit();
       const { g } = await multifdGuest(`listen-mfd-${name}`, 3, false);
+      if (name === 'zlib') await g.setMigrationParams({ 'multifd-compression': 'zlib' });
       const save = startSave(img, sock, [...args]);
       await save.listening;
       await g.migrate(`unix:${sock}`);
       const migration = await g.waitMigration(180_000);
       const r = await save.done;
       expect(r.code, name).not.toBe(0);
-      expect(r.stderr).toContain(`snap-pipe: save ${img} failed (the image stays incomplete): ${line}`);
+      // The compression is refused by whichever channel's packet comes first: its number prefixes the line.
+      const said = r.stderr.split('\n').find((l) => l.startsWith(`snap-pipe: save ${img} failed`)) ?? r.stderr;
+      expect(said.replace(/: multifd channel \d+: /, ': ')).toBe(`snap-pipe: save ${img} failed (the image stays incomplete): ${line}`);
       expect(migration.status, name).toBe('failed');
       expect(snapPipeInfo(img).complete).toBe(false);
       expect(existsSync(sock)).toBe(false);
@@ -245,7 +250,7 @@ describe.each(testedQemus())('snap-pipe save --listen behind a real QEMU migrate
     }
   }, 420_000);
 
-  test('multifd both ways: saved over 2 channels, restored by load --connect over 2 channels and over one socket, byte for byte, ticking', async () => {
+  test('multifd both ways: saved over 2 channels, restored by load --connect over 2 channels and over one socket, and by exec: load, byte for byte, ticking', async () => {
     guestFiles();
     const sock = join(dir, 'both.sock');
     const img = join(dir, 'both.qcow2');
@@ -259,7 +264,8 @@ describe.each(testedQemus())('snap-pipe save --listen behind a real QEMU migrate
     if (saved.status !== 'completed') throw g.failure(`multifd save ${saved.status}`);
     await g.quit();
 
-    for (const channels of [2, 0]) {
+    // 2 and 0: load --connect with and without multifd channels; -1: exec: load, as for any image.
+    for (const channels of [2, 0, -1]) {
       const dst = (guest = await Guest.start({ qemu, name: `listen-both-dst${channels}`, memMiB, fillMiB, incoming: true }));
       if (channels > 0) {
         await dst.setCapabilities({ multifd: true });
@@ -267,9 +273,13 @@ describe.each(testedQemus())('snap-pipe save --listen behind a real QEMU migrate
       }
       const inSock = join(dir, `in${channels}.sock`);
       const stats = join(dir, `in${channels}.json`);
-      await dst.migrateIncoming(`unix:${inSock}`);
-      const multifd = channels > 0 ? ['--multifd-channels', String(channels)] : [];
-      run(process.execPath, [snapPipeBin(), 'load', img, '--connect', `unix:${inSock}`, ...multifd, `--stats=${stats}`], 180_000);
+      if (channels < 0) {
+        await dst.migrateIncoming(loadUri(img, [`--stats=${stats}`]));
+      } else {
+        await dst.migrateIncoming(`unix:${inSock}`);
+        const multifd = channels > 0 ? ['--multifd-channels', String(channels)] : [];
+        run(process.execPath, [snapPipeBin(), 'load', img, '--connect', `unix:${inSock}`, ...multifd, `--stats=${stats}`], 180_000);
+      }
       const m = await dst.waitMigration(180_000);
       if (m.status !== 'completed') throw dst.failure(`incoming from load --connect (${channels} channels) ${m.status}: ${m['error-desc'] ?? '?'}`);
       const report = JSON.parse(readFileSync(stats, 'utf8')) as LoadReport;
@@ -286,7 +296,8 @@ describe.each(testedQemus())('snap-pipe save --listen behind a real QEMU migrate
       const from = dst.consoleBytes();
       await dst.cont();
       expect(await dst.waitTick(30_000, from)).toMatch(/SNAPPIPE-TICK \d+/);
-      console.log(`${qemu.label} load --connect${channels > 0 ? ` --multifd-channels ${channels}` : ''}: ${report.seconds.toFixed(2)} s` + (report.multifd ? `, ${report.multifd.packets} packets, ${report.multifd.syncs} sync points by ${report.multifd.syncBy}` : ''));
+      const how = channels < 0 ? 'exec: load' : `load --connect${channels > 0 ? ` --multifd-channels ${channels}` : ''}`;
+      console.log(`${qemu.label} ${how}: ${report.seconds.toFixed(2)} s` + (report.multifd ? `, ${report.multifd.packets} packets, ${report.multifd.syncs} sync points by ${report.multifd.syncBy}` : ''));
       await dst.quit();
       guest = null;
     }

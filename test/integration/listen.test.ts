@@ -199,6 +199,23 @@ describe('save --listen unix:PATH', () => {
     }
   });
 
+  it('a TLS session (QEMU with tls-creds) is refused by name', async () => {
+    const sock = join(dir, 'tls.sock');
+    const img = join(dir, 'tls.qcow2');
+    const run = startSave(img, ['--listen', `unix:${sock}`]);
+    await socketAppears(sock);
+    const c = await open(sock);
+    c.on('error', () => undefined);
+    c.write(new Uint8Array([0x16, 0x03, 0x01, 0x02, 0x00, 0x01])); // a TLS record header: handshake, version 3.1
+    const r = await run.done;
+    c.destroy();
+    expect(r.code).toBe(1);
+    expect(r.stderr.trim().split('\n').filter((l) => !l.includes('listening on'))).toEqual([
+      `snap-pipe: save ${img} failed (the image stays incomplete): a TLS session on ${sock} (QEMU's tls-creds): snap-pipe save takes the stream in the clear; a unix socket is local`,
+    ]);
+    expect(readInfo(img).complete).toBe(false);
+  });
+
   it('a second connection that says nothing fails the save with one line; the image stays incomplete', async () => {
     const stream = buildStream(BLOCKS, sequentialOps(BLOCKS, 3), { ramEnd: true }).bytes;
     const sock = join(dir, 'two.sock');
