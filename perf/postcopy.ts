@@ -620,7 +620,7 @@ async function main(): Promise<void> {
     process.stdout.write(text);
     if (args.results) {
       const file = recordRun({
-        kind: 'postcopy',
+        kind: args.memMiB > 2048 ? 'postcopy-large' : 'postcopy',
         started: started.toISOString(),
         ...at,
         markdown: text,

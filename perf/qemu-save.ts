@@ -257,7 +257,8 @@ async function main(): Promise<void> {
     const text = report(q, args, list, seconds, meta);
     process.stdout.write(text + '\n');
     if (args.results) {
-      const file = recordRun({ kind: 'qemu-save', started: started.toISOString(), commit, dirtyFiles: dirty, markdown: text, raw: { qemu: q.label, args, consumers: list.map((c) => c.name), seconds } });
+      // Guests past the default 2 GiB are a kind of their own in RESULTS.md: the 2 GiB table stays beside them.
+      const file = recordRun({ kind: args.memMiB > 2048 ? 'qemu-save-large' : 'qemu-save', started: started.toISOString(), commit, dirtyFiles: dirty, markdown: text, raw: { qemu: q.label, args, consumers: list.map((c) => c.name), seconds } });
       log(`recorded ${file}; perf/RESULTS.md rewritten`);
     }
   } finally {

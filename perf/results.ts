@@ -11,9 +11,11 @@ const RESULTS = join(PERF, 'RESULTS.md');
 /** The kinds of run RESULTS.md shows, in its order, with what each is. */
 const KINDS: Record<string, string> = {
   'qemu-save': '`npm run bench:qemu`: a paused guest\'s save behind a real QEMU, snap-pipe against the other durable consumers and QEMU\'s own multi-channel save (the targets that count)',
+  'qemu-save-large': '`npm run bench:qemu -- --mem 8192 --fill 6144`: the same with an 8 GiB guest',
   bench: '`npm run bench`: save and load against the disk\'s limit (fio) and the usual consumers, 4 GiB of RAM',
   'bench-long': '`npm run bench -- --long`: the same at 8 and 16 GiB, and the memory bound',
   postcopy: '`npm run bench:postcopy`: time to a running guest, precopy vs postcopy, behind a real QEMU',
+  'postcopy-large': '`npm run bench:postcopy -- --mem 8192 --fill 6144`: the same with an 8 GiB guest',
 };
 
 export interface RunRecord {
