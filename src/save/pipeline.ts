@@ -365,7 +365,7 @@ export class SavePipeline {
     return outcomes.flatMap((o) => (o?.ok ? [o.value] : []));
   }
 
-  /** Rejects when the listener ends the save (a second connection); never settles without one. */
+  /** Rejects when the listener ends the save (a connection past the expected ones); never settles without one. */
   private listenerFailed(): Promise<never> {
     return this.listener ? this.listener.failed : new Promise<never>(() => undefined);
   }
