@@ -172,12 +172,14 @@ describe('save --listen unix:PATH', () => {
     expect(existsSync(sock)).toBe(false);
   });
 
-  it('multifd: a channel that closes before a sync point, a channel past --multifd-channels, and a multifd channel without it: one line each', async () => {
+  it('multifd: a channel that closes before a sync point, one past --multifd-channels, one without it, a packet for an unknown block or past its end: one line each', async () => {
     const stream = buildStream(BLOCKS, sequentialOps(BLOCKS, 3), { ramEnd: true }).bytes;
     const cases: [string, string[], Uint8Array[], string][] = [
       ['early', ['--multifd-channels', '1'], [encodeInit({ id: 0 })], 'multifd channel 0 closed before sync point 1 of the main channel'],
       ['past', ['--multifd-channels', '1'], [encodeInit({ id: 1 })], 'QEMU opened multifd channel 1 to SOCK, but --multifd-channels is 1'],
       ['none', [], [encodeInit({ id: 0 })], 'QEMU opened a multifd channel to SOCK: give save --multifd-channels N'],
+      ['unknown', ['--multifd-channels', '1'], [concatBytes([encodeInit({ id: 0 }), packet({ block: 'nope', normal: [0] })])], "multifd channel 0: a packet for RAM block 'nope', which the main channel's RAM setup never named"],
+      ['beyond', ['--multifd-channels', '1'], [concatBytes([encodeInit({ id: 0 }), packet({ block: 'pc.ram', normal: [24 << 20] })])], "multifd channel 0: a page at offset 25165824 beyond RAM block 'pc.ram' (25165824 bytes)"],
     ];
     for (const [name, args, channels, line] of cases) {
       const sock = join(dir, `${name}.sock`);

@@ -13,6 +13,7 @@ import {
   MULTIFD_WIRE_ANY,
   type MultifdRamPacket,
 } from '../../format/stream/multifd.js';
+import { shown } from '../../format/stream/parser.js';
 import { PAGE_BYTES } from '../../format/units.js';
 import { DescriptorProducer } from '../ring/descriptors.js';
 import { InputRing } from '../ring/input.js';
@@ -68,11 +69,11 @@ function publishPages(p: MultifdRamPacket, ring: InputRing, names: BlockNames, p
   const pages = p.normalPages + p.zeroPages;
   if (pages === 0) return;
   const block = names.lookup(p.block);
-  if (block === undefined) throw new SnapPipeError('BAD_STREAM', `a packet for RAM block '${p.block}', which the main channel's RAM setup never named`);
+  if (block === undefined) throw new SnapPipeError('BAD_STREAM', `a packet for RAM block ${shown(p.block)}, which the main channel's RAM setup never named`);
   for (let i = 0; i < pages; i++) {
     const page = p.offsets[i] / PAGE_BYTES;
     if (page >= block.pages) {
-      throw new SnapPipeError('BAD_STREAM', `a page at offset ${p.offsets[i]} beyond RAM block '${p.block}' (${block.pages * PAGE_BYTES} bytes)`);
+      throw new SnapPipeError('BAD_STREAM', `a page at offset ${p.offsets[i]} beyond RAM block ${shown(p.block)} (${block.pages * PAGE_BYTES} bytes)`);
     }
     if (i < p.normalPages) producer.push(KIND_PAGE, block.index, page, ring.skipInPlace(PAGE_BYTES, 'page data'));
     else producer.push(KIND_ZERO, block.index, page, 0);
