@@ -227,8 +227,6 @@ export class StreamListener {
   }
 }
 
-
-
 /**
  * Makes `path` free to listen on: a socket there that nobody listens on (left by a save that was killed) is removed;
  * any other file, or a live socket, is refused with one line. save checks this before it touches the image.
