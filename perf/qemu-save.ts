@@ -13,7 +13,8 @@
 // One guest boots, fills its RAM, and is paused. Each round saves it once into each consumer, interleaved, from
 // `migrate` to query-migrate's `completed` (polled every 10 ms), with the page cache dropped before each; cat's time
 // includes the `sync` that makes its file durable. Between saves the guest is continued and paused again: QEMU
-// refuses to migrate a VM paused by an earlier migration.
+// refuses to migrate a VM paused by an earlier migration. Each round ends with fio writing the fill's size to the same
+// file system: the disk's limit for the guest's data, with no QEMU and no pipe (the guest's zero pages cost nothing).
 import { spawn, spawnSync } from 'node:child_process';
 import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { cpus, totalmem } from 'node:os';
@@ -183,7 +184,22 @@ async function saveOnce(g: Guest, c: Consumer, out: string): Promise<number> {
   }
 }
 
-function report(q: Qemu, args: Args, list: Consumer[], seconds: number[][], meta: string[]): string {
+/**
+ * The disk's limit for the guest's data: seconds for fio to write --fill MiB (1 MiB direct writes, io_uring, depth 16,
+ * as npm run bench's fio row), the page cache dropped first, the file removed after.
+ */
+function fioWrite(file: string, fillMiB: number): number {
+  sh('sync; echo 3 > /proc/sys/vm/drop_caches');
+  try {
+    const out = sh(`fio --name=write --filename=${shellQuote(file)} --rw=write --bs=1M --direct=1 --ioengine=io_uring --iodepth=16 --size=${fillMiB}M --output-format=json`);
+    const bw = (JSON.parse(out) as { jobs: { write: { bw_bytes: number } }[] }).jobs[0].write.bw_bytes;
+    return (fillMiB * 2 ** 20) / bw;
+  } finally {
+    rmSync(file, { force: true });
+  }
+}
+
+function report(q: Qemu, args: Args, list: Consumer[], seconds: number[][], meta: string[], fioSeconds: number[]): string {
   const snapIdx = list.findIndex((c) => c.snapPipe === 'exec');
   const snap = median(seconds[snapIdx]);
   const execPeers = list.map((c, i) => ({ c, s: median(seconds[i]) })).filter(({ c }) => !c.snapPipe && c.uri('x').startsWith('exec:'));
@@ -210,6 +226,7 @@ function report(q: Qemu, args: Args, list: Consumer[], seconds: number[][], meta
       const s = seconds[i];
       return `| ${c.name.replaceAll('|', '\\|')} | ${median(s).toFixed(2)} | ${Math.min(...s).toFixed(2)}–${Math.max(...s).toFixed(2)} | ${(median(s) / snap).toFixed(2)}× |`;
     }),
+    `| the disk's limit: fio writing the ${args.fillMiB} MiB of data (1 MiB direct writes, io_uring, depth 16; no QEMU) | ${median(fioSeconds).toFixed(2)} | ${Math.min(...fioSeconds).toFixed(2)}–${Math.max(...fioSeconds).toFixed(2)} | ${(median(fioSeconds) / snap).toFixed(2)}× |`,
     '',
     'Targets:',
     '',
@@ -241,12 +258,15 @@ async function main(): Promise<void> {
     await g.stop();
     const list = consumers(q, args);
     const seconds = list.map(() => [] as number[]);
+    const fioSeconds: number[] = [];
     for (let round = 0; round < args.rounds; round++) {
       for (const [i, c] of list.entries()) {
         const s = await saveOnce(g, c, join(dir, `out-${i}`));
         seconds[i].push(s);
         log(`round ${round + 1}: ${c.name}: ${s.toFixed(2)} s`);
       }
+      fioSeconds.push(fioWrite(join(dir, 'fio'), args.fillMiB));
+      log(`round ${round + 1}: fio write of ${args.fillMiB} MiB: ${fioSeconds[round].toFixed(2)} s`);
     }
     const meta = [
       `${started.toISOString().slice(0, 16).replace('T', ' ')} UTC — npm run bench:qemu`,
@@ -254,11 +274,11 @@ async function main(): Promise<void> {
       `- ${args.dir}: ${sh(`findmnt -no SOURCE,FSTYPE --target ${args.dir}`).trim().replace(/\s+/g, ' ')}; snap-pipe at ${commit}${dirty ? ` (working tree: ${dirty} changed files)` : ''}`,
       `- load average at the end ${readFileSync('/proc/loadavg', 'utf8').split(' ').slice(0, 3).join(' ')}`,
     ];
-    const text = report(q, args, list, seconds, meta);
+    const text = report(q, args, list, seconds, meta, fioSeconds);
     process.stdout.write(text + '\n');
     if (args.results) {
       // Guests past the default 2 GiB are a kind of their own in RESULTS.md: the 2 GiB table stays beside them.
-      const file = recordRun({ kind: args.memMiB > 2048 ? 'qemu-save-large' : 'qemu-save', started: started.toISOString(), commit, dirtyFiles: dirty, markdown: text, raw: { qemu: q.label, args, consumers: list.map((c) => c.name), seconds } });
+      const file = recordRun({ kind: args.memMiB > 2048 ? 'qemu-save-large' : 'qemu-save', started: started.toISOString(), commit, dirtyFiles: dirty, markdown: text, raw: { qemu: q.label, args, consumers: list.map((c) => c.name), seconds, fioSeconds } });
       log(`recorded ${file}; perf/RESULTS.md rewritten`);
     }
   } finally {
