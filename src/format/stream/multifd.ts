@@ -1,7 +1,8 @@
 // QEMU's multifd wire format (migration `multifd` capability over a socket), decoded from bytes in hand: the init
 // message that opens each multifd channel, the packet header, the RAM packet with its page offsets, and the
 // device-state packet of QEMU 10.0+. Pure: the caller reads a channel and hands the bytes over; nothing here
-// allocates in proportion to a number read from the wire. docs/MULTIFD.md gives the per-version facts and sources.
+// allocates in proportion to a number read from the wire. At the end, the encoders of the init and of a RAM packet's
+// fixed part, for load as a multifd source. docs/MULTIFD.md gives the per-version facts and sources.
 //
 // All integers big-endian. Byte layouts (QEMU 10.2 names; migration/multifd.c MultiFDInit_t, multifd.h):
 //
