@@ -17,16 +17,15 @@ import { type SnapshotMeta } from '../format/image/types.js';
 import { PAGE_BYTES } from '../format/units.js';
 import { encodeMultifdInit, encodeRamPacketFixed, MULTIFD_PAGES_MAX, MULTIFD_RAM_PACKET_BYTES } from '../format/stream/multifd.js';
 import { RAM_MULTIFD_FLUSH } from '../format/stream/constants.js';
+import { machineTypeAtLeast } from '../format/stream/parser.js';
 import type { StreamEncoder } from '../format/stream/encoder.js';
 
 export type SyncBy = 'flush' | 'eos';
 
 /** The sync records a destination running `machineType` expects (see the top of this file). */
 export function syncByMachineType(machineType: string): SyncBy {
-  const m = /-(\d+)\.(\d+)$/.exec(machineType);
-  if (!m) return 'flush';
-  const major = Number(m[1]);
-  return major > 8 || (major === 8 && Number(m[2]) >= 1) ? 'flush' : 'eos';
+  // An unversioned name is taken as today's default.
+  return (machineTypeAtLeast(machineType, 8, 1) ?? true) ? 'flush' : 'eos';
 }
 
 const WORDS: WriteWords = {

@@ -528,14 +528,19 @@ export function shown(name: string): string {
 const PINGS_MAX = 16;
 
 /**
- * A machine type's version says the QEMU running it is at least that new: pc-q35-8.1 runs only on 8.1 or later, which
- * knows SWITCHOVER_ACK (return-path message 7). Unversioned or unknown names: false.
+ * A machine type's version says the QEMU running it is at least that new (pc-q35-8.1 runs only on 8.1 or later), and
+ * what its compat properties default to. Unversioned or unknown names: undefined.
  */
-export function knowsSwitchoverAck(machineType: string): boolean {
+export function machineTypeAtLeast(machineType: string, major: number, minor: number): boolean | undefined {
   const m = /-(\d+)\.(\d+)$/.exec(machineType);
-  if (!m) return false;
-  const major = Number(m[1]);
-  return major > 8 || (major === 8 && Number(m[2]) >= 1);
+  if (!m) return undefined;
+  const v = Number(m[1]);
+  return v > major || (v === major && Number(m[2]) >= minor);
+}
+
+/** The machine type runs only on a QEMU that knows SWITCHOVER_ACK (8.1, return-path message 7). Unknown: false. */
+export function knowsSwitchoverAck(machineType: string): boolean {
+  return machineTypeAtLeast(machineType, 8, 1) ?? false;
 }
 
 /** Why a command other than SWITCHOVER_START cannot be stored: the capability that makes QEMU send it. */
