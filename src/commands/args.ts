@@ -1,5 +1,6 @@
 // A small command-line parser: flags are declared per command; every mistake is a SnapPipeError('USAGE') naming it.
 import { SnapPipeError } from '../errors.js';
+import { printable } from '../format/text.js';
 
 export type FlagKind = 'bool' | 'value' | 'optional-value';
 
@@ -103,4 +104,22 @@ export function parseIo(command: string, value: string | true | undefined): 'uri
 /** A bad command line: one line, exit 2 (main.ts). */
 export function usage(msg: string): never {
   throw new SnapPipeError('USAGE', msg);
+}
+
+/** sockaddr_un's sun_path holds 108 bytes, the NUL included. */
+const UNIX_PATH_BYTES_MAX = 107;
+
+/**
+ * The path of a `unix:PATH` flag value (save --listen, load --connect); anything else is a usage error, its line
+ * starting with `what` (the flag, with its command where the command says so).
+ */
+export function unixSocketPath(what: string, spec: string | true): string {
+  if (typeof spec !== 'string' || !spec.startsWith('unix:') || spec.length === 'unix:'.length) {
+    throw new SnapPipeError('USAGE', `${what} takes unix:PATH (got ${printable(String(spec))})`);
+  }
+  const path = spec.slice('unix:'.length);
+  if (Buffer.byteLength(path) > UNIX_PATH_BYTES_MAX) {
+    throw new SnapPipeError('USAGE', `${what}: ${printable(path)} is longer than a unix socket path may be (${UNIX_PATH_BYTES_MAX} bytes)`);
+  }
+  return path;
 }

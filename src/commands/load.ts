@@ -2,21 +2,16 @@
 // Only --help prints to stdout; everything else for people goes to stderr (stdout is the stream).
 import { fstatSync, writeSync } from 'node:fs';
 import { isatty } from 'node:tty';
-import { formatHelp, integerFlag, onePath, parseArgs, parseInteger, parseIo, usage, type FlagSpec } from './args.js';
+import { formatHelp, integerFlag, onePath, parseArgs, parseInteger, parseIo, unixSocketPath, usage, type FlagSpec } from './args.js';
+import { MULTIFD_CHANNELS_MAX } from '../format/stream/multifd.js';
 import { printOut, tellErr, writeStats } from '../output.js';
 import { formatBytes, printable } from '../format/text.js';
 import { runLoad, type LoadReport } from '../load/precopy.js';
 import { DEFAULT_LOAD_QUEUE_DEPTH, LOAD_QUEUE_DEPTH_MAX } from '../load/source.js';
 import type { PostcopyReport } from '../load/postcopy/session.js';
-import { SnapPipeError } from '../errors.js';
 
 const STDIN_FD = 0;
 const STDOUT_FD = 1;
-
-/** QEMU allows 255 channels; as save --listen, load takes up to 16. */
-const MULTIFD_CHANNELS_MAX = 16;
-/** sockaddr_un's sun_path holds 108 bytes, the NUL included. */
-const UNIX_PATH_BYTES_MAX = 107;
 
 export const LOAD_FLAGS: Record<string, FlagSpec> = {
   io: { kind: 'value', valueName: 'uring|sync', help: 'I/O backend (default: uring where io_uring works, else sync)' },
@@ -139,7 +134,8 @@ async function load(argv: string[], progress: LoadProgressSeen): Promise<number>
   const io = parseIo('load', flags.get('io'));
   const postcopy = flags.get('postcopy');
   const precopyPercent = postcopy === undefined ? undefined : postcopy === true ? 0 : parseInteger('load', 'postcopy', postcopy, 0, 100);
-  const connect = connectPath(flags.get('connect'));
+  const connectSpec = flags.get('connect');
+  const connect = connectSpec === undefined ? undefined : unixSocketPath('load: --connect', connectSpec);
   const channels = integerFlag('load', flags, 'multifd-channels', 0, MULTIFD_CHANNELS_MAX, 0);
   if (!connect && flags.has('multifd-channels')) usage('load: --multifd-channels goes with --connect (QEMU takes multifd channels over a socket only)');
   if (connect && precopyPercent !== undefined) usage('load: --postcopy goes with exec: (stdin is the return path), not with --connect');
@@ -188,17 +184,4 @@ async function load(argv: string[], progress: LoadProgressSeen): Promise<number>
   } finally {
     conns?.close();
   }
-}
-
-/** --connect unix:PATH: the path; undefined without the flag. */
-function connectPath(spec: string | boolean | undefined): string | undefined {
-  if (spec === undefined) return undefined;
-  if (typeof spec !== 'string' || !spec.startsWith('unix:') || spec.length === 5) {
-    throw new SnapPipeError('USAGE', `load: --connect takes unix:PATH (got ${printable(String(spec))})`);
-  }
-  const path = spec.slice(5);
-  if (Buffer.byteLength(path) > UNIX_PATH_BYTES_MAX) {
-    throw new SnapPipeError('USAGE', `load: --connect: ${printable(path)} is longer than a unix socket path may be (${UNIX_PATH_BYTES_MAX} bytes)`);
-  }
-  return path;
 }

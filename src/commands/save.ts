@@ -2,9 +2,9 @@
 import { isatty } from 'node:tty';
 import { formatBytes, printable } from '../format/text.js';
 import { printOut, tellErr, writeStats } from '../output.js';
-import { DEFAULT_ACCEPT_TIMEOUT_S, DEFAULT_END_TIMEOUT_S, DEFAULT_QUEUE_DEPTH, DEFAULT_RING_BYTES, DEFAULT_STALL_TIMEOUT_S, MAX_CHANNELS, SavePipeline, type SaveReport } from '../save/pipeline.js';
-import { SnapPipeError } from '../errors.js';
-import { formatHelp, integerFlag, onePath, parseArgs, parseIo, parseSize, usage, type FlagSpec } from './args.js';
+import { DEFAULT_ACCEPT_TIMEOUT_S, DEFAULT_END_TIMEOUT_S, DEFAULT_QUEUE_DEPTH, DEFAULT_RING_BYTES, DEFAULT_STALL_TIMEOUT_S, SavePipeline, type SaveReport } from '../save/pipeline.js';
+import { MULTIFD_CHANNELS_MAX } from '../format/stream/multifd.js';
+import { formatHelp, integerFlag, onePath, parseArgs, parseIo, parseSize, unixSocketPath, usage, type FlagSpec } from './args.js';
 
 const SAVE_FLAGS: Record<string, FlagSpec> = {
   'ring-size': {
@@ -39,7 +39,7 @@ const SAVE_FLAGS: Record<string, FlagSpec> = {
   'multifd-channels': {
     kind: 'value',
     valueName: 'N',
-    help: `with --listen: QEMU migrates with the multifd capability over N channels (its multifd-channels parameter, 2 unless set; 1 to ${MAX_CHANNELS}), read side by side; default 0: one stream, no multifd`,
+    help: `with --listen: QEMU migrates with the multifd capability over N channels (its multifd-channels parameter, 2 unless set; 1 to ${MULTIFD_CHANNELS_MAX}), read side by side; default 0: one stream, no multifd`,
   },
   'accept-timeout': {
     kind: 'value',
@@ -71,21 +71,6 @@ still writing, so a failure after its last byte leaves it saying "completed". Wi
 QEMU waits for save's answer: "completed" then means IMG is complete on disk, and a failed save fails the
 migration (paused or running guests; QEMU refuses return-path with background-snapshot).`;
 
-
-/** sockaddr_un's sun_path holds 108 bytes, the NUL included. */
-const UNIX_PATH_BYTES_MAX = 107;
-
-/** The path of `unix:PATH`; anything else is a usage error. */
-function listenPath(spec: string): string {
-  if (!spec.startsWith('unix:') || spec.length === 'unix:'.length) {
-    throw new SnapPipeError('USAGE', `--listen takes unix:PATH (got ${printable(spec)})`);
-  }
-  const path = spec.slice('unix:'.length);
-  if (Buffer.byteLength(path) > UNIX_PATH_BYTES_MAX) {
-    throw new SnapPipeError('USAGE', `--listen: ${printable(path)} is longer than a unix socket path may be (${UNIX_PATH_BYTES_MAX} bytes)`);
-  }
-  return path;
-}
 
 function formatReport(r: SaveReport): string {
   const s = r.stages;
@@ -127,9 +112,9 @@ export async function cmdSave(argv: string[]): Promise<number> {
   const listen =
     typeof listenSpec === 'string'
       ? {
-          path: listenPath(listenSpec),
+          path: unixSocketPath('--listen', listenSpec),
           acceptTimeoutMs: integerFlag('save', flags, 'accept-timeout', 1, 86_400, DEFAULT_ACCEPT_TIMEOUT_S) * 1000,
-          channels: integerFlag('save', flags, 'multifd-channels', 0, MAX_CHANNELS, 0),
+          channels: integerFlag('save', flags, 'multifd-channels', 0, MULTIFD_CHANNELS_MAX, 0),
           stallTimeoutMs: integerFlag('save', flags, 'stall-timeout', 1, 86_400, DEFAULT_STALL_TIMEOUT_S) * 1000,
         }
       : undefined;

@@ -24,7 +24,6 @@ import type { StreamListener } from './listener.js';
 import { watchStall, type StallWatch } from './stall.js';
 import type { WriterApi, WriterResult } from './stages/writer.js';
 
-export { MAX_CHANNELS } from './ring/layout.js';
 export const DEFAULT_RING_BYTES = 64 << 20;
 export const MIN_RING_BYTES = 4 << 20;
 /**

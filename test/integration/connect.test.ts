@@ -113,13 +113,15 @@ describe('load --connect unix:PATH', () => {
     expect(Buffer.compare(conns[0], out)).toBe(0);
   });
 
-  it('refuses with one line: nothing listening, --multifd-channels without --connect, --postcopy with it', async () => {
+  it('refuses with one line: nothing listening, --multifd-channels without --connect, --postcopy with it, a path that is not unix: or too long', async () => {
     const { img } = saveImage('refused', 'pc-i440fx-7.2');
     const sock = join(dir, 'nobody.sock');
     for (const [args, line] of [
       [[img, '--connect', `unix:${sock}`], `snap-pipe: --connect: cannot connect to ${sock}: nothing listens there (is QEMU's migrate_incoming "unix:PATH" running?)`],
       [[img, '--multifd-channels', '2'], 'snap-pipe: load: --multifd-channels goes with --connect (QEMU takes multifd channels over a socket only)'],
       [[img, '--connect', `unix:${sock}`, '--postcopy'], 'snap-pipe: load: --postcopy goes with exec: (stdin is the return path), not with --connect'],
+      [[img, '--connect', 'tcp:127.0.0.1:4444'], 'snap-pipe: load: --connect takes unix:PATH (got tcp:127.0.0.1:4444)'],
+      [[img, '--connect', `unix:/${'d'.repeat(120)}`], `snap-pipe: load: --connect: /${'d'.repeat(120)} is longer than a unix socket path may be (107 bytes)`],
     ] as const) {
       const r = await runLoad([...args]);
       expect(r.code, line).not.toBe(0);

@@ -25,6 +25,13 @@
 import { SnapPipeError } from '../../errors.js';
 import { PAGE_BYTES } from '../units.js';
 
+/**
+ * Multifd channels snap-pipe takes or opens at most (save --listen, load --connect). QEMU allows 255 (options.c,
+ * multifd-channels), but each channel costs a thread and a ring in save, and on this project's machines the disk is
+ * saturated by 2 to 4 channels.
+ */
+export const MULTIFD_CHANNELS_MAX = 16;
+
 export const MULTIFD_MAGIC = 0x11223344;
 export const MULTIFD_VERSION = 1;
 export const MULTIFD_INIT_BYTES = 64;

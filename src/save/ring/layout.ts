@@ -3,6 +3,8 @@
 // positions are also kept as int32 in JavaScript (`| 0`, distances `(a - b) | 0`; ring/input.ts says why).
 // Hot fields sit 64 bytes (16 Int32 slots) apart so two threads never share a cache line.
 
+import { MULTIFD_CHANNELS_MAX } from '../../format/stream/multifd.js';
+
 const LINE = 16; // Int32 slots per 64-byte cache line
 
 export const CTRL = {
@@ -66,11 +68,8 @@ export interface Lane {
 }
 export const MAIN_LANE: Lane = { inWritten: CTRL.IN_WRITTEN, inReleased: CTRL.IN_RELEASED, descHead: CTRL.DESC_HEAD, descTail: CTRL.DESC_TAIL };
 
-/**
- * Multifd channels a save takes at most. QEMU allows 255 (options.c, multifd-channels), but each channel costs a
- * thread and an input ring here, and on this project's machines the disk is saturated by 2 to 4 channels.
- */
-export const MAX_CHANNELS = 16;
+/** Multifd channels a save takes at most: lanes after the main one. */
+export const MAX_CHANNELS = MULTIFD_CHANNELS_MAX;
 
 /** The lane of multifd channel `c` (0 <= c < MAX_CHANNELS). */
 export function channelLane(c: number): Lane {
