@@ -18,7 +18,10 @@ import { PAGE_BYTES } from '../format/units.js';
 import { encodeMultifdInit, encodeRamPacketFixed, MULTIFD_PAGES_MAX, MULTIFD_RAM_PACKET_BYTES } from '../format/stream/multifd.js';
 import { RAM_MULTIFD_FLUSH } from '../format/stream/constants.js';
 import { machineTypeAtLeast } from '../format/stream/parser.js';
-import type { StreamEncoder } from '../format/stream/encoder.js';
+import { StreamBuilder, type StreamEncoder } from '../format/stream/encoder.js';
+
+/** A block's idstr: its length is one byte in the stream. */
+const NAME_BYTES_MAX = 255;
 
 export type SyncBy = 'flush' | 'eos';
 
@@ -51,7 +54,9 @@ export class MultifdSender {
     private readonly fds: number[],
     meta: SnapshotMeta,
   ) {
-    this.blockNames = meta.blocks.map((b) => Uint8Array.from(b.id, (c) => c.charCodeAt(0) & 0xff));
+    // The bytes the main channel's records name the block with: the one encoder's latin1 (which refuses a name it
+    // cannot write as it was read, instead of sending another block's name).
+    this.blockNames = meta.blocks.map((b) => new StreamBuilder(NAME_BYTES_MAX).latin1(b.id).build());
   }
 
   /** Each channel's init message, before anything else on it. */
