@@ -44,6 +44,18 @@ export function queueEntries(slotCount: number): number {
   return n;
 }
 
+/**
+ * Where each part lies in the one data buffer (byte offsets; every part page-aligned): the chunk slots, the main input
+ * ring, the park pool, the writer's old-content units, then each multifd channel's input ring.
+ */
+function dataLayout(z: SaveRingSizes): { input: number; park: number; oldContent: number; channelInputs: number; total: number } {
+  const input = z.slotCount * SLOT_BYTES;
+  const park = input + z.inputBytes;
+  const oldContent = park + z.parkPages * PAGE_BYTES;
+  const channelInputs = oldContent + z.oldContentUnits * SLOT_BYTES;
+  return { input, park, oldContent, channelInputs, total: channelInputs + z.channels * z.inputBytes };
+}
+
 export function allocateSave(sizes: SaveRingSizes): SaveShared {
   return {
     sizes,
@@ -56,13 +68,8 @@ export function allocateSave(sizes: SaveRingSizes): SaveShared {
     blockNames: new SharedArrayBuffer(MAX_BLOCKS * BLOCK_NAME_UNITS * 2),
     channelDesc: new SharedArrayBuffer(sizes.channels * sizes.descCount * DESC_INTS * 4),
     channelBytes: new SharedArrayBuffer(sizes.channels * 8),
-    data: alignedShared((sizes.slotCount + sizes.oldContentUnits) * SLOT_BYTES + (1 + sizes.channels) * sizes.inputBytes + sizes.parkPages * PAGE_BYTES),
+    data: alignedShared(dataLayout(sizes).total),
   };
-}
-
-/** Where multifd channels' input rings begin in the data buffer: after everything saveViews lays out. */
-function channelInputsAt(s: SaveShared): number {
-  return (s.sizes.slotCount + s.sizes.oldContentUnits) * SLOT_BYTES + s.sizes.inputBytes + s.sizes.parkPages * PAGE_BYTES;
 }
 
 /** Views of multifd channel c's rings (0 <= c < sizes.channels). */
@@ -70,13 +77,13 @@ export function channelViews(s: SaveShared, c: number): ChannelViews {
   if (!Number.isInteger(c) || c < 0 || c >= s.sizes.channels) throw new RangeError(`channel ${c} of ${s.sizes.channels}`);
   const descInts = s.sizes.descCount * DESC_INTS;
   return {
-    input: new Uint8Array(s.data, channelInputsAt(s) + c * s.sizes.inputBytes, s.sizes.inputBytes),
+    input: new Uint8Array(s.data, dataLayout(s.sizes).channelInputs + c * s.sizes.inputBytes, s.sizes.inputBytes),
     desc: new Int32Array(s.channelDesc, c * descInts * 4, descInts),
   };
 }
 
 export function saveViews(s: SaveShared): SaveViews {
-  const slotBytes = s.sizes.slotCount * SLOT_BYTES;
+  const at = dataLayout(s.sizes);
   return {
     sizes: s.sizes,
     ctrl: new Int32Array(s.ctrl),
@@ -85,10 +92,10 @@ export function saveViews(s: SaveShared): SaveViews {
     freeQueue: new Int32Array(s.freeQueue),
     slotHeaders: new Int32Array(s.slotHeaders),
     blocks: new Float64Array(s.blocks),
-    slots: new Uint8Array(s.data, 0, slotBytes),
-    input: new Uint8Array(s.data, slotBytes, s.sizes.inputBytes),
-    park: new Uint8Array(s.data, slotBytes + s.sizes.inputBytes, s.sizes.parkPages * PAGE_BYTES),
-    oldContent: new Uint8Array(s.data, slotBytes + s.sizes.inputBytes + s.sizes.parkPages * PAGE_BYTES, s.sizes.oldContentUnits * SLOT_BYTES),
+    slots: new Uint8Array(s.data, 0, at.input),
+    input: new Uint8Array(s.data, at.input, s.sizes.inputBytes),
+    park: new Uint8Array(s.data, at.park, s.sizes.parkPages * PAGE_BYTES),
+    oldContent: new Uint8Array(s.data, at.oldContent, s.sizes.oldContentUnits * SLOT_BYTES),
     blockNames: new Uint16Array(s.blockNames),
   };
 }
