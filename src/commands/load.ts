@@ -106,20 +106,22 @@ function formatPostcopyReport(r: PostcopyReport): string {
 }
 
 export async function cmdLoad(argv: string[]): Promise<number> {
-  const progress: LoadProgressSeen = { bytesOut: 0 };
+  const progress: LoadProgressSeen = { bytesOut: 0, streamOnStdout: true };
   try {
     return await load(argv, progress);
   } catch (err) {
     // Any refusal, a bad command line included: under QEMU it must not leave the pipe empty. Never after stream
     // bytes went out (both runners report every write), where the marker would join the stream.
-    if (progress.bytesOut === 0) writeRefusalMarker(); // -1 with --connect: stdout is not the stream
+    if (progress.streamOnStdout && progress.bytesOut === 0) writeRefusalMarker();
     throw err;
   }
 }
 
-/** What the failure path needs to know: did stream bytes go out? */
+/** What the failure path needs to know: does the stream go to stdout, and did bytes of it go out? */
 interface LoadProgressSeen {
   bytesOut: number;
+  /** False with --connect: QEMU reads a socket, and stdout is no stream to mark. */
+  streamOnStdout: boolean;
 }
 
 async function load(argv: string[], progress: LoadProgressSeen): Promise<number> {
@@ -164,8 +166,7 @@ async function load(argv: string[], progress: LoadProgressSeen): Promise<number>
     return 0;
   }
 
-  // With --connect the stream never goes to stdout: no refusal marker there.
-  if (connect) progress.bytesOut = -1;
+  if (connect) progress.streamOnStdout = false;
   const conns = connect ? await (await import('../load/connect.js')).StreamConnections.open(connect, channels) : undefined;
   try {
     const report = await runLoad({
@@ -177,7 +178,7 @@ async function load(argv: string[], progress: LoadProgressSeen): Promise<number>
       queueDepth,
       io,
       onNote: (line) => tellErr(`snap-pipe: ${printable(line)}\n`),
-      onProgress: (p) => (progress.bytesOut = connect ? -1 : p.bytesOut),
+      onProgress: (p) => (progress.bytesOut = p.bytesOut),
     });
     writeStats(stats, () => formatLoadReport(report), report);
     return 0;
