@@ -61,6 +61,13 @@ export function runCli(args: string[], input?: Uint8Array, seed = 1, env?: Recor
   });
 }
 
+/** What `snap-pipe load --no-direct IMG` writes to a pipe: the image as a stream, bytes unchanged (runCli keeps text). */
+export function loadStream(img: string): Buffer {
+  const r = spawnSync(process.execPath, [BIN, 'load', '--no-direct', img], { maxBuffer: 1 << 30, timeout: RUN_TIMEOUT_MS });
+  if (r.status !== 0) throw new Error(`load ${img} exited ${r.status ?? r.signal}: ${r.stderr}`);
+  return r.stdout;
+}
+
 /** `s` quoted for sh. */
 function shQuote(s: string): string {
   return `'${s.replace(/'/g, `'\\''`)}'`;

@@ -5,13 +5,12 @@
 // channel sends one SYNC packet per sync point of the main channel (MULTIFD_FLUSH for an 8.1+ machine type, EOS
 // before). Without multifd, one connection carries what `load > stdout` writes, byte for byte. Refusals: nothing
 // listening, and the flags that do not go with --connect.
-import { spawn, spawnSync } from 'node:child_process';
-import { existsSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { decodeInit, decodeRamPacket, MULTIFD_INIT_BYTES, MULTIFD_RAM_PACKET_BYTES, MULTIFD_WIRE_ANY } from '../../src/format/stream/multifd.js';
-import { BIN, ROOT } from '../helpers/cli.js';
+import { ROOT, loadStream, runCli, type RunResult } from '../helpers/cli.js';
 import { SMALL_PC_BLOCKS, buildStream, sequentialOps } from '../helpers/model.js';
 import { parseAll } from '../helpers/parse.js';
 import { recordConnections } from '../helpers/listen.js';
@@ -26,27 +25,16 @@ afterAll(() => rmSync(dir, { recursive: true, force: true }));
 const BLOCKS = SMALL_PC_BLOCKS;
 const RUN_MS_MAX = 30_000;
 
-function saveImage(name: string, machineType: string): { img: string; stream: Uint8Array } {
+async function saveImage(name: string, machineType: string): Promise<{ img: string; stream: Uint8Array }> {
   const m = buildStream(BLOCKS, sequentialOps(BLOCKS, 11), { ramEnd: true, machineType });
-  const file = join(dir, `${name}.stream`);
   const img = join(dir, `${name}.qcow2`);
-  writeFileSync(file, m.bytes);
-  const r = spawnSync('bash', ['-c', `"${process.execPath}" "${BIN}" save --no-direct "$0" < "$1"`, img, file]);
-  if (r.status !== 0) throw new Error(`save: ${r.stderr}`);
+  const r = await runCli(['save', '--no-direct', img], m.bytes);
+  if (r.code !== 0) throw new Error(`save: ${r.stderr}`);
   return { img, stream: m.bytes };
 }
 
-function runLoad(args: string[]): Promise<{ code: number | null; stderr: string }> {
-  return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, [BIN, 'load', '--no-direct', ...args], { stdio: ['ignore', 'ignore', 'pipe'] });
-    let stderr = '';
-    child.stderr.on('data', (d: Buffer) => (stderr += d));
-    const timer = setTimeout(() => reject(new Error(`load did not exit in ${RUN_MS_MAX} ms: ${stderr}`)), RUN_MS_MAX);
-    child.on('exit', (code: number | null) => {
-      clearTimeout(timer);
-      resolve({ code, stderr });
-    });
-  });
+function runLoad(args: string[]): Promise<RunResult> {
+  return runCli(['load', '--no-direct', ...args]);
 }
 
 /** Every page a channel carries, by block name and offset, and its SYNC packets. */
@@ -67,7 +55,7 @@ function decodeChannel(bytes: Uint8Array, id: number): { pages: Map<string, Uint
 describe('load --connect unix:PATH', () => {
   for (const [machineType, syncBy] of [['pc-i440fx-7.2', 'eos'], ['pc-q35-10.0', 'flush']] as const) {
     it(`multifd (${machineType}): main channel first, every data page once across 3 channels, a SYNC per sync point (${syncBy})`, async () => {
-      const { img, stream } = saveImage(`mfd-${syncBy}`, machineType);
+      const { img, stream } = await saveImage(`mfd-${syncBy}`, machineType);
       const want = parseAll(stream);
       const sock = join(dir, `${syncBy}.sock`);
       const dst = await recordConnections(sock);
@@ -102,19 +90,18 @@ describe('load --connect unix:PATH', () => {
   }
 
   it('without multifd: one connection carries what load writes to stdout, byte for byte', async () => {
-    const { img } = saveImage('plain', 'pc-i440fx-7.2');
+    const { img } = await saveImage('plain', 'pc-i440fx-7.2');
     const sock = join(dir, 'plain.sock');
     const dst = await recordConnections(sock);
     const r = await runLoad([img, '--connect', `unix:${sock}`]);
     expect(r.code, r.stderr).toBe(0);
     const { conns } = await dst.done(RUN_MS_MAX);
     expect(conns).toHaveLength(1);
-    const out = spawnSync('bash', ['-c', `"${process.execPath}" "${BIN}" load --no-direct "$0"`, img], { maxBuffer: 1 << 30 }).stdout as Buffer;
-    expect(Buffer.compare(conns[0], out)).toBe(0);
+    expect(Buffer.compare(conns[0], loadStream(img))).toBe(0);
   });
 
   it('refuses with one line: nothing listening, --multifd-channels without --connect, --postcopy with it, a path that is not unix: or too long', async () => {
-    const { img } = saveImage('refused', 'pc-i440fx-7.2');
+    const { img } = await saveImage('refused', 'pc-i440fx-7.2');
     const sock = join(dir, 'nobody.sock');
     for (const [args, line] of [
       [[img, '--connect', `unix:${sock}`], `snap-pipe: --connect: cannot connect to ${sock}: nothing listens there (is QEMU's migrate_incoming "unix:PATH" running?)`],
