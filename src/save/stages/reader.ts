@@ -2,7 +2,7 @@
 // descriptor per RAM page record to the coalescer. Keeps the non-RAM parts and returns them at the end.
 import { SnapPipeError } from '../../errors.js';
 import { layoutBlocks } from '../../format/image/qcow2.js';
-import { CLUSTER_BYTES } from '../../format/units.js';
+import { CLUSTER_BYTES, PAGE_BYTES } from '../../format/units.js';
 import { enlargePipe } from '../../native/uring.js';
 import { DescriptorProducer } from '../ring/descriptors.js';
 import { InputRing } from '../ring/input.js';
@@ -47,7 +47,7 @@ export interface ReaderResult {
 /** Publishes the block table (page counts, first clusters, names) for the coalescer and the multifd channel stages. */
 function publishBlocks(v: ReturnType<typeof saveViews>, blocks: ParsedBlock[], virtOffsetsBytes: number[]): void {
   blocks.forEach((b, i) => {
-    v.blocks[i * BLOCK_F64S + BLOCK_PAGES] = b.lengthBytes / 4096;
+    v.blocks[i * BLOCK_F64S + BLOCK_PAGES] = b.lengthBytes / PAGE_BYTES;
     v.blocks[i * BLOCK_F64S + BLOCK_VIRT_CLUSTER] = virtOffsetsBytes[i] / CLUSTER_BYTES;
     // At most 255 code units: the stream gives a name's length in one byte (parser.ts parseBlockList).
     const at = i * BLOCK_NAME_UNITS;
