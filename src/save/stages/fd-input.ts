@@ -8,9 +8,10 @@ import { epochMs } from './rpc.js';
 
 /**
  * Reads a stream's fd (0, or a socket save --listen accepted: the main channel or a multifd channel) in large
- * pieces; an EAGAIN (stdin left non-blocking by a parent) waits briefly and retries. Checks the pipeline's FAILED field before every read: once the save has failed or been aborted (the main thread then wakes a
- * read blocked on an empty pipe, see SavePipeline), the reader must not block in read(0) again, or the thread could
- * not be terminated and the process could not exit.
+ * pieces; an EAGAIN (stdin left non-blocking by a parent) waits briefly and retries. Checks the pipeline's FAILED
+ * field before every read: once the save has failed or been aborted (the main thread then wakes a read blocked on an
+ * empty pipe, see SavePipeline), the reader must not block in read(0) again, or the thread could not be terminated
+ * and the process could not exit.
  */
 export class FdInput implements ByteInput {
   waitMs = 0;
