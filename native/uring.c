@@ -622,19 +622,26 @@ static napi_value set_pipe_size(napi_env env, napi_callback_info info) {
   return v;
 }
 
-// setBlocking(fd): clears O_NONBLOCK on fd's open file description (an accepted socket libuv made non-blocking, to
-// be read with blocking reads by a stage thread). Throws with errno.
+// setBlocking(fd[, blocking]): clears O_NONBLOCK on fd's open file description (an accepted socket libuv made
+// non-blocking, to be read with blocking reads by a stage thread), or with blocking false sets it again (before the
+// socket is handed back to libuv, whose reads must not block). Throws with errno.
 static napi_value set_blocking(napi_env env, napi_callback_info info) {
-  size_t argc = 1;
-  napi_value argv[1] = {NULL};
+  size_t argc = 2;
+  napi_value argv[2] = {NULL, NULL};
   if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok) return NULL;
   double fd;
   if (!arg_integer(env, argv[0], "fd", 0, INT32_MAX, &fd)) return NULL;
+  bool blocking = true;
+  napi_valuetype t = napi_undefined;
+  if (argc > 1 && napi_typeof(env, argv[1], &t) == napi_ok && t != napi_undefined &&
+      napi_get_value_bool(env, argv[1], &blocking) != napi_ok) {
+    napi_throw_type_error(env, NULL, "setBlocking: blocking must be a boolean");
+    return NULL;
+  }
   int flags = fcntl((int)fd, F_GETFL);
   if (flags < 0) return throw_errno(env, "fcntl", "setBlocking", errno);
-  if ((flags & O_NONBLOCK) != 0 && fcntl((int)fd, F_SETFL, flags & ~O_NONBLOCK) < 0) {
-    return throw_errno(env, "fcntl", "setBlocking", errno);
-  }
+  int want = blocking ? flags & ~O_NONBLOCK : flags | O_NONBLOCK;
+  if (want != flags && fcntl((int)fd, F_SETFL, want) < 0) return throw_errno(env, "fcntl", "setBlocking", errno);
   return undefined(env);
 }
 
@@ -650,9 +657,9 @@ static napi_value shutdown_socket(napi_env env, napi_callback_info info) {
   return undefined(env);
 }
 
-// peekSocket(fd, buffer): recv(MSG_PEEK | MSG_DONTWAIT) into buffer: the bytes waiting on a socket, left there for
-// whoever reads it next. Returns how many (0: the peer closed it), or -1 when none are waiting yet. Throws with errno.
-static napi_value peek_socket(napi_env env, napi_callback_info info) {
+// recv(flags | MSG_DONTWAIT) into the buffer argument: how many bytes (0: the peer closed the socket), or -1 when
+// none are waiting yet. Never blocks, whatever the socket's own mode. Throws with errno.
+static napi_value recv_now(napi_env env, napi_callback_info info, int flags, const char *name) {
   size_t argc = 2;
   napi_value argv[2] = {NULL, NULL};
   if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok) return NULL;
@@ -661,11 +668,22 @@ static napi_value peek_socket(napi_env env, napi_callback_info info) {
   size_t bytes;
   if (!arg_integer(env, argv[0], "fd", 0, INT32_MAX, &fd)) return NULL;
   if (!arg_view(env, argv[1], "buffer", &data, &bytes, &base)) return NULL;
-  ssize_t got = bytes == 0 ? 0 : recv((int)fd, data, bytes, MSG_PEEK | MSG_DONTWAIT);
-  if (got < 0 && errno != EAGAIN && errno != EWOULDBLOCK) return throw_errno(env, "recv", "peekSocket", errno);
+  ssize_t got = bytes == 0 ? 0 : recv((int)fd, data, bytes, flags | MSG_DONTWAIT);
+  if (got < 0 && errno != EAGAIN && errno != EWOULDBLOCK) return throw_errno(env, "recv", name, errno);
   napi_value v;
   napi_create_int32(env, got < 0 ? -1 : (int32_t)got, &v);
   return v;
+}
+
+// peekSocket(fd, buffer): the bytes waiting on a socket, copied and left there for whoever reads it next (MSG_PEEK).
+static napi_value peek_socket(napi_env env, napi_callback_info info) {
+  return recv_now(env, info, MSG_PEEK, "peekSocket");
+}
+
+// recvSocket(fd, buffer): the bytes waiting on a socket, taken, without blocking: load --connect reads QEMU's
+// return path from the socket it writes the stream to with blocking writes.
+static napi_value recv_socket(napi_env env, napi_callback_info info) {
+  return recv_now(env, info, 0, "recvSocket");
 }
 
 // setSendBuffer(fd, bytes): the socket's send buffer (SO_SNDBUFFORCE as root, past net.core.wmem_max; else
@@ -721,6 +739,9 @@ NAPI_MODULE_INIT() {
     return NULL;
   if (napi_create_function(env, "peekSocket", NAPI_AUTO_LENGTH, peek_socket, NULL, &fn) != napi_ok ||
       napi_set_named_property(env, exports, "peekSocket", fn) != napi_ok)
+    return NULL;
+  if (napi_create_function(env, "recvSocket", NAPI_AUTO_LENGTH, recv_socket, NULL, &fn) != napi_ok ||
+      napi_set_named_property(env, exports, "recvSocket", fn) != napi_ok)
     return NULL;
   if (napi_create_function(env, "setSendBuffer", NAPI_AUTO_LENGTH, set_send_buffer, NULL, &fn) != napi_ok ||
       napi_set_named_property(env, exports, "setSendBuffer", fn) != napi_ok)

@@ -29,9 +29,10 @@ interface NativeRing {
 interface Addon {
   Ring: new (depth: number, blockBytes?: number) => NativeRing;
   setPipeSize(fd: number, bytes: number): number;
-  setBlocking(fd: number): void;
+  setBlocking(fd: number, blocking?: boolean): void;
   shutdownSocket(fd: number): void;
   peekSocket(fd: number, buffer: Uint8Array): number;
+  recvSocket(fd: number, buffer: Uint8Array): number;
   setSendBuffer(fd: number, bytes: number): number;
 }
 
@@ -94,6 +95,16 @@ export function socketBlocking(fd: number): void {
   a.addon.setBlocking(fd);
 }
 
+/**
+ * Makes `fd` non-blocking again (sets O_NONBLOCK), before a socket made blocking by socketBlocking is read through
+ * libuv, whose reads loop until EAGAIN. Throws SnapPipeError when the addon is missing.
+ */
+export function socketNonBlocking(fd: number): void {
+  const a = loadAddon();
+  if ('error' in a) throw new SnapPipeError('UNSUPPORTED', `--connect needs the native addon: ${a.error}`);
+  a.addon.setBlocking(fd, false);
+}
+
 /** libuv's fd of a connected or accepted unix socket (a Pipe handle); Node has no public accessor. */
 export function socketFd(sock: object): number {
   const fd = (sock as { _handle?: { fd?: number } })._handle?.fd;
@@ -121,6 +132,17 @@ export function peekSocket(fd: number, into: Uint8Array): number {
   const a = loadAddon();
   if ('error' in a) throw new SnapPipeError('UNSUPPORTED', `--listen needs the native addon: ${a.error}`);
   return a.addon.peekSocket(fd, into);
+}
+
+/**
+ * The bytes waiting on socket `fd`, read into `into` without blocking (recv with MSG_DONTWAIT), whatever the
+ * socket's mode: how many, 0 when the peer closed it, -1 when none are waiting. Throws SnapPipeError when the addon
+ * is missing.
+ */
+export function recvSocket(fd: number, into: Uint8Array): number {
+  const a = loadAddon();
+  if ('error' in a) throw new SnapPipeError('UNSUPPORTED', `--connect needs the native addon: ${a.error}`);
+  return a.addon.recvSocket(fd, into);
 }
 
 /**
