@@ -9,9 +9,13 @@ import { formatBytes, printable } from '../format/text.js';
 import { runLoad, type LoadReport } from '../load/precopy.js';
 import { DEFAULT_LOAD_QUEUE_DEPTH, LOAD_QUEUE_DEPTH_MAX } from '../load/source.js';
 import type { PostcopyReport } from '../load/postcopy/session.js';
+import type { OpenTarget, StreamConnections } from '../load/connect.js';
 
 const STDIN_FD = 0;
 const STDOUT_FD = 1;
+/** --connect-timeout's default and bound, seconds. */
+const DEFAULT_CONNECT_WAIT_S = 10;
+const CONNECT_WAIT_S_MAX = 24 * 3600;
 
 export const LOAD_FLAGS: Record<string, FlagSpec> = {
   io: { kind: 'value', valueName: 'uring|sync', help: 'I/O backend (default: uring where io_uring works, else sync)' },
@@ -26,7 +30,12 @@ export const LOAD_FLAGS: Record<string, FlagSpec> = {
   connect: {
     kind: 'value',
     valueName: 'unix:PATH',
-    help: 'send the stream to a QEMU waiting in migrate_incoming "unix:PATH" instead of stdout (precopy only)',
+    help: 'send the stream to a QEMU waiting in migrate_incoming "unix:PATH" (or started with -incoming unix:PATH) instead of stdout; with --postcopy the return path comes back on it',
+  },
+  'connect-timeout': {
+    kind: 'value',
+    valueName: 'SECONDS',
+    help: `with --connect: how long to wait for QEMU to listen there (default ${DEFAULT_CONNECT_WAIT_S}): load may start first, and the image is checked before it waits`,
   },
   'multifd-channels': {
     kind: 'value',
@@ -48,9 +57,12 @@ Or over a socket, with QEMU's multifd channels carrying the data pages side by s
   (qemu) migrate_set_parameter multifd-channels 2
   (qemu) migrate_incoming "unix:/run/vm-in.sock"
   $ snap-pipe load /path/vm.qcow2 --connect unix:/run/vm-in.sock --multifd-channels 2
+load --connect may start before QEMU listens (it waits --connect-timeout): started beforehand, its own start-up is
+out of the restore's time.
 With --postcopy the destination needs the postcopy-ram capability (migrate_set_capability postcopy-ram on, before
 migrate_incoming): the device state goes first and the guest runs (at once unless QEMU was started with -S) while
-the pages follow, the ones it touches ahead of the rest.`;
+the pages follow, the ones it touches ahead of the rest. QEMU asks for those pages on its return path: stdin under
+exec:, the socket itself with --connect (one socket: not with --multifd-channels).`;
 
 
 function formatLoadReport(r: LoadReport): string {
@@ -139,48 +151,46 @@ async function load(argv: string[], progress: LoadProgressSeen): Promise<number>
   const connectSpec = flags.get('connect');
   const connect = connectSpec === undefined ? undefined : unixSocketPath('load: --connect', connectSpec);
   const channels = integerFlag('load', flags, 'multifd-channels', 0, MULTIFD_CHANNELS_MAX, 0);
+  const connectWaitS = integerFlag('load', flags, 'connect-timeout', 1, CONNECT_WAIT_S_MAX, DEFAULT_CONNECT_WAIT_S);
   if (!connect && flags.has('multifd-channels')) usage('load: --multifd-channels goes with --connect (QEMU takes multifd channels over a socket only)');
-  if (connect && precopyPercent !== undefined) usage('load: --postcopy goes with exec: (stdin is the return path), not with --connect');
+  if (!connect && flags.has('connect-timeout')) usage('load: --connect-timeout goes with --connect');
+  if (precopyPercent !== undefined && channels > 0) {
+    usage('load: --postcopy goes over one socket, not with --multifd-channels (QEMU 10.0 refuses postcopy-ram with multifd)');
+  }
   // isatty, not process.stdout: touching process.stdout could switch fd 1 to non-blocking mode.
   if (!connect && isatty(STDOUT_FD)) usage('load: stdout is a terminal; redirect it or run under QEMU (see snap-pipe load --help)');
-  if (precopyPercent !== undefined && isatty(STDIN_FD)) {
-    usage('load: --postcopy: stdin is a terminal; it must be QEMU\'s return path (run under migrate_incoming exec:)');
+  if (!connect && precopyPercent !== undefined && isatty(STDIN_FD)) {
+    usage('load: --postcopy: stdin is a terminal; it must be QEMU\'s return path (run under migrate_incoming exec:, or use --connect)');
   }
-
-  if (precopyPercent !== undefined) {
-    // Imported only here: a plain load (QEMU waits for its first bytes) starts without compiling it.
-    const { runPostcopyLoad } = await import('../load/postcopy/session.js');
-    const report = await runPostcopyLoad({
-      path,
-      out: STDOUT_FD,
-      rpIn: STDIN_FD,
-      direct: !flags.has('no-direct'),
-      verify: !flags.has('no-verify'),
-      queueDepth,
-      io,
-      precopyPercent,
-      onNote: (line) => tellErr(`snap-pipe: ${printable(line)}\n`),
-      onProgress: (p) => (progress.bytesOut = p.bytesOut),
-    });
-    writeStats(stats, () => formatPostcopyReport(report), report);
-    return 0;
-  }
-
+  const common = {
+    path,
+    direct: !flags.has('no-direct'),
+    verify: !flags.has('no-verify'),
+    queueDepth,
+    io,
+    onNote: (line: string) => tellErr(`snap-pipe: ${printable(line)}\n`),
+    onProgress: (p: { bytesOut: number }) => (progress.bytesOut = p.bytesOut),
+  };
   if (connect) progress.streamOnStdout = false;
-  const conns = connect ? await (await import('../load/connect.js')).StreamConnections.open(connect, channels) : undefined;
+  let conns: StreamConnections | undefined;
+  // Opened by runLoad or runPostcopyLoad once the image is checked: a bad image is refused before QEMU is touched.
+  const target: OpenTarget = async () => {
+    if (!connect) return { out: STDOUT_FD, returnPath: STDIN_FD };
+    const { StreamConnections } = await import('../load/connect.js');
+    const onWait = () => tellErr(`snap-pipe: load: waiting for QEMU to listen on unix:${printable(connect)} (up to ${connectWaitS} s)\n`);
+    conns = await StreamConnections.open(connect, channels, connectWaitS * 1000, onWait);
+    return { out: conns.main, multifdFds: channels > 0 ? conns.channels : undefined, returnPath: conns.main, returnPathSocket: conns.mainSocket };
+  };
   try {
-    const report = await runLoad({
-      path,
-      out: conns ? conns.main : STDOUT_FD,
-      multifdFds: conns && channels > 0 ? conns.channels : undefined,
-      direct: !flags.has('no-direct'),
-      verify: !flags.has('no-verify'),
-      queueDepth,
-      io,
-      onNote: (line) => tellErr(`snap-pipe: ${printable(line)}\n`),
-      onProgress: (p) => (progress.bytesOut = p.bytesOut),
-    });
-    writeStats(stats, () => formatLoadReport(report), report);
+    if (precopyPercent !== undefined) {
+      // Imported only here: a plain load (QEMU waits for its first bytes) starts without compiling it.
+      const { runPostcopyLoad } = await import('../load/postcopy/session.js');
+      const report = await runPostcopyLoad({ ...common, target, precopyPercent });
+      writeStats(stats, () => formatPostcopyReport(report), report);
+    } else {
+      const report = await runLoad({ ...common, target });
+      writeStats(stats, () => formatLoadReport(report), report);
+    }
     return 0;
   } finally {
     conns?.close();

@@ -24,6 +24,7 @@ import { dataPagesOf, forEachZeroPage } from './plan.js';
 import { MultifdSender, ramSetupWithFlush, syncByMachineType, type SyncBy } from './multifd.js';
 import { RAM_MULTIFD_FLUSH } from '../format/stream/constants.js';
 import { LOAD_QUEUE_DEPTH_MAX, LoadSource } from './source.js';
+import type { OpenTarget } from './connect.js';
 
 /** Bound on ZERO records per PART section (9 bytes each with CONTINUE: ~300 KiB). */
 const ZERO_RECORDS_PER_SECTION = 32768;
@@ -39,8 +40,8 @@ export interface LoadProgress {
 
 export interface LoadOptions {
   path: string;
-  /** File descriptor the stream goes to; 1 under QEMU. */
-  out: number;
+  /** Where the stream goes (stdout under QEMU's exec:, or --connect's sockets), opened once the image is checked. */
+  target: OpenTarget;
   direct: boolean;
   verify: boolean;
   queueDepth: number;
@@ -49,15 +50,13 @@ export interface LoadOptions {
   onNote?: (line: string) => void;
   /** Called after each flush of the output buffer. */
   onProgress?: (p: LoadProgress) => void;
-  /**
-   * load --connect with --multifd-channels: `out` is the main channel, these the multifd channels' sockets (by
-   * channel id); the data pages go on them (load/multifd.ts).
-   */
-  multifdFds?: number[];
 }
 
 export interface LoadReport {
   path: string;
+  /** ms from the start until the stream's target was open: the image checked, and with --connect QEMU connected. */
+  openMs: number;
+  /** From then to the end. */
   seconds: number;
   /** Stream bytes written to `out`. */
   bytesOut: number;
@@ -104,16 +103,19 @@ export async function runLoad(opts: LoadOptions): Promise<LoadReport> {
   assert(Number.isInteger(opts.queueDepth) && opts.queueDepth >= 1 && opts.queueDepth <= LOAD_QUEUE_DEPTH_MAX, 'runLoad: queueDepth');
   const source = LoadSource.check(opts.path, opts.direct);
   try {
-    // A 64 KiB pipe makes QEMU and us take turns in small pieces; grow it (postcopy does not: a deep pipe would
-    // queue background pages ahead of the pages the guest is waiting for).
-    enlargePipe(opts.out);
     // One slot more than reads in flight: the cluster being sent keeps its slot while `depth` reads go on.
     source.openReads({ io: opts.io, queueDepth: opts.queueDepth, extraSlots: 1, backendDepth: 'depth', onNote: opts.onNote });
+    // With --multifd-channels, `out` is the main channel, and the data pages go on the channels (load/multifd.ts).
+    const { out: fd, multifdFds } = await opts.target();
+    const tOpen = performance.now();
+    // A 64 KiB pipe makes QEMU and us take turns in small pieces; grow it (postcopy does not: a deep pipe would
+    // queue background pages ahead of the pages the guest is waiting for).
+    enlargePipe(fd);
     const sent: Sent = { dataPagesOut: 0, readMs: 0 };
-    const { out, sink } = pipeEncoder(opts.out, () =>
+    const { out, sink } = pipeEncoder(fd, () =>
       opts.onProgress?.({ bytesOut: sink.bytesOut, dataPagesOut: sent.dataPagesOut, dataPagesTotal: source.plan.dataPages }),
     );
-    const mfd = opts.multifdFds ? { sender: new MultifdSender(opts.multifdFds, source.meta), syncBy: syncByMachineType(source.meta.machineType), syncs: 0 } : undefined;
+    const mfd = multifdFds ? { sender: new MultifdSender(multifdFds, source.meta), syncBy: syncByMachineType(source.meta.machineType), syncs: 0 } : undefined;
     // Nothing has been written so far: every refusal above left `out` untouched.
     try {
       if (mfd) sendMultifdStream(source, out, opts.verify, sent, mfd);
@@ -125,10 +127,10 @@ export async function runLoad(opts: LoadOptions): Promise<LoadReport> {
       out.flushAfterFailure();
       throw err;
     }
-    const r = report(opts, (performance.now() - t0) / 1000, source, out, sink, sent);
+    const r = report(opts, tOpen - t0, (performance.now() - tOpen) / 1000, source, out, sink, sent);
     if (mfd) {
       const { sender } = mfd;
-      r.multifd = { channels: opts.multifdFds!.length, syncBy: mfd.syncBy, syncs: mfd.syncs, packets: sender.packets, bytesOut: sender.bytesOut, writeMs: sender.writeMs };
+      r.multifd = { channels: multifdFds!.length, syncBy: mfd.syncBy, syncs: mfd.syncs, packets: sender.packets, bytesOut: sender.bytesOut, writeMs: sender.writeMs };
     }
     return r;
   } finally {
@@ -271,10 +273,11 @@ class InOrderReads {
   }
 }
 
-function report(opts: LoadOptions, seconds: number, source: LoadSource, out: StreamEncoder, sink: PipeSink, sent: Sent): LoadReport {
+function report(opts: LoadOptions, openMs: number, seconds: number, source: LoadSource, out: StreamEncoder, sink: PipeSink, sent: Sent): LoadReport {
   const { meta, plan } = source;
   return {
     path: opts.path,
+    openMs,
     seconds,
     bytesOut: sink.bytesOut,
     outMBps: sink.bytesOut / 1e6 / seconds,

@@ -8,6 +8,8 @@
 //    judged by content: asked right after cont, the guest reads back all of its random fill and /init, pulling
 //    most of those pages on demand while postcopy is still active, and their hashes must equal the ones it gave
 //    before the save, with zero tolerance.
+//  - Over one unix socket (load --postcopy --connect, started before the destination listens): the return path
+//    comes back on the stream's socket; memory byte for byte, then it runs.
 // The same image loaded by plain precopy gives the baseline: time from migrate_incoming to the first tick.
 //
 // The destination is started with -S (as the precopy tests): QEMU then leaves the guest paused at POSTCOPY_RUN
@@ -21,7 +23,7 @@ import { afterAll, afterEach, beforeAll, describe, expect, test } from 'vitest';
 import type { PostcopyReport } from '../../src/load/postcopy/session.js';
 import { Guest, delayMs, guestFiles, shellQuote, snapPipeBin } from '../../tools/qemu/guest.js';
 import { qemuAtLeast, testedQemus } from '../../tools/qemu/versions.js';
-import { info } from '../helpers/cli.js';
+import { info, runCli } from '../helpers/cli.js';
 import { firstDifference, LEGACY_WINDOW, loadUri, saveUri } from '../helpers/e2e.js';
 
 const MiB = 1024 * 1024;
@@ -207,6 +209,42 @@ describe.each(testedQemus())('snap-pipe load --postcopy behind a real QEMU: $lab
     await g.waitTick(30_000, from);
     await g.waitTick(30_000);
     console.log(`${qemu.label} postcopy, paused destination: migrate_incoming -> completed ${ms} ms; identical memory.\n  ${describeStats(st)}`);
+  }, 600_000);
+
+  test('postcopy over one socket: load --connect, started before migrate_incoming, into a paused destination; byte for byte, then it runs', async () => {
+    const statsPath = join(dir, 'postcopy-connect.json');
+    const after = join(dir, 'after-connect.pmem');
+    const sock = join(dir, 'in.sock');
+    dest = await Guest.start({ qemu, name: 'postcopy-connect', memMiB, fillMiB, incoming: true });
+    const g = dest;
+    await g.setCapabilities({ 'postcopy-ram': true });
+    // load first: it checks the image, then waits for QEMU to listen.
+    const load = runCli(['load', img, '--postcopy', '--connect', `unix:${sock}`, '--connect-timeout', '60', `--stats=${statsPath}`]);
+    await delayMs(300);
+    const from = g.consoleBytes();
+    const t0 = Date.now();
+    await g.migrateIncoming(`unix:${sock}`);
+    const seen = await waitPostcopyActive(g);
+    const activeMs = Date.now() - t0;
+    const done = await g.waitMigration(180_000);
+    if (done.status !== 'completed') throw g.failure(`postcopy load --connect ${done.status}: ${done['error-desc'] ?? '?'}`);
+    const r = await load;
+    expect(r.code, r.stderr).toBe(0);
+    expect(r.stderr.trim().split('\n'), 'load said it waited, and nothing else').toEqual([`snap-pipe: load: waiting for QEMU to listen on unix:${sock} (up to 60 s)`]);
+    expect(seen.has('postcopy-active')).toBe(true);
+    const st = await readStats(g, statsPath);
+    expect(st.shutStatus).toBe(0);
+    expect(st.pongs).toEqual([1, 3]);
+    expect(st.requests, 'requests came back on the stream socket').toBeGreaterThan(0);
+
+    await g.pmemsave(0, memMiB * MiB, after, 120_000);
+    const diff = await firstDifference(before, after, memMiB * MiB, [LEGACY_WINDOW]);
+    expect(diff, diff < 0 ? '' : `restored RAM differs at 0x${diff.toString(16)}`).toBe(-1);
+    rmSync(after, { force: true });
+    await g.cont();
+    await g.waitTick(30_000, from);
+    await g.waitTick(30_000);
+    console.log(`${qemu.label} postcopy over --connect, paused destination: migrate_incoming -> postcopy-active ${activeMs} ms; identical memory.\n  ${describeStats(st)}`);
   }, 600_000);
 
   for (const { percent, mbps } of [{ percent: 0, mbps: 0 }, { percent: 0, mbps: 64 }, { percent: 25, mbps: 64 }]) {

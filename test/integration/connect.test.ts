@@ -3,9 +3,10 @@
 // channel): the main channel connects first, each channel's init names it in order, every data page of the image
 // arrives exactly once across the channels with its content, the zero pages come on the main channel, and every
 // channel sends one SYNC packet per sync point of the main channel (MULTIFD_FLUSH for an 8.1+ machine type, EOS
-// before). Without multifd, one connection carries what `load > stdout` writes, byte for byte. Refusals: nothing
-// listening, and the flags that do not go with --connect.
-import { existsSync, mkdtempSync, rmSync } from 'node:fs';
+// before). Without multifd, one connection carries what `load > stdout` writes, byte for byte, also when load starts
+// before anything listens. Refusals: nothing listening in time, a bad image (before any wait), and flags that do not
+// go together. (--postcopy over --connect: test/integration/postcopy.test.ts.)
+import { existsSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -100,13 +101,39 @@ describe('load --connect unix:PATH', () => {
     expect(Buffer.compare(conns[0], loadStream(img))).toBe(0);
   });
 
-  it('refuses with one line: nothing listening, --multifd-channels without --connect, --postcopy with it, a path that is not unix: or too long', async () => {
+  it('started before QEMU listens: waits for the socket, then sends the same bytes', async () => {
+    const { img } = await saveImage('early', 'pc-i440fx-7.2');
+    const sock = join(dir, 'early.sock');
+    const load = runLoad([img, '--connect', `unix:${sock}`, '--connect-timeout', '20']);
+    await new Promise((resolve) => setTimeout(resolve, 500));
+    const dst = await recordConnections(sock);
+    const r = await load;
+    expect(r.code, r.stderr).toBe(0);
+    expect(r.stderr.trim().split('\n')).toEqual([`snap-pipe: load: waiting for QEMU to listen on unix:${sock} (up to 20 s)`]);
+    const { conns } = await dst.done(RUN_MS_MAX);
+    expect(conns).toHaveLength(1);
+    expect(Buffer.compare(conns[0], loadStream(img))).toBe(0);
+  });
+
+  it('refuses with one line: nothing listening in time, a bad image before it waits, flags that do not go together, a path that is not unix: or too long', async () => {
     const { img } = await saveImage('refused', 'pc-i440fx-7.2');
     const sock = join(dir, 'nobody.sock');
+    const junk = join(dir, 'junk.qcow2');
+    writeFileSync(junk, Buffer.alloc(65536, 7));
+    // Nothing listening: the progress line, then the failure after --connect-timeout.
+    const late = await runLoad([img, '--connect', `unix:${sock}`, '--connect-timeout', '1']);
+    expect(late.code).toBe(1);
+    expect(late.stderr.trim().split('\n')).toEqual([
+      `snap-pipe: load: waiting for QEMU to listen on unix:${sock} (up to 1 s)`,
+      `snap-pipe: --connect: nothing listened at ${sock} within 1 s (is QEMU's migrate_incoming "unix:PATH" running?)`,
+    ]);
     for (const [args, line] of [
-      [[img, '--connect', `unix:${sock}`], `snap-pipe: --connect: cannot connect to ${sock}: nothing listens there (is QEMU's migrate_incoming "unix:PATH" running?)`],
+      // The image is checked first: refused at once, not after --connect-timeout.
+      [[junk, '--connect', `unix:${sock}`, '--connect-timeout', '600'], `snap-pipe: ${junk}: not a QCOW2 image`],
       [[img, '--multifd-channels', '2'], 'snap-pipe: load: --multifd-channels goes with --connect (QEMU takes multifd channels over a socket only)'],
-      [[img, '--connect', `unix:${sock}`, '--postcopy'], 'snap-pipe: load: --postcopy goes with exec: (stdin is the return path), not with --connect'],
+      [[img, '--connect-timeout', '5'], 'snap-pipe: load: --connect-timeout goes with --connect'],
+      [[img, '--connect', `unix:${sock}`, '--connect-timeout', '0'], 'snap-pipe: load: --connect-timeout 0: must be from 1 to 86400'],
+      [[img, '--connect', `unix:${sock}`, '--multifd-channels', '2', '--postcopy'], 'snap-pipe: load: --postcopy goes over one socket, not with --multifd-channels (QEMU 10.0 refuses postcopy-ram with multifd)'],
       [[img, '--connect', 'tcp:127.0.0.1:4444'], 'snap-pipe: load: --connect takes unix:PATH (got tcp:127.0.0.1:4444)'],
       [[img, '--connect', `unix:/${'d'.repeat(120)}`], `snap-pipe: load: --connect: /${'d'.repeat(120)} is longer than a unix socket path may be (107 bytes)`],
     ] as const) {

@@ -6,6 +6,8 @@
 // sent in the precopy share; PACKAGED = LISTEN + device sections without EOF/VMDESCRIPTION + PING + RUN), that every
 // page arrives exactly once with the saved content, that requested pages jump the queue, and the refusals.
 import { spawn } from 'node:child_process';
+import net from 'node:net';
+import type { Readable, Writable } from 'node:stream';
 import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -241,7 +243,12 @@ interface PeerResult {
   bytes: number;
 }
 
-function runPeer(img: string, m: ModelStream, args: string[], script: PeerScript): Promise<PeerResult> {
+/**
+ * Runs `snap-pipe load IMG ARGS` against the scripted peer: over its stdout and stdin (QEMU's exec:), or with
+ * `socket` over one unix socket the peer listens on, `load --connect unix:PATH`, the return path coming back on it.
+ * `listenAfterMs`: the peer starts listening only then (load, started first, waits for it).
+ */
+function runPeer(img: string, m: ModelStream, args: string[], script: PeerScript, via?: { socket: string; listenAfterMs?: number }): Promise<PeerResult> {
   const reader = ImageReader.open(img);
   const meta = reader.meta!;
   reader.close();
@@ -270,11 +277,13 @@ function runPeer(img: string, m: ModelStream, args: string[], script: PeerScript
   return new Promise((resolve, reject) => {
     const t0 = Date.now();
     let shutAt = 0;
-    const child = spawn(process.execPath, [BIN, 'load', img, ...args], { stdio: ['pipe', 'pipe', 'pipe'] });
-    child.stdin.on('error', () => undefined);
-    child.stderr.on('data', (d) => (res.stderr += d));
+    const loadArgs = via ? [...args, '--connect', `unix:${via.socket}`] : args;
+    const child = spawn(process.execPath, [BIN, 'load', img, ...loadArgs], { stdio: [via ? 'ignore' : 'pipe', via ? 'ignore' : 'pipe', 'pipe'] });
+    child.stderr!.on('data', (d) => (res.stderr += d));
+    // What the peer reads the stream from and writes its return path to.
+    let rpOut: Writable | undefined;
     const send = (b: Uint8Array) => {
-      if (!child.stdin.destroyed && child.stdin.writable) child.stdin.write(b);
+      if (rpOut && !rpOut.destroyed && rpOut.writable) rpOut.write(b);
     };
     let lastNamed = -1;
     const request = (block: number, page: number, kind: Request['kind']) => {
@@ -316,7 +325,7 @@ function runPeer(img: string, m: ModelStream, args: string[], script: PeerScript
             send(encodePong(inner.readUInt32BE(inner.length - 9)));
           }
           if (script.closeAfterPackage) {
-            child.stdin.end();
+            rpOut!.end();
             return;
           }
           if (script.raw) {
@@ -355,15 +364,28 @@ function runPeer(img: string, m: ModelStream, args: string[], script: PeerScript
         }, 50);
       },
     });
-    child.stdout.on('data', (d: Buffer) => {
-      res.bytes += d.length;
-      try {
-        sr.feed(d);
-      } catch (err) {
-        child.kill('SIGKILL');
-        reject(err);
-      }
-    });
+    const wire = (streamIn: Readable, returnPath: Writable) => {
+      rpOut = returnPath;
+      returnPath.on('error', () => undefined);
+      streamIn.on('data', (d: Buffer) => {
+        res.bytes += d.length;
+        try {
+          sr.feed(d);
+        } catch (err) {
+          child.kill('SIGKILL');
+          reject(err);
+        }
+      });
+    };
+    if (!via) wire(child.stdout!, child.stdin!);
+    else {
+      const server = net.createServer((conn) => {
+        server.close(); // one connection: load --connect without multifd makes no other
+        wire(conn, conn);
+      });
+      setTimeout(() => server.listen(via.socket), via.listenAfterMs ?? 0);
+      child.on('close', () => server.close());
+    }
     child.on('error', reject);
     child.on('close', (code) => {
       res.code = code;
@@ -516,13 +538,20 @@ describe('snap-pipe load --postcopy against a scripted destination', () => {
     { name: '30% precopy first', percent: 30, args: ['--postcopy=30'] },
     { name: 'sync reads, buffered, 10% first', percent: 10, args: ['--postcopy=10', '--io', 'sync', '--no-direct', '--queue-depth=2'] },
     { name: 'saved from QEMU 10 (SWITCHOVER_START), 20% first, a destination with switchover-ack', percent: 20, args: ['--postcopy=20'], qemu10: true },
+    // load --connect: the stream and the return path on one socket, which stays blocking for the stream's writes.
+    { name: 'over one socket (--connect), from the start; the peer listens 300 ms after load started', percent: 0, args: ['--postcopy'], listenAfterMs: 300 },
+    { name: 'over one socket (--connect), saved from QEMU 10, 20% first, switchover-ack', percent: 20, args: ['--postcopy=20'], qemu10: true, listenAfterMs: 0 },
   ]) {
     it(c.name, async () => {
-      const statsPath = join(dir, `${c.percent}.json`);
+      const statsPath = join(dir, `${c.name.replace(/\W+/g, '-')}.json`);
       const [mm, image] = c.qemu10 ? [m10, img10] : [m, img];
-      const res = await runPeer(image, mm, [...c.args, `--stats=${statsPath}`], { requests: burst, faults: 40, switchoverAck: c.qemu10 });
+      const via = c.listenAfterMs === undefined ? undefined : { socket: join(dir, `peer-${c.percent}.sock`), listenAfterMs: c.listenAfterMs };
+      const res = await runPeer(image, mm, [...c.args, `--stats=${statsPath}`], { requests: burst, faults: 40, switchoverAck: c.qemu10 }, via);
       expect(res.code, res.stderr).toBe(0);
-      expect(res.stderr).toBe('');
+      // Over the socket, load says once that it waits for the peer to listen (when it had to), and nothing else.
+      const waited = /^snap-pipe: load: waiting for QEMU to listen on unix:\S+ \(up to 10 s\)\n/;
+      if (c.listenAfterMs) expect(res.stderr).toMatch(waited);
+      expect(res.stderr.replace(waited, '')).toBe('');
       expectProtocol(res, mm, c.percent);
       // Requested pages jump the queue: each arrives soon after the request (the pipe, snap-pipe's small output
       // buffer and one cluster at most), long before the background would have reached it.
@@ -590,6 +619,9 @@ describe('snap-pipe load --postcopy against a scripted destination', () => {
   it('QEMU failing (SHUT 1) or closing the return path early ends the load at once, non-zero', async () => {
     expectFailed(await runPeer(img, m, ['--postcopy'], { raw: Buffer.from(encodeShut(1)) }), /QEMU reported the incoming migration failed \(SHUT 1\)/);
     expectFailed(await runPeer(img, m, ['--postcopy'], { closeAfterPackage: true }), /QEMU closed the return path \(stdin\) before the stream was complete/);
+    const socket = join(dir, 'early-close.sock');
+    expectFailed(await runPeer(img, m, ['--postcopy'], { closeAfterPackage: true }, { socket }), /QEMU closed the return path \(the --connect socket\) before the stream was complete/);
+    expectFailed(await runPeer(img, m, ['--postcopy'], { raw: Buffer.from(encodeShut(1)) }, { socket }), /QEMU reported the incoming migration failed \(SHUT 1\)/);
   });
 
   it('a destination that never answers (no postcopy-ram): EPIPE names the capability', async () => {
@@ -609,7 +641,7 @@ describe('snap-pipe load --postcopy against a scripted destination', () => {
     // usage error, one line, and nothing is written.
     const out = join(dir, 'tty.stream');
     const t = runOnTerminal(['load', '--postcopy', img], out);
-    expect(t.lines).toEqual(["snap-pipe: load: --postcopy: stdin is a terminal; it must be QEMU's return path (run under migrate_incoming exec:)"]);
+    expect(t.lines).toEqual(["snap-pipe: load: --postcopy: stdin is a terminal; it must be QEMU's return path (run under migrate_incoming exec:, or use --connect)"]);
     expect(t.code).toBe(2);
     expect(readFileSync(out).length, 'bytes on stdout').toBe(0);
     for (const p of ['101', 'x', '-1', '']) {

@@ -1,11 +1,12 @@
-// QEMU's return path as the postcopy load reads it: the only code that reads stdin. It opens the descriptor for
-// reads that never block, decodes the messages (each stamped with the time its bytes were read), and at the end
-// waits for them in the event loop, bounded.
+// QEMU's return path as the postcopy load reads it: the only code that reads stdin (or, with --connect, the stream's
+// socket). It reads without ever blocking, decodes the messages (each stamped with the time its bytes were read),
+// and at the end waits for them in the event loop, bounded.
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import net from 'node:net';
 import { SnapPipeError, ioError } from '../../errors.js';
 import { ReturnPathDecoder, type RpMessage } from '../../format/stream/returnpath.js';
+import { recvSocket, socketNonBlocking } from '../../native/uring.js';
 
 /**
  * QEMU's return path, decoded; every message is stamped with the time its bytes were read. Non-blocking reads while
@@ -13,7 +14,8 @@ import { ReturnPathDecoder, type RpMessage } from '../../format/stream/returnpat
  *
  * stdin is read without blocking, between sections and while idle: through a second open file description of the
  * same pipe (/proc/self/fd/0 with O_NONBLOCK), or for a socket (Node's child_process pipes) fd 0 itself switched to
- * non-blocking mode. After EOF, with nothing left to send, the wait for SHUT blocks in the event loop (libuv's epoll
+ * non-blocking mode. With --connect, QEMU writes its return path to the socket the stream goes out on: that socket
+ * stays blocking for the stream's writes, and is read with recv(MSG_DONTWAIT). After EOF, with nothing left to send, the wait for SHUT blocks in the event loop (libuv's epoll
  * on that fd: no polling, no thread stuck in a read) for at most the session's SHUT_WAIT_MS_MAX, so a SHUT or the
  * pipe closing is seen at once, and a destination that never says SHUT ends the load with an error instead of
  * hanging it.
@@ -23,6 +25,8 @@ export class ReturnPathIn {
   private readonly ownFd: boolean;
   /** For a socket on stdin: the handle that put it in non-blocking mode, held while this lives (never read through). */
   readonly socket: net.Socket | undefined;
+  /** With --connect: the stream's socket, owned by its connections (load/connect.ts), read through until the end. */
+  private readonly streamSocket: net.Socket | undefined;
   private readonly buf = new Uint8Array(64 << 10);
   private readonly decoder = new ReturnPathDecoder();
   /** The last phase's libuv handle on `fd` (see waitUntil); poll() no longer reads once it exists. */
@@ -30,7 +34,19 @@ export class ReturnPathIn {
   eof = false;
   bytes = 0;
 
-  constructor(fd: number) {
+  /** Where it comes from, for messages: stdin, or the --connect socket. */
+  get name(): string {
+    return this.streamSocket ? 'the --connect socket' : 'stdin';
+  }
+
+  /** QEMU's return path on `fd` (stdin), or with `streamSocket` on the socket the stream goes to (fd its fd). */
+  constructor(fd: number, streamSocket?: net.Socket) {
+    if (streamSocket) {
+      this.fd = fd;
+      this.ownFd = false;
+      this.streamSocket = streamSocket;
+      return;
+    }
     try {
       // A pipe (QEMU's exec: gives one): a second open file description of it, so that O_NONBLOCK does not change
       // the description behind fd 0.
@@ -59,12 +75,13 @@ export class ReturnPathIn {
       const limit = Error.stackTraceLimit;
       Error.stackTraceLimit = 0; // EAGAIN is the common case: keep its error object cheap
       try {
-        n = fs.readSync(this.fd, this.buf, 0, this.buf.length, null);
+        n = this.streamSocket ? recvSocket(this.fd, this.buf) : fs.readSync(this.fd, this.buf, 0, this.buf.length, null);
+        if (n < 0) return; // nothing waiting on the stream's socket
       } catch (err) {
         const code = (err as NodeJS.ErrnoException).code;
         if (code === 'EAGAIN' || code === 'EWOULDBLOCK') return;
         if (code === 'EINTR') continue;
-        throw ioError('reading the return path (stdin)', err);
+        throw ioError(`reading the return path (${this.name})`, err);
       } finally {
         Error.stackTraceLimit = limit;
       }
@@ -96,13 +113,15 @@ export class ReturnPathIn {
    * `waitMsMax` passes; resolves false only when the time ran out. The fd is handed to libuv (a net.Socket over it:
    * epoll, so the event loop sleeps until QEMU writes or closes), and poll() may not be used afterwards. In the
    * socket case this is a second handle on fd 0; the first (this.socket) never reads, so it never registered fd 0.
+   * With --connect it is the stream's own socket, made non-blocking again: nothing is written after EOF.
    */
   waitUntil(on: (m: RpMessage, t: number) => void, done: () => boolean, waitMsMax: number): Promise<boolean> {
     this.poll(on); // what is there already
     if (done() || this.eof) return Promise.resolve(true);
     let w: net.Socket;
     try {
-      w = this.watcher = new net.Socket({ fd: this.fd, readable: true, writable: false });
+      if (this.streamSocket) socketNonBlocking(this.fd);
+      w = this.watcher = this.streamSocket ?? new net.Socket({ fd: this.fd, readable: true, writable: false });
     } catch (err) {
       throw ioError(`waiting on the return path (fd ${this.fd})`, err);
     }
@@ -130,11 +149,17 @@ export class ReturnPathIn {
         this.eof = true;
         finish(this.closedInsideMessage(), true);
       });
-      w.on('error', (err) => finish(ioError('reading the return path (stdin)', err), false));
+      w.on('error', (err) => finish(ioError(`reading the return path (${this.name})`, err), false));
+      w.resume();
     });
   }
 
   close(): void {
+    if (this.streamSocket) {
+      this.streamSocket.pause(); // its connections close it
+      this.streamSocket.removeAllListeners('data');
+      return;
+    }
     if (this.watcher) {
       // libuv closes the fd it was given, except 0-2 (fd 0 itself stays, as below).
       this.watcher.destroy();

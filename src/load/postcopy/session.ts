@@ -1,5 +1,5 @@
-// `snap-pipe load --postcopy[=PERCENT] IMG`: the image -> a postcopy migration stream on `out` (QEMU's exec: pipe),
-// for a destination with the postcopy-ram capability. This room plays QEMU's migration source through the protocol
+// `snap-pipe load --postcopy[=PERCENT] IMG`: the image -> a postcopy migration stream on `out` (QEMU's exec: pipe, or
+// the --connect socket), for a destination with the postcopy-ram capability. This room plays QEMU's migration source through the protocol
 // in order (see PostcopySession.run), handles what QEMU says on the return path, sends the discards, and writes the
 // report; the pages come from the PageScheduler, the clusters from the LoadSource through the ClusterCache.
 import assert from 'node:assert/strict';
@@ -27,6 +27,7 @@ import { pipeEncoder, type PipeSink } from '../pipe.js';
 import { ClusterCache } from './cache.js';
 import type { LatencySummary } from './latency.js';
 import { ReturnPathIn } from './return-path.js';
+import type { OpenTarget } from '../connect.js';
 import { PageScheduler } from './scheduler.js';
 
 export const PING_AFTER_OPEN = 1;
@@ -42,10 +43,11 @@ export const SHUT_WAIT_MS_MAX = 60_000;
 
 export interface PostcopyOptions {
   path: string;
-  /** File descriptor the stream goes to; 1 under QEMU. */
-  out: number;
-  /** File descriptor of the return path (QEMU writes to it); 0 under QEMU. Read through a non-blocking reopen. */
-  rpIn: number;
+  /**
+   * Where the stream goes and the return path comes from (stdout and stdin under QEMU's exec:, or --connect's main
+   * channel both ways), opened once the image is checked.
+   */
+  target: OpenTarget;
   direct: boolean;
   verify: boolean;
   queueDepth: number;
@@ -105,10 +107,12 @@ export async function runPostcopyLoad(opts: PostcopyOptions): Promise<PostcopyRe
   let rp: ReturnPathIn | undefined;
   try {
     const pkg = packageOf(source);
-    rp = new ReturnPathIn(opts.rpIn);
     // The reads in flight and URGENT_SLOTS more for requests; the backend can hold a read for every slot.
     source.openReads({ io: opts.io, queueDepth: opts.queueDepth, extraSlots: URGENT_SLOTS, backendDepth: 'slots', onNote: opts.onNote });
-    const s = new PostcopySession({ opts, source, rp, pkg, t0 });
+    const target = await opts.target();
+    assert(target.returnPath !== undefined, 'runPostcopyLoad: a target without a return path');
+    rp = new ReturnPathIn(target.returnPath, target.returnPathSocket);
+    const s = new PostcopySession({ opts, out: target.out, source, rp, pkg, t0: performance.now(), openMs: performance.now() - t0 });
     return await s.run(); // awaited here: the finally below must not close rp while the session waits on it
   } finally {
     rp?.close();
@@ -127,6 +131,10 @@ function packageOf(source: LoadSource): Uint8Array {
 /** What a session is built from: opened and checked by runPostcopyLoad, closed by it. */
 interface SessionParts {
   opts: PostcopyOptions;
+  /** The stream's descriptor. */
+  out: number;
+  /** ms from runPostcopyLoad's start to `t0`, when the target was open (LoadReport.openMs). */
+  openMs: number;
   source: LoadSource;
   rp: ReturnPathIn;
   pkg: Uint8Array;
@@ -139,6 +147,7 @@ class PostcopySession {
   private readonly rp: ReturnPathIn;
   private readonly pkg: Uint8Array;
   private readonly t0: number;
+  private readonly openMs: number;
   /** Everything but answers to requests (the scheduler's `out`), and the answers (its `urgent`). */
   private readonly out: StreamEncoder;
   private readonly outSink: PipeSink;
@@ -170,11 +179,11 @@ class PostcopySession {
   };
 
   constructor(p: SessionParts) {
-    ({ opts: this.opts, source: this.source, rp: this.rp, pkg: this.pkg, t0: this.t0 } = p);
+    ({ opts: this.opts, source: this.source, rp: this.rp, pkg: this.pkg, t0: this.t0, openMs: this.openMs } = p);
     this.source.meta.blocks.forEach((b, i) => this.blockByName.set(b.id, i));
     const progress = () => this.opts.onProgress?.({ bytesOut: this.outSink.bytesOut + this.urgentSink.bytesOut });
-    ({ out: this.out, sink: this.outSink } = pipeEncoder(this.opts.out, progress));
-    ({ out: this.urgent, sink: this.urgentSink } = pipeEncoder(this.opts.out, () => {
+    ({ out: this.out, sink: this.outSink } = pipeEncoder(p.out, progress));
+    ({ out: this.urgent, sink: this.urgentSink } = pipeEncoder(p.out, () => {
       this.sched.answersWritten();
       progress();
     }));
@@ -191,7 +200,7 @@ class PostcopySession {
    *   header + configuration, ram START (verbatim from the image),
    *   POSTCOPY_ADVISE(0x1000, 0x1000)   after the setup (the saved setup has no per-block page-size fields; the
    *                                       destination wipes all of RAM here, so nothing may precede it),
-   *   OPEN_RETURN_PATH, PING 1          from here on QEMU writes to our stdin (its return path),
+   *   OPEN_RETURN_PATH, PING 1          from here on QEMU writes its return path (our stdin, or the socket),
    *   [precopy share]                   with PERCENT > 0: ZERO records for every non-data page, then whole data
    *                                       clusters (host-file order) until PERCENT% of the data pages went out,
    *   [switch-over commands]            of the save (QEMU 10's SWITCHOVER_START),
@@ -425,7 +434,7 @@ class PostcopySession {
       }
       if (!this.eofWritten) throw new SnapPipeError('IO', 'QEMU ended the return path (SHUT) before the stream was complete');
     } else if (this.rp.eof && !this.eofWritten) {
-      throw new SnapPipeError('IO', 'QEMU closed the return path (stdin) before the stream was complete; the incoming migration failed on its side');
+      throw new SnapPipeError('IO', `QEMU closed the return path (${this.rp.name}) before the stream was complete; the incoming migration failed on its side`);
     }
   }
 
@@ -452,6 +461,7 @@ class PostcopySession {
       path: this.opts.path,
       mode: 'postcopy',
       checksum: crc32cImplementation,
+      openMs: this.openMs,
       seconds,
       bytesOut: out.bytesOut,
       outMBps: out.bytesOut / 1e6 / seconds,
