@@ -25,7 +25,7 @@ export const LOAD_FLAGS: Record<string, FlagSpec> = {
   postcopy: {
     kind: 'optional-value',
     valueName: 'PERCENT',
-    help: 'postcopy: the guest runs once the device state is in, pages it touches are served first (stdin is QEMU\'s return path); with =PERCENT, that share of the data pages goes first (default 0)',
+    help: 'postcopy: the guest runs once the device state is in, pages it touches are served first (QEMU asks for them on stdin, or on the --connect socket); with =PERCENT, that share of the data pages goes first (default 0)',
   },
   connect: {
     kind: 'value',
