@@ -11,6 +11,7 @@
 import { spawnSync } from 'node:child_process';
 import { existsSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { checkout, recordRun } from './results.js';
+import { fioCommand } from './fio.js';
 import { cpus, totalmem } from 'node:os';
 import { join } from 'node:path';
 import { DEFAULT_QUEUE_DEPTH as QD } from '../src/save/pipeline.js';
@@ -269,7 +270,7 @@ function benchSize(args: Args, dir: string, ceiling: string, ramBytes: number, n
     { name: 'pipe ceiling (perf/pipe-ceiling.c)', consumer: `${TIME} -f %M -o ${rss} ${ceiling} ${out}` },
     {
       name: 'fio write (disk limit)',
-      cmd: `fio --name=write --filename=${out} --rw=write --bs=1M --direct=1 --ioengine=io_uring --iodepth=16 --size=${fioMiB}M --output-format=json`,
+      cmd: fioCommand('write', out, fioMiB),
       fio: true,
     },
   ];
@@ -328,7 +329,7 @@ function benchSize(args: Args, dir: string, ceiling: string, ramBytes: number, n
       { name: 'dd iflag=direct', cmd: `dd if=${img} iflag=direct bs=1M of=/dev/null status=none`, bytes: imgBytes },
       {
         name: 'fio read (disk limit)',
-        cmd: `fio --name=read --filename=${img} --readonly --rw=read --bs=1M --direct=1 --ioengine=io_uring --iodepth=16 --size=${fioReadMiB}M --output-format=json`,
+        cmd: fioCommand('read', img, fioReadMiB),
         bytes: fioReadMiB * MiB,
         fio: true,
       },

@@ -22,6 +22,7 @@ import { join } from 'node:path';
 import { Guest, delayMs, guestFiles, shellQuote, snapPipeBin } from '../tools/qemu/guest.js';
 import { chosenQemu, qemuAtLeast, type Qemu } from '../tools/qemu/versions.js';
 import { checkout, recordRun } from './results.js';
+import { fioCommand } from './fio.js';
 
 const ROOT = join(import.meta.dirname, '..');
 const GiB = 2 ** 30;
@@ -191,7 +192,7 @@ async function saveOnce(g: Guest, c: Consumer, out: string): Promise<number> {
 function fioWrite(file: string, fillMiB: number): number {
   sh('sync; echo 3 > /proc/sys/vm/drop_caches');
   try {
-    const out = sh(`fio --name=write --filename=${shellQuote(file)} --rw=write --bs=1M --direct=1 --ioengine=io_uring --iodepth=16 --size=${fillMiB}M --output-format=json`);
+    const out = sh(fioCommand('write', shellQuote(file), fillMiB));
     const bw = (JSON.parse(out) as { jobs: { write: { bw_bytes: number } }[] }).jobs[0].write.bw_bytes;
     return (fillMiB * 2 ** 20) / bw;
   } finally {
