@@ -2,7 +2,7 @@
 // Only --help prints to stdout; everything else for people goes to stderr (stdout is the stream).
 import { fstatSync, writeSync } from 'node:fs';
 import { isatty } from 'node:tty';
-import { formatHelp, integerFlag, onePath, parseArgs, parseInteger, parseIo, unixSocketPath, usage, type FlagSpec } from './args.js';
+import { formatHelp, integerFlag, onePath, parseArgs, parseInteger, parseIo, unixSocketPath, usage, type FlagSpec, type Parsed } from './args.js';
 import { MULTIFD_CHANNELS_MAX } from '../format/stream/multifd.js';
 import { printOut, tellErr, writeStats } from '../output.js';
 import { formatBytes, printable } from '../format/text.js';
@@ -148,20 +148,7 @@ async function load(argv: string[], progress: LoadProgressSeen): Promise<number>
   const io = parseIo('load', flags.get('io'));
   const postcopy = flags.get('postcopy');
   const precopyPercent = postcopy === undefined ? undefined : postcopy === true ? 0 : parseInteger('load', 'postcopy', postcopy, 0, 100);
-  const connectSpec = flags.get('connect');
-  const connect = connectSpec === undefined ? undefined : unixSocketPath('load: --connect', connectSpec);
-  const channels = integerFlag('load', flags, 'multifd-channels', 0, MULTIFD_CHANNELS_MAX, 0);
-  const connectWaitS = integerFlag('load', flags, 'connect-timeout', 1, CONNECT_WAIT_S_MAX, DEFAULT_CONNECT_WAIT_S);
-  if (!connect && flags.has('multifd-channels')) usage('load: --multifd-channels goes with --connect (QEMU takes multifd channels over a socket only)');
-  if (!connect && flags.has('connect-timeout')) usage('load: --connect-timeout goes with --connect');
-  if (precopyPercent !== undefined && channels > 0) {
-    usage('load: --postcopy goes over one socket, not with --multifd-channels (QEMU 10.0 refuses postcopy-ram with multifd)');
-  }
-  // isatty, not process.stdout: touching process.stdout could switch fd 1 to non-blocking mode.
-  if (!connect && isatty(STDOUT_FD)) usage('load: stdout is a terminal; redirect it or run under QEMU (see snap-pipe load --help)');
-  if (!connect && precopyPercent !== undefined && isatty(STDIN_FD)) {
-    usage('load: --postcopy: stdin is a terminal; it must be QEMU\'s return path (run under migrate_incoming exec:, or use --connect)');
-  }
+  const dest = parseDestination(flags, precopyPercent !== undefined);
   const common = {
     path,
     direct: !flags.has('no-direct'),
@@ -171,16 +158,8 @@ async function load(argv: string[], progress: LoadProgressSeen): Promise<number>
     onNote: (line: string) => tellErr(`snap-pipe: ${printable(line)}\n`),
     onProgress: (p: { bytesOut: number }) => (progress.bytesOut = p.bytesOut),
   };
-  if (connect) progress.streamOnStdout = false;
-  let conns: StreamConnections | undefined;
-  // Opened by runLoad or runPostcopyLoad once the image is checked: a bad image is refused before QEMU is touched.
-  const target: OpenTarget = async () => {
-    if (!connect) return { out: STDOUT_FD, returnPath: STDIN_FD };
-    const { StreamConnections } = await import('../load/connect.js');
-    const onWait = () => tellErr(`snap-pipe: load: waiting for QEMU to listen on unix:${printable(connect)} (up to ${connectWaitS} s)\n`);
-    conns = await StreamConnections.open(connect, channels, connectWaitS * 1000, onWait);
-    return { out: conns.main, multifdFds: channels > 0 ? conns.channels : undefined, returnPath: conns.main, returnPathSocket: conns.mainSocket };
-  };
+  if (dest.socket) progress.streamOnStdout = false;
+  const { target, close } = destinationOpener(dest);
   try {
     if (precopyPercent !== undefined) {
       // Imported only here: a plain load (QEMU waits for its first bytes) starts without compiling it.
@@ -193,6 +172,46 @@ async function load(argv: string[], progress: LoadProgressSeen): Promise<number>
     }
     return 0;
   } finally {
-    conns?.close();
+    close();
   }
+}
+
+/** Where the stream goes: stdout (QEMU's exec:), or with `socket` a QEMU listening there, over `channels` more. */
+interface Destination {
+  socket?: string;
+  channels: number;
+  /** --connect-timeout, seconds. */
+  waitS: number;
+}
+
+function parseDestination(flags: Parsed['flags'], postcopy: boolean): Destination {
+  const spec = flags.get('connect');
+  const socket = spec === undefined ? undefined : unixSocketPath('load: --connect', spec);
+  const channels = integerFlag('load', flags, 'multifd-channels', 0, MULTIFD_CHANNELS_MAX, 0);
+  const waitS = integerFlag('load', flags, 'connect-timeout', 1, CONNECT_WAIT_S_MAX, DEFAULT_CONNECT_WAIT_S);
+  if (!socket && flags.has('multifd-channels')) usage('load: --multifd-channels goes with --connect (QEMU takes multifd channels over a socket only)');
+  if (!socket && flags.has('connect-timeout')) usage('load: --connect-timeout goes with --connect');
+  if (postcopy && channels > 0) usage('load: --postcopy goes over one socket, not with --multifd-channels (QEMU 10.0 refuses postcopy-ram with multifd)');
+  // isatty, not process.stdout: touching process.stdout could switch fd 1 to non-blocking mode.
+  if (!socket && isatty(STDOUT_FD)) usage('load: stdout is a terminal; redirect it or run under QEMU (see snap-pipe load --help)');
+  if (!socket && postcopy && isatty(STDIN_FD)) {
+    usage('load: --postcopy: stdin is a terminal; it must be QEMU\'s return path (run under migrate_incoming exec:, or use --connect)');
+  }
+  return { socket, channels, waitS };
+}
+
+/**
+ * The target runLoad or runPostcopyLoad opens once the image is checked (a bad image is refused before QEMU is
+ * touched), and `close` for the connections it made.
+ */
+function destinationOpener(d: Destination): { target: OpenTarget; close: () => void } {
+  let conns: StreamConnections | undefined;
+  const target: OpenTarget = async () => {
+    if (!d.socket) return { out: STDOUT_FD, returnPath: STDIN_FD };
+    const { StreamConnections } = await import('../load/connect.js');
+    const onWait = () => tellErr(`snap-pipe: load: waiting for QEMU to listen on unix:${printable(d.socket!)} (up to ${d.waitS} s)\n`);
+    conns = await StreamConnections.open(d.socket, d.channels, d.waitS * 1000, onWait);
+    return { out: conns.main, multifdFds: d.channels > 0 ? conns.channels : undefined, returnPath: conns.main, returnPathSocket: conns.mainSocket };
+  };
+  return { target, close: () => conns?.close() };
 }
