@@ -18,12 +18,14 @@
 // 2. For each run, modes interleaved (precopy, postcopy, postcopy=25, precopy, ...): the page cache is dropped, the
 //    memory is warmed (or left to go cold, below), a fresh destination of the same size is started with
 //    -S -incoming defer (postcopy modes: postcopy-ram and postcopy-blocktime on), and
-//    `migrate_incoming exec:snap-pipe load [--postcopy[=25]] IMG --stats=FILE` is sent. Then query-migrate and the
+//    `migrate_incoming exec:snap-pipe load [--postcopy[=25]] IMG --stats=FILE` is sent (the --connect modes: load
+//    --connect unix:S is started first, and `migrate_incoming unix:S` sent once it says it waits). Then query-migrate and the
 //    console are polled every 5 ms:
 //      precopy:  completed -> cont (returned = "running": the vCPUs started) -> the first SNAPPIPE-TICK after
 //                migrate_incoming ("first tick");
 //      postcopy: postcopy-active -> cont at once (with -S QEMU leaves the guest paused at POSTCOPY_RUN, so cont is
-//                what starts it; without -S it would start by itself at the same point; returned = "running") -> first tick;
+//                what starts it; without -S it would start by itself at the same point; returned = "running")
+//                -> first tick;
 //                completed when query-migrate says so.
 //    After completion the guest must tick twice more and query-status must say running. The fault latency
 //    (from snap-pipe reading a page request off the return path to the write holding that page returning) and the
@@ -41,9 +43,9 @@
 //
 // "Time to running" is when the restore tool has handed QEMU a guest it runs (cont returned). The first tick shows
 // the guest going; it includes the guest's own ~0.5 s tick loop (the saved guest was somewhere in `sleep 0.5`), the
-// same image is restored in every run, so that part is the same for every mode. Until this session the table's
-// "time to running" was the first tick; perf/history/ keeps both figures of every run (contMs, runningMs). Times are from just before the
-// migrate-incoming QMP command is sent. Temporary files live in a directory under --dir, removed at the end (also
+// same image is restored in every run, so that part is the same for every mode. Until 2026-12-05 the table's "time
+// to running" was the first tick; perf/history/ keeps both figures of every run (contMs, runningMs). Times are from
+// just before the migrate-incoming QMP command is sent. Temporary files live in a directory under --dir, removed at the end (also
 // on Ctrl-C), and every QEMU started here is quit.
 import { spawn, spawnSync } from 'node:child_process';
 import { existsSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';

@@ -15,10 +15,10 @@ import { recvSocket, socketNonBlocking } from '../../native/uring.js';
  * stdin is read without blocking, between sections and while idle: through a second open file description of the
  * same pipe (/proc/self/fd/0 with O_NONBLOCK), or for a socket (Node's child_process pipes) fd 0 itself switched to
  * non-blocking mode. With --connect, QEMU writes its return path to the socket the stream goes out on: that socket
- * stays blocking for the stream's writes, and is read with recv(MSG_DONTWAIT). After EOF, with nothing left to send, the wait for SHUT blocks in the event loop (libuv's epoll
- * on that fd: no polling, no thread stuck in a read) for at most the session's SHUT_WAIT_MS_MAX, so a SHUT or the
- * pipe closing is seen at once, and a destination that never says SHUT ends the load with an error instead of
- * hanging it.
+ * stays blocking for the stream's writes, and is read with recv(MSG_DONTWAIT). After EOF, with nothing left to
+ * send, the wait for SHUT blocks in the event loop (libuv's epoll on that fd: no polling, no thread stuck in a read)
+ * for at most the session's SHUT_WAIT_MS_MAX, so a SHUT or the pipe closing is seen at once, and a destination that
+ * never says SHUT ends the load with an error instead of hanging it.
  */
 export class ReturnPathIn {
   private readonly fd: number;

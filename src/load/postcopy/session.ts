@@ -1,7 +1,8 @@
 // `snap-pipe load --postcopy[=PERCENT] IMG`: the image -> a postcopy migration stream on `out` (QEMU's exec: pipe, or
-// the --connect socket), for a destination with the postcopy-ram capability. This room plays QEMU's migration source through the protocol
-// in order (see PostcopySession.run), handles what QEMU says on the return path, sends the discards, and writes the
-// report; the pages come from the PageScheduler, the clusters from the LoadSource through the ClusterCache.
+// the --connect socket), for a destination with the postcopy-ram capability. This room plays QEMU's migration source
+// through the protocol in order (see PostcopySession.run), handles what QEMU says on the return path, sends the
+// discards, and writes the report; the pages come from the PageScheduler, the clusters from the LoadSource through
+// the ClusterCache.
 import assert from 'node:assert/strict';
 import { SnapPipeError } from '../../errors.js';
 import { PAGE_BYTES } from '../../format/units.js';
@@ -112,7 +113,8 @@ export async function runPostcopyLoad(opts: PostcopyOptions): Promise<PostcopyRe
     const target = await opts.target();
     assert(target.returnPath !== undefined, 'runPostcopyLoad: a target without a return path');
     rp = new ReturnPathIn(target.returnPath, target.returnPathSocket);
-    const s = new PostcopySession({ opts, out: target.out, source, rp, pkg, t0: performance.now(), openMs: performance.now() - t0 });
+    const tOpen = performance.now();
+    const s = new PostcopySession({ opts, out: target.out, source, rp, pkg, t0: tOpen, openMs: tOpen - t0 });
     return await s.run(); // awaited here: the finally below must not close rp while the session waits on it
   } finally {
     rp?.close();
