@@ -19,8 +19,8 @@
 //    memory is warmed (or left to go cold, below), a fresh destination of the same size is started with
 //    -S -incoming defer (postcopy modes: postcopy-ram and postcopy-blocktime on), and
 //    `migrate_incoming exec:snap-pipe load [--postcopy[=25]] IMG --stats=FILE` is sent (the --connect modes: load
-//    --connect unix:S is started first, and `migrate_incoming unix:S` sent once it says it waits). Then query-migrate and the
-//    console are polled every 5 ms:
+//    --connect unix:S is started first, and `migrate_incoming unix:S` sent once it says it waits). Then
+//    query-migrate and the console are polled every 5 ms:
 //      precopy:  completed -> cont (returned = "running": the vCPUs started) -> the first SNAPPIPE-TICK after
 //                migrate_incoming ("first tick");
 //      postcopy: postcopy-active -> cont at once (with -S QEMU leaves the guest paused at POSTCOPY_RUN, so cont is
