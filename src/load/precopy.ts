@@ -108,8 +108,8 @@ export async function runLoad(opts: LoadOptions): Promise<LoadReport> {
     // With --multifd-channels, `out` is the main channel, and the data pages go on the channels (load/multifd.ts).
     const { out: fd, multifdFds } = await opts.target();
     const tOpen = performance.now();
-    // A 64 KiB pipe makes QEMU and us take turns in small pieces; grow it (postcopy does not: a deep pipe would
-    // queue background pages ahead of the pages the guest is waiting for).
+    // A 64 KiB pipe makes QEMU and us take turns in small pieces; grow it to the limit (postcopy takes a middle
+    // size: requested pages must not queue behind much of the background stream).
     enlargePipe(fd);
     const sent: Sent = { dataPagesOut: 0, readMs: 0 };
     const { out, sink } = pipeEncoder(fd, () =>

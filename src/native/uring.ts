@@ -70,16 +70,24 @@ function disabledSysctl(): string {
  * the stream still flows, in smaller pieces).
  */
 export function enlargePipe(fd: number): number | undefined {
-  const a = loadAddon();
-  if ('error' in a) return undefined;
   let max = 1 << 20;
   try {
     max = Number.parseInt(readFileSync('/proc/sys/fs/pipe-max-size', 'utf8'), 10) || max;
   } catch {
     // keep the default limit
   }
+  return setPipeBytes(fd, max);
+}
+
+/**
+ * Sets the capacity of the pipe on `fd` to `bytes` (F_SETPIPE_SZ; the kernel rounds up to a power of two pages).
+ * Returns the capacity, or undefined when fd is not a pipe, the addon is not built, or the kernel says no.
+ */
+export function setPipeBytes(fd: number, bytes: number): number | undefined {
+  const a = loadAddon();
+  if ('error' in a) return undefined;
   try {
-    return a.addon.setPipeSize(fd, max);
+    return a.addon.setPipeSize(fd, bytes);
   } catch {
     return undefined;
   }
