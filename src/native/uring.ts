@@ -93,14 +93,19 @@ export function setPipeBytes(fd: number, bytes: number): number | undefined {
   }
 }
 
+/** The addon, for the socket calls nothing else can make: a SnapPipeError naming the commands when it is missing. */
+function socketAddon(): Addon {
+  const a = loadAddon();
+  if ('error' in a) throw new SnapPipeError('UNSUPPORTED', `save --listen and load --connect need the native addon: ${a.error}`);
+  return a.addon;
+}
+
 /**
  * Makes reads of `fd` block (clears O_NONBLOCK): an accepted socket comes non-blocking from libuv, and a stage
  * thread reads it with blocking reads. Throws SnapPipeError when the addon is missing (nothing else can do it).
  */
 export function socketBlocking(fd: number): void {
-  const a = loadAddon();
-  if ('error' in a) throw new SnapPipeError('UNSUPPORTED', `--listen needs the native addon: ${a.error}`);
-  a.addon.setBlocking(fd);
+  socketAddon().setBlocking(fd);
 }
 
 /**
@@ -108,9 +113,7 @@ export function socketBlocking(fd: number): void {
  * libuv, whose reads loop until EAGAIN. Throws SnapPipeError when the addon is missing.
  */
 export function socketNonBlocking(fd: number): void {
-  const a = loadAddon();
-  if ('error' in a) throw new SnapPipeError('UNSUPPORTED', `--connect needs the native addon: ${a.error}`);
-  a.addon.setBlocking(fd, false);
+  socketAddon().setBlocking(fd, false);
 }
 
 /** libuv's fd of a connected or accepted unix socket (a Pipe handle); Node has no public accessor. */
@@ -137,9 +140,7 @@ export function shutdownSocket(fd: number): boolean {
  * the peer closed it, -1 when none have come yet. Never blocks. Throws SnapPipeError when the addon is missing.
  */
 export function peekSocket(fd: number, into: Uint8Array): number {
-  const a = loadAddon();
-  if ('error' in a) throw new SnapPipeError('UNSUPPORTED', `--listen needs the native addon: ${a.error}`);
-  return a.addon.peekSocket(fd, into);
+  return socketAddon().peekSocket(fd, into);
 }
 
 /**
@@ -148,9 +149,7 @@ export function peekSocket(fd: number, into: Uint8Array): number {
  * is missing.
  */
 export function recvSocket(fd: number, into: Uint8Array): number {
-  const a = loadAddon();
-  if ('error' in a) throw new SnapPipeError('UNSUPPORTED', `--connect needs the native addon: ${a.error}`);
-  return a.addon.recvSocket(fd, into);
+  return socketAddon().recvSocket(fd, into);
 }
 
 /**
